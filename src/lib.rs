@@ -1,4 +1,133 @@
-//! s2s-proxy: skeleton under construction.
+//! s2s-proxy: an authenticating reverse proxy that lets legacy integrations call OAuth 2.0
+//! protected APIs (Dynamics 365 Business Central, Finance & Operations, Dataverse, …).
+//!
+//! Module map:
+//! - [`config`]: the YAML schema, `${…}` expansion and validation into a typed [`Config`].
+//! - `server`: listener, connection limits, graceful drain.
+//! - `proxy`: the request pipeline — check, authenticate, route, token, forward.
+//! - `inbound`: who the caller is and whether a route admits it.
+//! - `routing`: prefix table, path safety, upstream URIs.
+//! - [`token`]: token sources per credential type and the single-flight cache.
+//! - `upstream`: rustls client configuration and the pooled upstream client.
+//! - [`secret`]: redacting wrappers for secrets.
+//! - [`dev`]: the self-contained demo behind `s2s-proxy dev`.
+//! - [`report`]: what `check` and `token` print.
+//!
+//! Request lifecycle: a connection is accepted by `server`, each request runs through
+//! `proxy::Pipeline::handle`, which authenticates it with `inbound`, picks the route with
+//! `routing`, takes the route's token from the [`token`] cache (renewed in the background
+//! long before expiry) and streams the exchange through the `upstream` client.
+
 pub mod config;
+pub mod dev;
+mod inbound;
+mod proxy;
+pub mod report;
+mod routing;
 pub mod secret;
+mod server;
 pub mod token;
+mod upstream;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+pub use config::{Config, ConfigError, Source};
+pub use upstream::TlsSetupError;
+
+use crate::proxy::Pipeline;
+use crate::token::TokenCache;
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Tls(#[from] TlsSetupError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A proxy bound to its listening address, fetching its tokens, ready to serve.
+#[derive(Debug)]
+pub struct Proxy {
+    listener: TcpListener,
+    pipeline: Arc<Pipeline>,
+    /// Keeps the background renewal tasks alive while the proxy runs.
+    tokens: TokenCache,
+    config: Config,
+}
+
+impl Proxy {
+    /// Builds the runtime pieces (TLS roots, token cache, upstream pool), binds
+    /// `server.listen` and starts fetching every route's token.
+    pub async fn bind(config: Config) -> Result<Proxy, StartError> {
+        let tls = upstream::client_tls_config(config.server.upstream_ca_file.as_deref())?;
+        let tokens = TokenCache::new(&config, Arc::new(tls.clone()));
+        let pipeline = Arc::new(Pipeline::new(&config, &tokens, upstream::client(tls)));
+        let addr = config.server.listen;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { addr, source })?;
+        tokens.start();
+        Ok(Proxy {
+            listener,
+            pipeline,
+            tokens,
+            config,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        server::local_addr(&self.listener)
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting and drains in-flight
+    /// requests (at most 30 s).
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), StartError> {
+        tracing::info!(
+            listen = %self.local_addr(),
+            routes = self.config.routes.len(),
+            "Listening."
+        );
+        server::serve(
+            self.listener,
+            self.pipeline,
+            &self.config.server.limits,
+            shutdown,
+        )
+        .await;
+        Ok(())
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}

@@ -1,1 +1,152 @@
-fn main() {}
+//! The `s2s-proxy` command line: parse arguments, set up logging and the runtime, call
+//! into the library. Exit codes: 0 ok, 1 configuration or runtime error, 2 usage error.
+
+use std::io::Read as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use s2s_proxy::{Config, Proxy, report, secret::Secret};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "s2s-proxy",
+    version,
+    about = "Authenticating reverse proxy that injects OAuth 2.0 service-to-service tokens"
+)]
+struct Cli {
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, clap::Args)]
+struct ConfigArg {
+    /// Configuration file.
+    #[arg(long, env = "S2S_PROXY_CONFIG", default_value = "proxy.yaml")]
+    config: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve.
+    Run(ConfigArg),
+    /// Validate the configuration and print the route table.
+    Check(ConfigArg),
+    /// Fetch a token for a route and print its decoded claims.
+    Token {
+        /// Route prefix, e.g. /bc/
+        #[arg(long)]
+        route: String,
+        /// Also print the raw access token.
+        #[arg(long)]
+        raw: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Read a secret on stdin and print its sha256: form for `clients:`.
+    HashSecret,
+    /// Run a self-contained demo on loopback: token issuer, sample upstream and the proxy.
+    Dev {
+        /// Where the demo proxy listens.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match execute(cli.command) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn execute(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Run(args) => {
+            let config = load(&args.config)?;
+            runtime(config.server.workers)?.block_on(async {
+                let proxy = Proxy::bind(config).await?;
+                proxy.run_until(s2s_proxy::shutdown_signal()).await?;
+                anyhow::Ok(ExitCode::SUCCESS)
+            })
+        }
+        Command::Check(args) => {
+            let config = load(&args.config)?;
+            println!("{}: configuration OK\n", args.config.display());
+            print!("{}", report::route_table(&config));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Token { route, raw, config } => {
+            let config = load(&config.config)?;
+            runtime(Some(1))?.block_on(async {
+                let (text, ok) = report::token(&config, &route, raw).await;
+                print!("{text}");
+                anyhow::Ok(if ok {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                })
+            })
+        }
+        Command::HashSecret => {
+            let mut input = String::new();
+            std::io::stdin()
+                .read_to_string(&mut input)
+                .context("reading the secret from stdin")?;
+            let secret = Secret::new(input.trim_end_matches(['\n', '\r']));
+            if secret.expose().is_empty() {
+                bail!("the secret on stdin is empty");
+            }
+            println!("{}", secret.digest().to_config_form());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dev { listen } => {
+            runtime(None)?.block_on(s2s_proxy::dev::run(listen))?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn load(path: &Path) -> anyhow::Result<Config> {
+    Ok(Config::load(path)?)
+}
+
+fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    // Without `server.workers`, tokio honours TOKIO_WORKER_THREADS, else one per core.
+    if let Some(workers) = workers {
+        builder.worker_threads(workers);
+    }
+    builder
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}

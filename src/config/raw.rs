@@ -5,5 +5,8 @@ pub(super) struct ParseError {
     pub(super) message: String,
 }
 pub(super) fn parse(_text: &str) -> Result<RawConfig, ParseError> {
-    Err(ParseError { location: None, message: "stub".into() })
+    Err(ParseError {
+        location: None,
+        message: "stub".into(),
+    })
 }

@@ -49,7 +49,10 @@ impl TokenSlot {
     }
     /// Upstream answered 401 to `rejected`. Returns the token to retry with, or `None` when
     /// the request must not be retried.
-    pub async fn renew_rejected(&self, _rejected: &Arc<Token>) -> Result<Option<Arc<Token>>, TokenError> {
+    pub async fn renew_rejected(
+        &self,
+        _rejected: &Arc<Token>,
+    ) -> Result<Option<Arc<Token>>, TokenError> {
         Ok(None)
     }
     pub fn credential(&self) -> &str {

@@ -1,0 +1,388 @@
+//! Inbound: who is calling, and may they use this route.
+//!
+//! A caller is identified by exactly one of: HTTP Basic credentials, an API key header, or
+//! (for clients configured with `networks` and no credential) its source address. A
+//! presented credential that does not match is a failure, never a fall-back to a network
+//! identity. Unknown user and wrong password fail identically, secrets are compared as
+//! SHA-256 digests in constant time, and an unknown user still costs one comparison.
+//! This module does not see routes beyond the set of client ids a route admits.
+//!
+//! The caller's address is the TCP peer, or — only when the peer is one of
+//! `server.trusted_proxies` — the right-most untrusted address of `X-Forwarded-For`.
+
+mod basic;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use http::{HeaderMap, HeaderName, header};
+use ipnet::IpNet;
+
+use crate::config::Config;
+use crate::secret::SecretDigest;
+
+/// Index of an authenticated client in the configuration's client list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct ClientId(usize);
+
+impl ClientId {
+    /// Position in `Config::clients`.
+    pub(crate) fn index(self) -> usize {
+        self.0
+    }
+}
+
+/// Why a caller is not authenticated. All map to the same 401 response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum AuthError {
+    #[error("no credentials presented and the source address matches no client")]
+    Missing,
+    #[error("malformed Basic credentials")]
+    Malformed,
+    #[error("unknown user or wrong password")]
+    BadPassword,
+    #[error("unknown API key")]
+    BadApiKey,
+    #[error("credentials are not accepted from this source address")]
+    WrongNetwork,
+}
+
+#[derive(Debug)]
+struct ClientEntry {
+    name: String,
+    networks: Vec<IpNet>,
+}
+
+/// Authenticates callers against `clients:`.
+#[derive(Debug)]
+pub(crate) struct Authenticator {
+    clients: Vec<ClientEntry>,
+    basic: HashMap<String, (SecretDigest, ClientId)>,
+    api_keys: Vec<(SecretDigest, ClientId)>,
+    /// Clients with networks and no credential, in file order.
+    network_only: Vec<ClientId>,
+    api_key_header: HeaderName,
+    trusted_proxies: Vec<IpNet>,
+    /// Compared against when the user is unknown, so both paths cost the same.
+    dummy: SecretDigest,
+}
+
+impl Authenticator {
+    pub(crate) fn new(config: &Config) -> Self {
+        let mut basic = HashMap::new();
+        let mut api_keys = Vec::new();
+        let mut network_only = Vec::new();
+        let clients = config
+            .clients
+            .iter()
+            .enumerate()
+            .map(|(index, client)| {
+                let id = ClientId(index);
+                if let Some(credential) = &client.basic {
+                    basic.insert(credential.username.clone(), (credential.password, id));
+                }
+                if let Some(key) = client.api_key {
+                    api_keys.push((key, id));
+                }
+                let has_credential = client.basic.is_some()
+                    || client.api_key.is_some()
+                    || client.certificate.is_some();
+                if !has_credential && !client.networks.is_empty() {
+                    network_only.push(id);
+                }
+                ClientEntry {
+                    name: client.name.clone(),
+                    networks: client.networks.clone(),
+                }
+            })
+            .collect();
+        Self {
+            clients,
+            basic,
+            api_keys,
+            network_only,
+            api_key_header: config.server.api_key_header.clone(),
+            trusted_proxies: config.server.trusted_proxies.clone(),
+            dummy: SecretDigest::of(&fastrand::u64(..).to_le_bytes()),
+        }
+    }
+
+    pub(crate) fn api_key_header(&self) -> &HeaderName {
+        &self.api_key_header
+    }
+
+    /// The id of the named client, for building route allow-lists.
+    pub(crate) fn client_id(&self, name: &str) -> Option<ClientId> {
+        self.clients
+            .iter()
+            .position(|c| c.name == name)
+            .map(ClientId)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn client_name(&self, id: ClientId) -> &str {
+        &self.clients[id.0].name
+    }
+
+    pub(crate) fn is_trusted_proxy(&self, peer: IpAddr) -> bool {
+        contains(&self.trusted_proxies, peer)
+    }
+
+    /// The caller's address: the peer, or the right-most untrusted hop of
+    /// `X-Forwarded-For` when the peer is a trusted proxy.
+    pub(crate) fn client_ip(&self, headers: &HeaderMap, peer: IpAddr) -> IpAddr {
+        if !self.is_trusted_proxy(peer) {
+            return peer;
+        }
+        let mut client = peer;
+        let hops = headers
+            .get_all(HeaderName::from_static("x-forwarded-for"))
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .collect::<Vec<_>>();
+        for hop in hops.iter().rev() {
+            match hop.trim().parse::<IpAddr>() {
+                Ok(ip) => {
+                    client = ip;
+                    if !self.is_trusted_proxy(ip) {
+                        break;
+                    }
+                }
+                // An unparsable hop ends the chain we can trust.
+                Err(_) => break,
+            }
+        }
+        client
+    }
+
+    /// Identifies the caller of a request from `client_ip`.
+    pub(crate) fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        client_ip: IpAddr,
+    ) -> Result<ClientId, AuthError> {
+        if let Some(value) = headers.get(header::AUTHORIZATION)
+            && let Some(credentials) = basic::parse(value.as_bytes())
+        {
+            let (username, password) = credentials.map_err(|_| AuthError::Malformed)?;
+            let presented = SecretDigest::of(password.as_bytes());
+            let (stored, id) = match self.basic.get(username.as_str()) {
+                Some((stored, id)) => (stored, Some(*id)),
+                None => (&self.dummy, None),
+            };
+            let matches = stored.matches(&presented);
+            let id = id.filter(|_| matches).ok_or(AuthError::BadPassword)?;
+            return self.check_network(id, client_ip);
+        }
+        if let Some(value) = headers.get(&self.api_key_header) {
+            let presented = SecretDigest::of(value.as_bytes());
+            // Compare against every key so timing says nothing about which one is close.
+            let mut found = None;
+            for (stored, id) in &self.api_keys {
+                if stored.matches(&presented) {
+                    found = Some(*id);
+                }
+            }
+            let id = found.ok_or(AuthError::BadApiKey)?;
+            return self.check_network(id, client_ip);
+        }
+        self.network_only
+            .iter()
+            .copied()
+            .find(|id| contains(&self.clients[id.0].networks, client_ip))
+            .ok_or(AuthError::Missing)
+    }
+
+    fn check_network(&self, id: ClientId, client_ip: IpAddr) -> Result<ClientId, AuthError> {
+        let networks = &self.clients[id.0].networks;
+        if networks.is_empty() || contains(networks, client_ip) {
+            Ok(id)
+        } else {
+            Err(AuthError::WrongNetwork)
+        }
+    }
+}
+
+fn contains(networks: &[IpNet], ip: IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    networks.iter().any(|net| net.contains(&ip))
+}
+
+/// The clients a route admits.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ClientSet(Vec<ClientId>);
+
+impl ClientSet {
+    pub(crate) fn new(ids: impl IntoIterator<Item = ClientId>) -> Self {
+        Self(ids.into_iter().collect())
+    }
+
+    pub(crate) fn admits(&self, id: ClientId) -> bool {
+        self.0.contains(&id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    use http::HeaderValue;
+
+    use super::*;
+    use crate::config::{BasicCredential, Client, Config, Limits, Server};
+    use crate::secret::Secret;
+
+    fn client(name: &str) -> Client {
+        Client {
+            name: name.into(),
+            basic: None,
+            api_key: None,
+            networks: vec![],
+            rate_limit: None,
+            certificate: None,
+        }
+    }
+
+    fn config(clients: Vec<Client>, trusted: &[&str]) -> Config {
+        Config {
+            server: Server {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                public_url: None,
+                trusted_proxies: trusted.iter().map(|n| n.parse().unwrap()).collect(),
+                upstream_ca_file: None,
+                api_key_header: HeaderName::from_static("x-api-key"),
+                workers: None,
+                tls: None,
+                limits: Limits::default(),
+            },
+            admin: None,
+            credentials: vec![],
+            clients,
+            routes: vec![],
+        }
+    }
+
+    fn authenticator() -> Authenticator {
+        let mut erp = client("erp");
+        erp.basic = Some(BasicCredential {
+            username: "erp".into(),
+            password: Secret::new("pw:with:colons").digest(),
+        });
+        let mut scanner = client("scanner");
+        scanner.api_key = Some(Secret::new("ak_CANARY").digest());
+        scanner.networks = vec!["192.168.10.0/24".parse().unwrap()];
+        let mut floor = client("floor");
+        floor.networks = vec!["10.20.0.0/16".parse().unwrap()];
+        Authenticator::new(&config(vec![erp, scanner, floor], &["10.0.0.1/32"]))
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        map
+    }
+
+    fn basic(user_pass: &str) -> String {
+        format!("Basic {}", STANDARD.encode(user_pass))
+    }
+
+    const OUTSIDE: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2));
+
+    #[test]
+    fn basic_credentials() {
+        let auth = authenticator();
+        let ok = auth.authenticate(
+            &headers(&[("authorization", &basic("erp:pw:with:colons"))]),
+            OUTSIDE,
+        );
+        assert_eq!(
+            ok.map(|id| auth.client_name(id).to_owned()),
+            Ok("erp".into())
+        );
+        let lower = format!("basic {}", STANDARD.encode("erp:pw:with:colons"));
+        assert!(
+            auth.authenticate(&headers(&[("authorization", &lower)]), OUTSIDE)
+                .is_ok()
+        );
+        for bad in [
+            basic("erp:wrong"),
+            basic("nobody:pw:with:colons"),
+            basic("erp"),
+        ] {
+            assert!(
+                auth.authenticate(&headers(&[("authorization", &bad)]), OUTSIDE)
+                    .is_err(),
+                "{bad}"
+            );
+        }
+        for malformed in ["Basic", "Basic !!!", "Basic Og=="] {
+            assert!(
+                auth.authenticate(&headers(&[("authorization", malformed)]), OUTSIDE)
+                    .is_err()
+            );
+        }
+    }
+
+    #[test]
+    fn api_key_requires_its_network() {
+        let auth = authenticator();
+        let key = headers(&[("x-api-key", "ak_CANARY")]);
+        assert_eq!(
+            auth.authenticate(&key, OUTSIDE),
+            Err(AuthError::WrongNetwork)
+        );
+        let inside: IpAddr = "192.168.10.7".parse().unwrap();
+        assert!(auth.authenticate(&key, inside).is_ok());
+        assert_eq!(
+            auth.authenticate(&headers(&[("x-api-key", "nope")]), inside),
+            Err(AuthError::BadApiKey)
+        );
+    }
+
+    #[test]
+    fn network_only_clients_and_no_fallback_for_bad_credentials() {
+        let auth = authenticator();
+        let floor_ip: IpAddr = "10.20.3.4".parse().unwrap();
+        let id = auth.authenticate(&HeaderMap::new(), floor_ip).unwrap();
+        assert_eq!(auth.client_name(id), "floor");
+        assert_eq!(
+            auth.authenticate(&HeaderMap::new(), OUTSIDE),
+            Err(AuthError::Missing)
+        );
+        let wrong = headers(&[("authorization", &basic("erp:wrong"))]);
+        assert!(auth.authenticate(&wrong, floor_ip).is_err());
+        // A scheme the proxy does not use is no credential at all.
+        let bearer = headers(&[("authorization", "Bearer abc")]);
+        assert!(auth.authenticate(&bearer, floor_ip).is_ok());
+    }
+
+    #[test]
+    fn forwarded_for_only_from_trusted_proxies() {
+        let auth = authenticator();
+        let spoofed = headers(&[("x-forwarded-for", "10.20.3.4")]);
+        assert_eq!(auth.client_ip(&spoofed, OUTSIDE), OUTSIDE);
+        let proxy: IpAddr = "10.0.0.1".parse().unwrap();
+        let chain = headers(&[("x-forwarded-for", "1.2.3.4, 10.20.3.4, 10.0.0.1")]);
+        assert_eq!(
+            auth.client_ip(&chain, proxy),
+            "10.20.3.4".parse::<IpAddr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn client_ids_by_name() {
+        let auth = authenticator();
+        assert_eq!(
+            auth.client_id("floor")
+                .map(|id| auth.client_name(id).to_owned()),
+            Some("floor".into())
+        );
+        assert!(auth.client_id("nobody").is_none());
+    }
+}

@@ -1,0 +1,49 @@
+//! The access log: one line per request, written when the response body is finished.
+//!
+//! Fields are structured (so `--log-format json` gives one JSON object per request) and
+//! come from configuration or from the request line only: never header values, never the
+//! query string (it can carry `$filter` values and keys), never credentials.
+
+use std::sync::Arc;
+
+use http::{HeaderValue, Method};
+use tokio::time::Instant;
+
+/// Target of access-log events, to filter them with `RUST_LOG=s2s_proxy::access=off`.
+pub(crate) const TARGET: &str = "s2s_proxy::access";
+
+#[derive(Debug)]
+pub(crate) struct AccessLog {
+    pub(crate) request_id: HeaderValue,
+    pub(crate) client: Option<Arc<str>>,
+    pub(crate) route: Option<Arc<str>>,
+    pub(crate) method: Method,
+    pub(crate) path: String,
+    pub(crate) status: u16,
+    pub(crate) error: Option<&'static str>,
+    pub(crate) started: Instant,
+    pub(crate) upstream_ms: Option<u64>,
+    pub(crate) bytes_in: u64,
+}
+
+impl AccessLog {
+    pub(crate) fn write(self, bytes_out: u64, complete: bool) {
+        let total_ms = self.started.elapsed().as_millis() as u64;
+        tracing::info!(
+            target: TARGET,
+            request_id = self.request_id.to_str().unwrap_or("-"),
+            client = self.client.as_deref().unwrap_or("-"),
+            route = self.route.as_deref().unwrap_or("-"),
+            method = %self.method,
+            path = %self.path,
+            status = self.status,
+            error = self.error.unwrap_or("-"),
+            total_ms,
+            upstream_ms = self.upstream_ms,
+            bytes_in = self.bytes_in,
+            bytes_out,
+            complete,
+            "Request."
+        );
+    }
+}

@@ -1,0 +1,308 @@
+//! Body types on both sides of the proxy.
+//!
+//! [`UpstreamBody`] is what is sent upstream: either the whole inbound body when it is
+//! small enough to keep for a retry, or the inbound stream (behind whatever prefix was
+//! read while finding that out), counted against `server.limits.max_body_bytes`.
+//! [`ProxyBody`] is what the caller receives: a proxy-made JSON body or the upstream's
+//! stream, cut off at the route deadline; when it is done (or dropped) it writes the
+//! access-log line, so the line carries the real byte count.
+
+use std::future::Future as _;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
+
+use super::access_log::AccessLog;
+
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Bodies up to this size are kept in memory so a request can be replayed once after the
+/// upstream rejected its token.
+pub(crate) const REPLAY_LIMIT: usize = 64 * 1024;
+
+/// The inbound body exceeded `max_body_bytes`.
+#[derive(Debug, thiserror::Error)]
+#[error("request body exceeds the configured limit")]
+pub(crate) struct BodyTooLarge;
+
+/// The route deadline passed while the response was streaming.
+#[derive(Debug, thiserror::Error)]
+#[error("route timeout reached while streaming the response")]
+pub(crate) struct DeadlineReached;
+
+/// What the inbound side of one request did, shared with the upstream body.
+#[derive(Debug, Default)]
+pub(crate) struct InboundStats {
+    received: AtomicU64,
+    too_large: AtomicBool,
+}
+
+impl InboundStats {
+    pub(crate) fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn too_large(&self) -> bool {
+        self.too_large.load(Ordering::Relaxed)
+    }
+}
+
+/// Reads the inbound body until it ends or passes [`REPLAY_LIMIT`]. Returns the complete
+/// body when it fits, or a streaming body that starts with what was already read.
+pub(crate) async fn prepare(
+    mut inbound: Incoming,
+    max_bytes: u64,
+    stats: Arc<InboundStats>,
+) -> Result<UpstreamBody, ProxyBodyError> {
+    if inbound.is_end_stream() {
+        return Ok(UpstreamBody::Buffered(None));
+    }
+    if inbound.size_hint().lower() > REPLAY_LIMIT as u64 {
+        return Ok(UpstreamBody::streaming(None, inbound, max_bytes, stats));
+    }
+    let mut buffer = bytes::BytesMut::new();
+    loop {
+        match std::future::poll_fn(|cx| Pin::new(&mut inbound).poll_frame(cx)).await {
+            None => {
+                let body = buffer.freeze();
+                stats.received.store(body.len() as u64, Ordering::Relaxed);
+                if body.len() as u64 > max_bytes {
+                    stats.too_large.store(true, Ordering::Relaxed);
+                    return Err(ProxyBodyError::TooLarge);
+                }
+                return Ok(UpstreamBody::Buffered(Some(body)));
+            }
+            Some(Err(error)) => return Err(ProxyBodyError::Inbound(error)),
+            Some(Ok(frame)) => {
+                // Trailers are not forwarded.
+                if let Ok(data) = frame.into_data() {
+                    buffer.extend_from_slice(&data);
+                }
+                if buffer.len() > REPLAY_LIMIT {
+                    let prefix = buffer.freeze();
+                    return Ok(UpstreamBody::streaming(
+                        Some(prefix),
+                        inbound,
+                        max_bytes,
+                        stats,
+                    ));
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ProxyBodyError {
+    #[error("request body exceeds the configured limit")]
+    TooLarge,
+    #[error("reading the request body failed: {0}")]
+    Inbound(hyper::Error),
+}
+
+/// The body of a forwarded request.
+#[derive(Debug)]
+pub(crate) enum UpstreamBody {
+    /// The whole body (or none); can be sent again.
+    Buffered(Option<Bytes>),
+    Streaming(Box<Streaming>),
+}
+
+#[derive(Debug)]
+pub(crate) struct Streaming {
+    prefix: Option<Bytes>,
+    rest: Incoming,
+    remaining: u64,
+    stats: Arc<InboundStats>,
+}
+
+impl UpstreamBody {
+    fn streaming(
+        prefix: Option<Bytes>,
+        rest: Incoming,
+        max_bytes: u64,
+        stats: Arc<InboundStats>,
+    ) -> Self {
+        let already = prefix.as_ref().map_or(0, |p| p.len() as u64);
+        stats.received.store(already, Ordering::Relaxed);
+        Self::Streaming(Box::new(Streaming {
+            prefix,
+            rest,
+            remaining: max_bytes.saturating_sub(already),
+            stats,
+        }))
+    }
+
+    /// A copy for a second attempt, if this body can be replayed.
+    pub(crate) fn replay(&self) -> Option<UpstreamBody> {
+        match self {
+            Self::Buffered(body) => Some(Self::Buffered(body.clone())),
+            Self::Streaming(_) => None,
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Self::Buffered(body) => Poll::Ready(body.take().map(|b| Ok(Frame::data(b)))),
+            Self::Streaming(streaming) => {
+                if let Some(prefix) = streaming.prefix.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(prefix))));
+                }
+                loop {
+                    let frame = match ready!(Pin::new(&mut streaming.rest).poll_frame(cx)) {
+                        None => return Poll::Ready(None),
+                        Some(Err(error)) => return Poll::Ready(Some(Err(error.into()))),
+                        Some(Ok(frame)) => frame,
+                    };
+                    // Trailers are not forwarded.
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    let len = data.len() as u64;
+                    streaming.stats.received.fetch_add(len, Ordering::Relaxed);
+                    if len > streaming.remaining {
+                        streaming.stats.too_large.store(true, Ordering::Relaxed);
+                        return Poll::Ready(Some(Err(BodyTooLarge.into())));
+                    }
+                    streaming.remaining -= len;
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Buffered(body) => body.is_none(),
+            Self::Streaming(streaming) => {
+                streaming.prefix.is_none() && streaming.rest.is_end_stream()
+            }
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Buffered(body) => {
+                SizeHint::with_exact(body.as_ref().map_or(0, |b| b.len() as u64))
+            }
+            Self::Streaming(streaming) => {
+                let prefix = streaming.prefix.as_ref().map_or(0, |p| p.len() as u64);
+                let rest = streaming.rest.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(rest.lower() + prefix);
+                if let Some(upper) = rest.upper() {
+                    hint.set_upper(upper + prefix);
+                }
+                hint
+            }
+        }
+    }
+}
+
+/// The body of a response to the caller.
+#[derive(Debug)]
+pub(crate) struct ProxyBody {
+    kind: Kind,
+    sent: u64,
+    log: Option<AccessLog>,
+}
+
+#[derive(Debug)]
+enum Kind {
+    Full(Option<Bytes>),
+    Upstream {
+        body: Incoming,
+        deadline: Pin<Box<Sleep>>,
+    },
+}
+
+impl ProxyBody {
+    pub(crate) fn full(body: impl Into<Bytes>) -> Self {
+        let body = body.into();
+        Self {
+            kind: Kind::Full((!body.is_empty()).then_some(body)),
+            sent: 0,
+            log: None,
+        }
+    }
+
+    pub(crate) fn upstream(body: Incoming, deadline: Instant) -> Self {
+        Self {
+            kind: Kind::Upstream {
+                body,
+                deadline: Box::pin(tokio::time::sleep_until(deadline)),
+            },
+            sent: 0,
+            log: None,
+        }
+    }
+
+    /// Writes `log` once this body is finished or dropped.
+    pub(crate) fn set_access_log(&mut self, log: AccessLog) {
+        self.log = Some(log);
+    }
+}
+
+impl Drop for ProxyBody {
+    fn drop(&mut self) {
+        if let Some(log) = self.log.take() {
+            let complete = self.is_end_stream();
+            log.write(self.sent, complete);
+        }
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let frame = match &mut this.kind {
+            Kind::Full(body) => body.take().map(|b| Ok(Frame::data(b))),
+            Kind::Upstream { body, deadline } => {
+                if deadline.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Some(Err(DeadlineReached.into())));
+                }
+                ready!(Pin::new(body).poll_frame(cx)).map(|r| r.map_err(BoxError::from))
+            }
+        };
+        if let Some(Ok(frame)) = &frame
+            && let Some(data) = frame.data_ref()
+        {
+            this.sent += data.len() as u64;
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Full(body) => body.is_none(),
+            Kind::Upstream { body, .. } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Full(body) => SizeHint::with_exact(body.as_ref().map_or(0, |b| b.len() as u64)),
+            Kind::Upstream { body, .. } => body.size_hint(),
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! Request sanity checks made before anything else, on what hyper hands over.
+//!
+//! hyper already rejects most broken HTTP/1 framing (conflicting or signed
+//! `Content-Length`, obfuscated `Transfer-Encoding`, obs-fold, NUL in headers). What it
+//! passes on and this module refuses: methods outside the allow-list (405; `TRACE` would
+//! reflect the injected token, `CONNECT` would open a tunnel), absolute-form and asterisk
+//! targets, missing or duplicate `Host` (RFC 9112 §3.2), duplicate `Authorization` or API
+//! key headers (never check one value and forward another), `Content-Length` together with
+//! `Transfer-Encoding` where hyper leaves both visible, and unsafe paths.
+
+use http::{HeaderMap, HeaderName, Method, Request, Version, header};
+
+use super::error::ProxyError;
+use crate::routing;
+
+pub(crate) fn check<B>(
+    request: &Request<B>,
+    api_key_header: &HeaderName,
+) -> Result<(), ProxyError> {
+    check_method(request.method())?;
+    let uri = request.uri();
+    if request.version() < Version::HTTP_2 && (uri.scheme().is_some() || uri.authority().is_some())
+    {
+        return Err(ProxyError::BadRequest(
+            "absolute-form request targets are not accepted; send the path only",
+        ));
+    }
+    check_headers(request.headers(), request.version(), api_key_header)?;
+    routing::check_path(uri.path())?;
+    Ok(())
+}
+
+fn check_method(method: &Method) -> Result<(), ProxyError> {
+    match *method {
+        Method::GET
+        | Method::HEAD
+        | Method::POST
+        | Method::PUT
+        | Method::PATCH
+        | Method::DELETE
+        | Method::OPTIONS => Ok(()),
+        _ => Err(ProxyError::MethodNotAllowed),
+    }
+}
+
+fn check_headers(
+    headers: &HeaderMap,
+    version: Version,
+    api_key_header: &HeaderName,
+) -> Result<(), ProxyError> {
+    let hosts = headers.get_all(header::HOST).iter().count();
+    if hosts > 1 {
+        return Err(ProxyError::BadRequest("more than one Host header"));
+    }
+    if hosts == 0 && version == Version::HTTP_11 {
+        return Err(ProxyError::BadRequest(
+            "HTTP/1.1 requests need a Host header",
+        ));
+    }
+    if headers.get_all(header::AUTHORIZATION).iter().count() > 1 {
+        return Err(ProxyError::BadRequest("more than one Authorization header"));
+    }
+    if headers.get_all(api_key_header).iter().count() > 1 {
+        return Err(ProxyError::BadRequest("more than one API key header"));
+    }
+    if headers.contains_key(header::CONTENT_LENGTH)
+        && headers.contains_key(header::TRANSFER_ENCODING)
+    {
+        return Err(ProxyError::BadRequest(
+            "Content-Length and Transfer-Encoding together are ambiguous",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(
+        method: &str,
+        target: &str,
+        version: Version,
+        headers: &[(&str, &str)],
+    ) -> Request<()> {
+        let mut builder = Request::builder()
+            .method(method)
+            .uri(target)
+            .version(version);
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        builder.body(()).unwrap()
+    }
+
+    fn status(request: &Request<()>) -> Option<u16> {
+        check(request, &HeaderName::from_static("x-api-key"))
+            .err()
+            .map(|e| e.status().as_u16())
+    }
+
+    const HOST: (&str, &str) = ("host", "proxy");
+
+    #[test]
+    fn methods_outside_the_allow_list_are_405() {
+        for method in ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"] {
+            assert_eq!(
+                status(&request(method, "/bc/x", Version::HTTP_11, &[HOST])),
+                None
+            );
+        }
+        for method in ["TRACE", "CONNECT", "get", "PROPFIND", "TRACK", "FOO"] {
+            let target = if method == "CONNECT" {
+                "host:443"
+            } else {
+                "/bc/x"
+            };
+            assert_eq!(
+                status(&request(method, target, Version::HTTP_11, &[HOST])),
+                Some(405),
+                "{method}"
+            );
+        }
+    }
+
+    #[test]
+    fn target_forms_and_host_rules() {
+        assert_eq!(
+            status(&request(
+                "GET",
+                "http://evil.test/bc/x",
+                Version::HTTP_11,
+                &[HOST]
+            )),
+            Some(400)
+        );
+        assert_eq!(
+            status(&request("OPTIONS", "*", Version::HTTP_11, &[HOST])),
+            Some(400)
+        );
+        assert_eq!(
+            status(&request("GET", "/bc/x", Version::HTTP_11, &[])),
+            Some(400)
+        );
+        assert_eq!(
+            status(&request("GET", "/bc/x", Version::HTTP_10, &[])),
+            None
+        );
+        assert_eq!(
+            status(&request(
+                "GET",
+                "/bc/x",
+                Version::HTTP_11,
+                &[HOST, ("host", "b")]
+            )),
+            Some(400)
+        );
+        // HTTP/2 requests carry scheme and authority from their pseudo-headers.
+        assert_eq!(
+            status(&request("GET", "http://proxy/bc/x", Version::HTTP_2, &[])),
+            None
+        );
+    }
+
+    #[test]
+    fn duplicate_credentials_and_ambiguous_framing_are_400() {
+        let auth = ("authorization", "Basic dTpw");
+        assert_eq!(
+            status(&request(
+                "GET",
+                "/bc/x",
+                Version::HTTP_11,
+                &[HOST, auth, ("authorization", "Bearer x")]
+            )),
+            Some(400)
+        );
+        assert_eq!(
+            status(&request(
+                "GET",
+                "/bc/x",
+                Version::HTTP_11,
+                &[HOST, ("x-api-key", "a"), ("x-api-key", "b")]
+            )),
+            Some(400)
+        );
+        assert_eq!(
+            status(&request(
+                "POST",
+                "/bc/x",
+                Version::HTTP_11,
+                &[
+                    HOST,
+                    ("content-length", "6"),
+                    ("transfer-encoding", "chunked")
+                ]
+            )),
+            Some(400)
+        );
+        assert_eq!(
+            status(&request("GET", "/bc/../crm/x", Version::HTTP_11, &[HOST])),
+            Some(400)
+        );
+    }
+}

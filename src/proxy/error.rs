@@ -1,0 +1,164 @@
+//! Errors the proxy itself answers with, and their one mapping to HTTP.
+//!
+//! Classified by who failed: the caller (4xx), the identity provider or upstream (502,
+//! 503, 504). Bodies are short, stable JSON; the detail goes to the log. A body never
+//! carries a secret, a token, an upstream or provider URL, or an upstream's own error text.
+
+use std::time::Duration;
+
+use http::{HeaderValue, Response, StatusCode, header};
+
+use super::body::ProxyBody;
+use crate::inbound::AuthError;
+use crate::routing::PathError;
+use crate::token::TokenError;
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ProxyError {
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    #[error("bad request path: {0}")]
+    BadPath(#[from] PathError),
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("not authenticated: {0}")]
+    Unauthorized(#[from] AuthError),
+    #[error("client may not use this route")]
+    Forbidden,
+    #[error("no route matches")]
+    NotFound,
+    #[error("request body larger than server.limits.max_body_bytes")]
+    PayloadTooLarge,
+    #[error("no valid token: {0}")]
+    TokenUnavailable(#[from] TokenError),
+    #[error("upstream request failed: {0}")]
+    UpstreamFailed(String),
+    #[error("upstream did not answer within the route timeout")]
+    UpstreamTimeout,
+    #[error("the proxy is shutting down")]
+    ShuttingDown,
+}
+
+impl ProxyError {
+    pub(crate) fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest(_) | Self::BadPath(_) => StatusCode::BAD_REQUEST,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden => StatusCode::FORBIDDEN,
+            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::TokenUnavailable(_) | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::UpstreamFailed(_) => StatusCode::BAD_GATEWAY,
+            Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The stable `error` code of the JSON body.
+    pub(crate) fn code(&self) -> &'static str {
+        match self {
+            Self::BadRequest(_) | Self::BadPath(_) => "bad_request",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::Unauthorized(_) => "unauthorized",
+            Self::Forbidden => "forbidden",
+            Self::NotFound => "not_found",
+            Self::PayloadTooLarge => "payload_too_large",
+            Self::TokenUnavailable(_) => "token_unavailable",
+            Self::UpstreamFailed(_) => "upstream_failed",
+            Self::UpstreamTimeout => "upstream_timeout",
+            Self::ShuttingDown => "shutting_down",
+        }
+    }
+
+    /// The human message of the JSON body: safe to show to any caller.
+    fn public_message(&self) -> String {
+        match self {
+            Self::BadRequest(reason) => (*reason).to_owned(),
+            Self::BadPath(reason) => reason.to_string(),
+            Self::MethodNotAllowed => {
+                "method not allowed; use GET, HEAD, POST, PUT, PATCH, DELETE or OPTIONS".to_owned()
+            }
+            // Identical for every cause: no hint whether the user exists.
+            Self::Unauthorized(_) => "authentication required".to_owned(),
+            Self::Forbidden => "this client may not use this route".to_owned(),
+            Self::NotFound => "no route matches this path".to_owned(),
+            Self::PayloadTooLarge => "request body too large".to_owned(),
+            Self::TokenUnavailable(error) => format!(
+                "no valid access token for this route: {}",
+                error.public_message()
+            ),
+            Self::UpstreamFailed(_) => "the upstream request failed".to_owned(),
+            Self::UpstreamTimeout => "the upstream did not answer in time".to_owned(),
+            Self::ShuttingDown => "the proxy is shutting down; retry".to_owned(),
+        }
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::TokenUnavailable(error) => {
+                Some(error.retry_after().unwrap_or(Duration::from_secs(5)))
+            }
+            Self::ShuttingDown => Some(Duration::from_secs(1)),
+            Self::BadRequest(_)
+            | Self::BadPath(_)
+            | Self::MethodNotAllowed
+            | Self::Unauthorized(_)
+            | Self::Forbidden
+            | Self::NotFound
+            | Self::PayloadTooLarge
+            | Self::UpstreamFailed(_)
+            | Self::UpstreamTimeout => None,
+        }
+    }
+
+    /// The response for this error. `route` is the matched prefix, if any.
+    pub(crate) fn into_response(
+        self,
+        route: Option<&str>,
+        request_id: &HeaderValue,
+    ) -> Response<ProxyBody> {
+        let body = serde_json::json!({
+            "error": self.code(),
+            "message": self.public_message(),
+            "route": route,
+            "request_id": request_id.to_str().unwrap_or_default(),
+        });
+        let mut response = Response::new(ProxyBody::full(body.to_string()));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if let Some(retry_after) = self.retry_after() {
+            let seconds = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        match self {
+            Self::Unauthorized(_) => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Basic realm=\"s2s-proxy\""),
+                );
+            }
+            Self::MethodNotAllowed => {
+                headers.insert(
+                    header::ALLOW,
+                    HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+                );
+            }
+            Self::BadRequest(_) | Self::BadPath(_) | Self::ShuttingDown => {
+                // The connection's framing or intent is suspect, or we are leaving.
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            Self::Forbidden
+            | Self::NotFound
+            | Self::PayloadTooLarge
+            | Self::TokenUnavailable(_)
+            | Self::UpstreamFailed(_)
+            | Self::UpstreamTimeout => {}
+        }
+        response
+    }
+}

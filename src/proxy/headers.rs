@@ -1,0 +1,279 @@
+//! Header rules for both directions.
+//!
+//! Order matters (CVE-2022-31813): first remove hop-by-hop headers and every header the
+//! `Connection` header names (RFC 9110 §7.6.1), then the caller's credentials and the
+//! headers the proxy computes itself, and only then add the proxy's own. So a caller can
+//! neither delete the injected token with `Connection: Authorization` nor smuggle its own
+//! `X-Forwarded-For`, `Authorization` or route/method override to the upstream.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderName};
+use http::{HeaderMap, HeaderValue};
+
+pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1, RFC 9113 §8.2.2) and relatives that only concern
+/// one connection.
+const HOP_BY_HOP: [HeaderName; 10] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    HeaderName::from_static("http2-settings"),
+];
+
+/// Request headers never passed upstream besides the hop-by-hop ones: the caller's
+/// credentials, values the proxy computes, and overrides some backends honour for routing
+/// or method decisions (the proxy decided on the request line alone).
+const REQUEST_DROP: [HeaderName; 14] = [
+    header::AUTHORIZATION,
+    header::HOST,
+    header::EXPECT,
+    X_REQUEST_ID,
+    X_FORWARDED_FOR,
+    X_FORWARDED_PROTO,
+    X_FORWARDED_HOST,
+    header::FORWARDED,
+    HeaderName::from_static("x-real-ip"),
+    HeaderName::from_static("x-original-url"),
+    HeaderName::from_static("x-rewrite-url"),
+    HeaderName::from_static("x-http-method-override"),
+    HeaderName::from_static("x-http-method"),
+    HeaderName::from_static("x-method-override"),
+];
+
+/// What the proxy knows about the inbound request, for the headers it adds.
+#[derive(Debug)]
+pub(crate) struct Forwarding<'a> {
+    pub(crate) peer: IpAddr,
+    pub(crate) peer_is_trusted_proxy: bool,
+    /// `http` or `https`: how the caller reached the proxy.
+    pub(crate) proto: &'static str,
+    pub(crate) api_key_header: &'a HeaderName,
+    pub(crate) request_id: &'a HeaderValue,
+}
+
+/// The headers to send upstream, without `Authorization` (added per attempt) and without
+/// `Host` (the client sets it from the upstream URI).
+pub(crate) fn to_upstream(mut headers: HeaderMap, forwarding: &Forwarding<'_>) -> HeaderMap {
+    let inbound_host = headers.get(header::HOST).cloned();
+    let (forwarded_for, forwarded_proto, forwarded_host) = if forwarding.peer_is_trusted_proxy {
+        (
+            joined(&headers, &X_FORWARDED_FOR),
+            headers.get(&X_FORWARDED_PROTO).cloned(),
+            headers.get(&X_FORWARDED_HOST).cloned(),
+        )
+    } else {
+        (None, None, None)
+    };
+
+    remove_hop_by_hop(&mut headers);
+    for name in &REQUEST_DROP {
+        headers.remove(name);
+    }
+    headers.remove(forwarding.api_key_header);
+
+    let peer = forwarding.peer.to_canonical().to_string();
+    let xff = match forwarded_for {
+        Some(chain) => format!("{chain}, {peer}"),
+        None => peer,
+    };
+    if let Ok(value) = HeaderValue::try_from(xff) {
+        headers.insert(X_FORWARDED_FOR, value);
+    }
+    headers.insert(
+        X_FORWARDED_PROTO,
+        forwarded_proto.unwrap_or(HeaderValue::from_static(forwarding.proto)),
+    );
+    if let Some(host) = forwarded_host.or(inbound_host) {
+        headers.insert(X_FORWARDED_HOST, host);
+    }
+    headers.insert(X_REQUEST_ID, forwarding.request_id.clone());
+    headers
+}
+
+/// Cleans an upstream response's headers for the caller.
+pub(crate) fn to_client(headers: &mut HeaderMap) {
+    remove_hop_by_hop(headers);
+    // The upstream's bearer challenge means nothing to a caller that authenticates to the
+    // proxy, and it names the upstream's identity provider.
+    headers.remove(header::WWW_AUTHENTICATE);
+}
+
+/// Removes hop-by-hop headers and every header named in `Connection`.
+fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+}
+
+/// All values of a list header joined with `, `.
+fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
+    let values: Vec<&str> = headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .collect();
+    (!values.is_empty()).then(|| values.join(", "))
+}
+
+/// The caller's `X-Request-Id` when it is a sane token, else a new random id.
+pub(crate) fn request_id(headers: &HeaderMap) -> HeaderValue {
+    if let Some(value) = headers.get(&X_REQUEST_ID) {
+        let bytes = value.as_bytes();
+        let sane = !bytes.is_empty()
+            && bytes.len() <= 128
+            && bytes
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:/+=@".contains(b));
+        if sane {
+            return value.clone();
+        }
+    }
+    let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+    HeaderValue::try_from(id).unwrap_or(HeaderValue::from_static("-"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (name, value) in pairs {
+            headers.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        headers
+    }
+
+    fn forwarding<'a>(trusted: bool, key: &'a HeaderName, id: &'a HeaderValue) -> Forwarding<'a> {
+        Forwarding {
+            peer: "127.0.0.2".parse().unwrap(),
+            peer_is_trusted_proxy: trusted,
+            proto: "http",
+            api_key_header: key,
+            request_id: id,
+        }
+    }
+
+    #[test]
+    fn strips_hop_by_hop_credentials_and_connection_named_headers() {
+        let key = HeaderName::from_static("x-api-key");
+        let id = HeaderValue::from_static("req-1");
+        let inbound = map(&[
+            ("host", "proxy.test"),
+            ("authorization", "Basic YWNtZTpwdw=="),
+            ("proxy-authorization", "Basic Zm9vOmJhcg=="),
+            ("x-api-key", "ak_CANARY"),
+            ("connection", "keep-alive, X-Foo, X-Forwarded-For"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("trailer", "X"),
+            ("upgrade", "h2c"),
+            ("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA"),
+            ("proxy-connection", "keep-alive"),
+            ("transfer-encoding", "chunked"),
+            ("x-foo", "1"),
+            ("x-original-url", "/crm/x"),
+            ("x-http-method-override", "DELETE"),
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-forwarded-host", "evil.test"),
+            ("forwarded", "for=6.6.6.6"),
+            ("if-match", "W/\"JzQ0OzE7MDsn\""),
+            ("prefer", "odata.maxpagesize=100"),
+            ("data-access-intent", "ReadOnly"),
+            ("odata-version", "4.0"),
+            ("cookie", "a=b"),
+            ("accept-language", "da-DK"),
+        ]);
+        let out = to_upstream(inbound, &forwarding(false, &key, &id));
+        let mut names: Vec<&str> = out.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            [
+                "accept-language",
+                "cookie",
+                "data-access-intent",
+                "if-match",
+                "odata-version",
+                "prefer",
+                "x-forwarded-for",
+                "x-forwarded-host",
+                "x-forwarded-proto",
+                "x-request-id",
+            ]
+        );
+        assert_eq!(out["x-forwarded-for"], "127.0.0.2");
+        assert_eq!(out["x-forwarded-host"], "proxy.test");
+        assert_eq!(out["x-forwarded-proto"], "http");
+        assert_eq!(out["x-request-id"], "req-1");
+    }
+
+    #[test]
+    fn trusted_proxy_chain_is_appended() {
+        let key = HeaderName::from_static("x-api-key");
+        let id = HeaderValue::from_static("r");
+        let inbound = map(&[
+            ("host", "internal"),
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-for", "10.0.0.9"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "erp-proxy.contoso.com"),
+        ]);
+        let out = to_upstream(inbound, &forwarding(true, &key, &id));
+        assert_eq!(out["x-forwarded-for"], "1.2.3.4, 10.0.0.9, 127.0.0.2");
+        assert_eq!(out["x-forwarded-proto"], "https");
+        assert_eq!(out["x-forwarded-host"], "erp-proxy.contoso.com");
+    }
+
+    #[test]
+    fn response_headers_lose_hop_by_hop_and_bearer_challenges() {
+        let mut headers = map(&[
+            ("connection", "close, x-internal"),
+            ("x-internal", "1"),
+            ("keep-alive", "timeout=5"),
+            ("transfer-encoding", "chunked"),
+            (
+                "www-authenticate",
+                "Bearer authorization_uri=\"https://login.example/t\"",
+            ),
+            ("etag", "W/\"1\""),
+            ("location", "https://upstream.test/x"),
+        ]);
+        to_client(&mut headers);
+        let mut names: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["etag", "location"]);
+    }
+
+    #[test]
+    fn request_ids_are_kept_when_sane_and_made_otherwise() {
+        let kept = request_id(&map(&[("x-request-id", "abc-123")]));
+        assert_eq!(kept, "abc-123");
+        let made = request_id(&map(&[("x-request-id", "has space\u{7f}")]));
+        assert_eq!(made.len(), 32);
+        assert_ne!(request_id(&HeaderMap::new()), request_id(&HeaderMap::new()));
+    }
+}

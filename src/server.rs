@@ -1,0 +1,108 @@
+//! The listener: accepting connections, HTTP/1.1 and h2c on one port, graceful drain.
+//!
+//! Owns connection-level concerns only — the connection cap, hyper's protocol limits
+//! (header bytes, header read timeout, HTTP/2 streams) and shutdown. Everything about a
+//! single request lives in [`crate::proxy`].
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::config::Limits;
+use crate::proxy::Pipeline;
+
+/// Longest time in-flight requests get to finish after a shutdown signal.
+pub(crate) const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Pause after a failed accept (typically EMFILE) so the loop does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(500);
+
+fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        // hyper answers 431 when the request head does not fit; its minimum is 8 KiB.
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(100)
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(Duration::from_secs(30));
+    builder
+}
+
+/// Serves `listener` until `shutdown` completes, then stops accepting and drains.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    pipeline: Arc<Pipeline>,
+    limits: &Limits,
+    shutdown: impl Future<Output = ()>,
+) {
+    let builder = connection_builder(limits);
+    let graceful = GracefulShutdown::new();
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            () = &mut shutdown => break,
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(error = %error, "Accepting a connection failed; pausing.");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let builder = builder.clone();
+        let pipeline = pipeline.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let service = service_fn(move |request| {
+                let pipeline = pipeline.clone();
+                async move { Ok::<_, Infallible>(pipeline.handle(request, peer.ip()).await) }
+            });
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            if let Err(error) = watcher.watch(connection).await {
+                tracing::debug!(peer = %peer, error = %error, "Connection ended with an error.");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    pipeline.start_draining();
+    tracing::info!("Shutting down: no new connections; draining in-flight requests.");
+    tokio::select! {
+        () = graceful.shutdown() => tracing::info!("All connections drained."),
+        () = tokio::time::sleep(DRAIN_TIMEOUT) => {
+            tracing::warn!(timeout_s = DRAIN_TIMEOUT.as_secs(), "Drain timed out; closing the remaining connections.");
+        }
+    }
+}
+
+/// The address a listener is bound to, for messages.
+pub(crate) fn local_addr(listener: &TcpListener) -> SocketAddr {
+    listener
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+}
