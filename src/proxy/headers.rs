@@ -272,7 +272,7 @@ mod tests {
     fn request_ids_are_kept_when_sane_and_made_otherwise() {
         let kept = request_id(&map(&[("x-request-id", "abc-123")]));
         assert_eq!(kept, "abc-123");
-        let made = request_id(&map(&[("x-request-id", "has space\u{7f}")]));
+        let made = request_id(&map(&[("x-request-id", "has space;")]));
         assert_eq!(made.len(), 32);
         assert_ne!(request_id(&HeaderMap::new()), request_id(&HeaderMap::new()));
     }
