@@ -1,0 +1,39 @@
+# syntax=docker/dockerfile:1
+#
+# s2s-proxy container image: a static build stage and a distroless, non-root runtime.
+#
+# Build:
+#   docker build -t s2s-proxy .
+#
+# Run with the config mounted read-only and secrets from the environment (proxy.yaml
+# must say `listen: 0.0.0.0:8080`; the default 127.0.0.1 is unreachable from outside):
+#   docker run --rm -p 8080:8080 \
+#     -v "$PWD/proxy.yaml:/etc/s2s-proxy/proxy.yaml:ro" \
+#     -e BC_TENANT_ID -e BC_CLIENT_ID -e BC_CLIENT_SECRET -e ERP_SYNC_PASSWORD \
+#     s2s-proxy
+#   (or --env-file ./s2s-proxy.env)
+#
+# Secrets as files instead: mount them, e.g. -v "$PWD/secrets:/run/secrets:ro", and write
+# `client_secret: ${file:/run/secrets/bc_client_secret}` in proxy.yaml.
+#
+# Other commands:
+#   docker run --rm -v "$PWD/proxy.yaml:/etc/s2s-proxy/proxy.yaml:ro" --env-file ./s2s-proxy.env s2s-proxy check
+#   docker run --rm -v "$PWD/proxy.yaml:/etc/s2s-proxy/proxy.yaml:ro" --env-file ./s2s-proxy.env s2s-proxy token --route /bc/
+
+FROM rust:1-bookworm AS build
+WORKDIR /src
+COPY . .
+# The cache mounts (BuildKit) keep the crate registry and compiled dependencies between
+# builds; the binary is copied out of the cached target directory in the same step.
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked \
+ && install -D -m 0755 target/release/s2s-proxy /out/s2s-proxy
+
+FROM gcr.io/distroless/cc-debian12:nonroot
+COPY --from=build /out/s2s-proxy /usr/local/bin/s2s-proxy
+ENV S2S_PROXY_CONFIG=/etc/s2s-proxy/proxy.yaml
+USER nonroot
+EXPOSE 8080
+ENTRYPOINT ["/usr/local/bin/s2s-proxy"]
+CMD ["run"]
