@@ -1,0 +1,504 @@
+//! Test support: a fake Entra ID token endpoint, a recording fake upstream, the proxy
+//! spawned from YAML, and clients that send exactly the bytes a test wants.
+//!
+//! Everything listens on 127.0.0.1:0. The fakes record what crossed the wire so tests
+//! assert on that, not on the proxy's internals.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+
+use s2s_proxy::{Config, Proxy, Source};
+
+/// Planted secrets: none of them may ever appear in logs, bodies or metrics.
+pub const CLIENT_SECRET: &str = "cs_CANARY_7f3a~x+y";
+pub const PASSWORD: &str = "pw_CANARY_55c1";
+pub const API_KEY: &str = "ak_CANARY_0c2e";
+pub const TENANT: &str = "00000000-0000-0000-0000-0000000000t1";
+
+/// Serves `handler` on 127.0.0.1:0 (HTTP/1.1 and h2c) until the runtime ends.
+async fn serve<F, Fut>(handler: F) -> SocketAddr
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |request| {
+                    let handler = handler.clone();
+                    async move { Ok::<_, Infallible>(handler(request).await) }
+                });
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+fn json_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap()
+}
+
+/// How the fake identity provider answers.
+#[derive(Debug, Clone)]
+pub enum IdpMode {
+    /// Issue `tok-<n>` tokens with this lifetime in seconds.
+    Issue { expires_in: u64 },
+    /// Answer with this status, body and optional Retry-After.
+    Fail {
+        status: u16,
+        body: String,
+        retry_after: Option<u64>,
+    },
+    /// Wait this long, then issue like `Issue { expires_in: 3599 }`.
+    Slow(Duration),
+    /// Never answer.
+    Stall,
+}
+
+/// A token request as the fake IdP received it.
+#[derive(Debug, Clone)]
+pub struct TokenRequest {
+    pub path: String,
+    pub headers: HeaderMap,
+    pub form: Vec<(String, String)>,
+}
+
+/// A fake Entra ID v2 token endpoint that counts and records requests.
+#[derive(Clone)]
+pub struct FakeIdp {
+    pub addr: SocketAddr,
+    calls: Arc<AtomicUsize>,
+    mode: Arc<Mutex<IdpMode>>,
+    requests: Arc<Mutex<Vec<TokenRequest>>>,
+}
+
+impl FakeIdp {
+    pub async fn start() -> Self {
+        Self::start_with(IdpMode::Issue { expires_in: 3599 }).await
+    }
+
+    pub async fn start_with(mode: IdpMode) -> Self {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let mode = Arc::new(Mutex::new(mode));
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let (c, m, r) = (calls.clone(), mode.clone(), requests.clone());
+        let addr = serve(move |request: Request<Incoming>| {
+            let (calls, mode, requests) = (c.clone(), m.clone(), r.clone());
+            async move {
+                let path = request.uri().path().to_owned();
+                let headers = request.headers().clone();
+                let body = request.into_body().collect().await.unwrap().to_bytes();
+                let form = url_decode_form(&body);
+                requests.lock().unwrap().push(TokenRequest { path, headers, form });
+                let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+                let mode = mode.lock().unwrap().clone();
+                match mode {
+                    IdpMode::Issue { expires_in } => issue(n, expires_in),
+                    IdpMode::Slow(delay) => {
+                        tokio::time::sleep(delay).await;
+                        issue(n, 3599)
+                    }
+                    IdpMode::Stall => std::future::pending().await,
+                    IdpMode::Fail {
+                        status,
+                        body,
+                        retry_after,
+                    } => {
+                        let mut response =
+                            json_response(StatusCode::from_u16(status).unwrap(), body);
+                        if let Some(seconds) = retry_after {
+                            response
+                                .headers_mut()
+                                .insert("retry-after", HeaderValue::from(seconds));
+                        }
+                        response
+                    }
+                }
+            }
+        })
+        .await;
+        Self {
+            addr,
+            calls,
+            mode,
+            requests,
+        }
+    }
+
+    pub fn set_mode(&self, mode: IdpMode) {
+        *self.mode.lock().unwrap() = mode;
+    }
+
+    pub fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    pub fn requests(&self) -> Vec<TokenRequest> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    /// `authority:` for an Entra-style credential pointing here.
+    pub fn authority(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Waits (bounded) until at least `n` token requests arrived.
+    pub async fn wait_for_calls(&self, n: usize) {
+        for _ in 0..500 {
+            if self.calls() >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("expected {n} token requests, saw {}", self.calls());
+    }
+}
+
+fn issue(n: usize, expires_in: u64) -> Response<Full<Bytes>> {
+    json_response(
+        StatusCode::OK,
+        format!(
+            r#"{{"token_type":"Bearer","expires_in":{expires_in},"ext_expires_in":{expires_in},"access_token":"tok-{n}"}}"#
+        ),
+    )
+}
+
+/// The Entra answer to a wrong client secret (AADSTS7000215), as seen in real traces.
+pub fn invalid_client_body() -> String {
+    r#"{"error":"invalid_client","error_description":"AADSTS7000215: Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID, for a secret added to app 'app-1'. Trace ID: 0c1a Correlation ID: 9d2b Timestamp: 2026-11-28 05:00:00Z","error_codes":[7000215],"timestamp":"2026-11-28 05:00:00Z","trace_id":"0c1a","correlation_id":"9d2b","error_uri":"https://login.microsoftonline.com/error?code=7000215"}"#.to_owned()
+}
+
+fn url_decode_form(body: &[u8]) -> Vec<(String, String)> {
+    fn decode(s: &str) -> String {
+        let bytes = s.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            match bytes[i] {
+                b'+' => out.push(b' '),
+                b'%' if i + 2 < bytes.len() => {
+                    let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap();
+                    out.push(u8::from_str_radix(hex, 16).unwrap());
+                    i += 2;
+                }
+                b => out.push(b),
+            }
+            i += 1;
+        }
+        String::from_utf8(out).unwrap()
+    }
+    std::str::from_utf8(body)
+        .unwrap_or_default()
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+/// A request as the fake upstream received it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    /// Path and query exactly as received.
+    pub target: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Recorded {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(|v| v.to_str().unwrap())
+    }
+}
+
+type Handler = Arc<dyn Fn(&Recorded) -> Response<Full<Bytes>> + Send + Sync>;
+
+/// A fake upstream that records every request and answers through a replaceable handler
+/// (default: 200 with a small JSON body).
+#[derive(Clone)]
+pub struct FakeUpstream {
+    pub addr: SocketAddr,
+    recorded: Arc<Mutex<Vec<Recorded>>>,
+    handler: Arc<Mutex<Handler>>,
+    delay: Arc<Mutex<Duration>>,
+}
+
+impl FakeUpstream {
+    pub async fn start() -> Self {
+        let recorded = Arc::new(Mutex::new(Vec::new()));
+        let handler: Arc<Mutex<Handler>> = Arc::new(Mutex::new(Arc::new(|_: &Recorded| {
+            json_response(StatusCode::OK, r#"{"value":[]}"#.to_owned())
+        })));
+        let delay = Arc::new(Mutex::new(Duration::ZERO));
+        let (rec, h, d) = (recorded.clone(), handler.clone(), delay.clone());
+        let addr = serve(move |request: Request<Incoming>| {
+            let (recorded, handler, delay) = (rec.clone(), h.clone(), d.clone());
+            async move {
+                let method = request.method().to_string();
+                let target = request
+                    .uri()
+                    .path_and_query()
+                    .map(|pq| pq.as_str().to_owned())
+                    .unwrap_or_default();
+                let headers = request.headers().clone();
+                let body = request.into_body().collect().await.unwrap().to_bytes();
+                let entry = Recorded {
+                    method,
+                    target,
+                    headers,
+                    body,
+                };
+                recorded.lock().unwrap().push(entry.clone());
+                let delay = *delay.lock().unwrap();
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                let handler = handler.lock().unwrap().clone();
+                handler(&entry)
+            }
+        })
+        .await;
+        Self {
+            addr,
+            recorded,
+            handler,
+            delay,
+        }
+    }
+
+    pub fn respond(&self, handler: impl Fn(&Recorded) -> Response<Full<Bytes>> + Send + Sync + 'static) {
+        *self.handler.lock().unwrap() = Arc::new(handler);
+    }
+
+    pub fn set_delay(&self, delay: Duration) {
+        *self.delay.lock().unwrap() = delay;
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.recorded.lock().unwrap().clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.recorded.lock().unwrap().len()
+    }
+
+    pub fn base(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// A running proxy; dropping the handle does not stop it, `shutdown` does.
+pub struct ProxyHandle {
+    pub addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ProxyHandle {
+    /// Signals shutdown and waits until the proxy has drained.
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(40), &mut self.task)
+            .await
+            .expect("proxy did not stop")
+            .unwrap();
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}
+
+/// The standard variables of [`standard_yaml`].
+pub fn standard_vars() -> HashMap<String, String> {
+    HashMap::from([
+        ("BC_SECRET".to_owned(), CLIENT_SECRET.to_owned()),
+        ("ERP_PASSWORD".to_owned(), PASSWORD.to_owned()),
+        ("SCANNER_KEY".to_owned(), API_KEY.to_owned()),
+    ])
+}
+
+/// A config with one Entra-style credential `bc` pointing at `idp`, clients `erp` (Basic
+/// erp / PASSWORD), `scanner` (API key) and `other` (Basic other / PASSWORD, no route),
+/// and routes `/bc/` and `/bc/sandbox/` to `upstream`.
+pub fn standard_yaml(idp: &FakeIdp, upstream: &FakeUpstream) -> String {
+    format!(
+        r#"
+server:
+  listen: 127.0.0.1:0
+credentials:
+  bc:
+    type: client_secret
+    tenant_id: {TENANT}
+    authority: {authority}
+    client_id: app-1
+    client_secret: ${{BC_SECRET}}
+clients:
+  erp:
+    basic: {{ username: erp, password: "${{ERP_PASSWORD}}" }}
+  scanner:
+    api_key: ${{SCANNER_KEY}}
+  other:
+    basic: {{ username: other, password: "${{ERP_PASSWORD}}" }}
+routes:
+  - prefix: /bc/
+    upstream: {base}/v2.0/{TENANT}/Production/
+    credential: bc
+    clients: [erp, scanner]
+  - prefix: /bc/sandbox/
+    upstream: {base}/v2.0/{TENANT}/Sandbox/
+    credential: bc
+    clients: [erp]
+"#,
+        authority = idp.authority(),
+        base = upstream.base(),
+    )
+}
+
+pub fn config(yaml: &str, vars: HashMap<String, String>) -> Config {
+    Config::from_yaml_str(yaml, &Source::inline("test.yaml", vars))
+        .unwrap_or_else(|error| panic!("test config invalid: {error}"))
+}
+
+/// Starts the proxy for `config` on 127.0.0.1:0.
+pub async fn spawn_proxy(config: Config) -> ProxyHandle {
+    let proxy = Proxy::bind(config).await.expect("proxy binds");
+    let addr = proxy.local_addr();
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        proxy
+            .run_until(async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+    });
+    ProxyHandle {
+        addr,
+        shutdown: Some(tx),
+        task,
+    }
+}
+
+/// The standard set-up: fake IdP, fake upstream, proxy; waits for the start-up token.
+pub async fn standard() -> (FakeIdp, FakeUpstream, ProxyHandle) {
+    let idp = FakeIdp::start().await;
+    let upstream = FakeUpstream::start().await;
+    let proxy = spawn_proxy(config(&standard_yaml(&idp, &upstream), standard_vars())).await;
+    idp.wait_for_calls(1).await;
+    (idp, upstream, proxy)
+}
+
+/// A response as a test client saw it.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|_| panic!("not JSON: {}", self.text()))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(|v| v.to_str().unwrap())
+    }
+}
+
+/// Sends one HTTP/1.1 request over a fresh connection, exactly as given (no path
+/// normalisation). `Host` is added unless the headers contain one.
+pub async fn send(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Answer {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let mut builder = Request::builder().method(method).uri(target);
+    if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
+        builder = builder.header("host", addr.to_string());
+    }
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    let request = builder.body(Full::new(body.into())).unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let (parts, body) = response.into_parts();
+    Answer {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body: body.collect().await.unwrap().to_bytes(),
+    }
+}
+
+/// `Authorization: Basic` for user:password.
+pub fn basic(user: &str, password: &str) -> String {
+    use base64::Engine;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    )
+}
+
+/// Writes raw bytes, returns everything read until the server closes or 5 s pass.
+pub async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The status code of the first response in raw response bytes.
+pub fn raw_status(response: &str) -> u16 {
+    response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {response:?}"))
+}
