@@ -1,0 +1,548 @@
+//! The token cache: one [`TokenSlot`] per (credential, scope), single-flight fetching,
+//! backoff after failures and background renewal.
+//!
+//! Hot path: [`TokenSlot::get`] loads the current token from an `ArcSwapOption` and returns
+//! it if it is usable (`now < expires_at − skew`); no lock. Otherwise the caller takes the
+//! slot's fetch lock, re-checks (another caller may just have fetched), and if the slot is
+//! not backing off, fetches. The fetch runs in its own task holding the lock, so a caller
+//! that gives up (client gone, request timeout) neither cancels it nor lets a second fetch
+//! start: N concurrent cold callers cause exactly one provider call, success or failure.
+//!
+//! Failures put the slot into backoff: 2 s doubling to 60 s with jitter, 60 s for
+//! permanent errors, never less than the provider's `Retry-After`. During backoff callers
+//! get the last error at once (with the remaining wait as `retry_after`) unless a usable
+//! token is still cached, which keeps being served until its skew-adjusted expiry.
+//!
+//! [`TokenCache::start`] spawns one renewal task per slot: it fetches at once, then sleeps
+//! until the token's renewal point or the end of the backoff. Tasks end when the last
+//! `TokenCache` clone is dropped.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use tokio::sync::{Notify, OwnedMutexGuard};
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+use tracing::{debug, error, info, warn};
+
+use super::{FailingSource, Token, TokenError, TokenHttp, TokenSource, build_source, claims};
+use crate::config::{Config, Route};
+
+/// First retry delay after a failure (SECURITY-CASES F1: ≥ 1–2 s, like Envoy).
+const BACKOFF_INITIAL: Duration = Duration::from_secs(2);
+/// Longest retry delay, and the interval for permanent errors.
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// A 401-triggered refetch happens at most once per this interval per slot.
+const REJECT_GUARD: Duration = Duration::from_secs(5);
+
+/// Cached tokens for every (credential, scope) the routes use. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct TokenCache {
+    inner: Arc<CacheInner>,
+}
+
+/// credential → scope → slot.
+type SlotMap = HashMap<String, HashMap<Option<String>, Arc<TokenSlot>>>;
+
+#[derive(Debug)]
+struct CacheInner {
+    slots: RwLock<SlotMap>,
+    /// One source per configured credential, shared by its scopes.
+    sources: HashMap<String, Arc<dyn TokenSource>>,
+    started: AtomicBool,
+    tasks: Mutex<Vec<AbortHandle>>,
+}
+
+impl Drop for CacheInner {
+    fn drop(&mut self) {
+        let tasks = self.tasks.get_mut().unwrap_or_else(PoisonError::into_inner);
+        for task in tasks.drain(..) {
+            task.abort();
+        }
+    }
+}
+
+/// One slot's state for readiness and metrics.
+#[derive(Debug, Clone)]
+pub struct SlotStatus {
+    pub credential: String,
+    pub scope: Option<String>,
+    /// A token that may be injected right now is cached.
+    pub has_valid_token: bool,
+    /// Time to the cached token's expiry, if one is cached and not expired.
+    pub expires_in: Option<Duration>,
+    /// The public message of the last failure, until a fetch succeeds again.
+    pub last_error: Option<String>,
+    pub last_error_permanent: bool,
+    pub fetches_ok: u64,
+    pub fetches_failed: u64,
+}
+
+impl TokenCache {
+    /// Builds the sources and one slot per distinct (credential, scope) of `config.routes`.
+    /// Fetches nothing until [`TokenCache::start`] or the first [`TokenSlot::get`].
+    #[expect(
+        clippy::needless_pass_by_value,
+        reason = "the pipeline's contract; callers hand over their Arc"
+    )]
+    pub fn new(config: &Config, tls: Arc<rustls::ClientConfig>) -> Self {
+        let http = TokenHttp::new(&tls);
+        let sources = config
+            .credentials
+            .iter()
+            .map(|credential| (credential.name.clone(), build_source(credential, &http)))
+            .collect();
+        let cache = Self::with_sources(sources);
+        for route in &config.routes {
+            cache.slot(route);
+        }
+        cache
+    }
+
+    /// A cache over the given sources (credential name → source); slots are created on
+    /// demand. For tests and for other credential types under construction.
+    pub(crate) fn with_sources(sources: HashMap<String, Arc<dyn TokenSource>>) -> Self {
+        Self {
+            inner: Arc::new(CacheInner {
+                slots: RwLock::new(HashMap::new()),
+                sources,
+                started: AtomicBool::new(false),
+                tasks: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    /// The slot for `route`'s (credential, scope). Created on first use if the
+    /// configuration did not list it; an unknown credential gives a slot that always fails.
+    pub fn slot(&self, route: &Route) -> Arc<TokenSlot> {
+        self.slot_for(&route.credential, route.scope.as_deref())
+    }
+
+    pub(crate) fn slot_for(&self, credential: &str, scope: Option<&str>) -> Arc<TokenSlot> {
+        let scope_key = scope.map(str::to_owned);
+        {
+            let slots = self
+                .inner
+                .slots
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some(slot) = slots.get(credential).and_then(|s| s.get(&scope_key)) {
+                return Arc::clone(slot);
+            }
+        }
+        let mut slots = self
+            .inner
+            .slots
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let by_scope = slots.entry(credential.to_owned()).or_default();
+        if let Some(slot) = by_scope.get(&scope_key) {
+            return Arc::clone(slot);
+        }
+        let source = self
+            .inner
+            .sources
+            .get(credential)
+            .cloned()
+            .unwrap_or_else(|| {
+                Arc::new(FailingSource {
+                    error: TokenError::Config(format!(
+                        "credential `{credential}` is not defined in `credentials`"
+                    )),
+                })
+            });
+        let slot = TokenSlot::new(credential, scope_key.clone(), source);
+        by_scope.insert(scope_key, Arc::clone(&slot));
+        drop(slots);
+        if self.inner.started.load(Ordering::Acquire) {
+            self.spawn_renewal(&slot);
+        }
+        slot
+    }
+
+    /// Prefetches every slot now and keeps renewing in the background. Idempotent. Needs a
+    /// tokio runtime.
+    pub fn start(&self) {
+        if self.inner.started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        for slot in self.all_slots() {
+            self.spawn_renewal(&slot);
+        }
+    }
+
+    fn spawn_renewal(&self, slot: &Arc<TokenSlot>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            error!(credential = %slot.credential, "Token renewal not started: no async runtime.");
+            return;
+        };
+        let task = runtime.spawn(renew_forever(Arc::clone(slot)));
+        self.inner
+            .tasks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(task.abort_handle());
+    }
+
+    /// Every slot's state, sorted by credential and scope.
+    pub fn status(&self) -> Vec<SlotStatus> {
+        let now = Instant::now();
+        let mut status: Vec<SlotStatus> = self.all_slots().iter().map(|s| s.status(now)).collect();
+        status.sort_by(|a, b| (&a.credential, &a.scope).cmp(&(&b.credential, &b.scope)));
+        status
+    }
+
+    fn all_slots(&self) -> Vec<Arc<TokenSlot>> {
+        let slots = self
+            .inner
+            .slots
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        slots.values().flat_map(|s| s.values().cloned()).collect()
+    }
+}
+
+/// The cached token of one (credential, scope).
+#[derive(Debug)]
+pub struct TokenSlot {
+    credential: String,
+    scope: Option<String>,
+    source: Arc<dyn TokenSource>,
+    /// Itself, so a fetch can run in a task of its own.
+    me: Weak<TokenSlot>,
+    current: ArcSwapOption<Token>,
+    /// Held for the whole of a fetch: the single-flight gate.
+    fetch_lock: Arc<tokio::sync::Mutex<()>>,
+    state: Mutex<SlotState>,
+    /// Woken after every fetch and invalidation, so the renewal task re-plans.
+    changed: Notify,
+    fetches_ok: AtomicU64,
+    fetches_failed: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct SlotState {
+    last_error: Option<TokenError>,
+    /// Set after a failure: no provider call before this instant.
+    retry_at: Option<Instant>,
+    /// Consecutive failures, for the backoff exponent.
+    failures: u32,
+    /// When a 401 last caused a refetch (storm guard).
+    last_reject_refetch: Option<Instant>,
+}
+
+/// Why a fetch runs, for logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reason {
+    Demand,
+    Renewal,
+    Rejected,
+}
+
+impl TokenSlot {
+    pub(crate) fn new(
+        credential: &str,
+        scope: Option<String>,
+        source: Arc<dyn TokenSource>,
+    ) -> Arc<Self> {
+        Arc::new_cyclic(|me| Self {
+            credential: credential.to_owned(),
+            scope,
+            source,
+            me: me.clone(),
+            current: ArcSwapOption::empty(),
+            fetch_lock: Arc::new(tokio::sync::Mutex::new(())),
+            state: Mutex::new(SlotState::default()),
+            changed: Notify::new(),
+            fetches_ok: AtomicU64::new(0),
+            fetches_failed: AtomicU64::new(0),
+        })
+    }
+
+    pub fn credential(&self) -> &str {
+        &self.credential
+    }
+
+    pub fn scope(&self) -> Option<&str> {
+        self.scope.as_deref()
+    }
+
+    /// A usable token: the cached one, or a freshly fetched one. Never an expired token.
+    pub async fn get(&self) -> Result<Arc<Token>, TokenError> {
+        if let Some(token) = self.usable(Instant::now()) {
+            return Ok(token);
+        }
+        self.get_slow().await
+    }
+
+    async fn get_slow(&self) -> Result<Arc<Token>, TokenError> {
+        if let Some(error) = self.backoff_error(Instant::now()) {
+            return Err(error);
+        }
+        let guard = Arc::clone(&self.fetch_lock).lock_owned().await;
+        let now = Instant::now();
+        if let Some(token) = self.usable(now) {
+            return Ok(token);
+        }
+        if let Some(error) = self.backoff_error(now) {
+            return Err(error);
+        }
+        self.fetch_detached(guard, Reason::Demand).await
+    }
+
+    /// Upstream answered 401 to `rejected`. Returns the token to retry with, or `None` when
+    /// the request must not be retried (a 401-triggered refetch happened less than 5 s ago).
+    pub async fn renew_rejected(
+        &self,
+        rejected: &Arc<Token>,
+    ) -> Result<Option<Arc<Token>>, TokenError> {
+        if let Some(token) = self.other_usable(rejected, Instant::now()) {
+            return Ok(Some(token));
+        }
+        let guard = Arc::clone(&self.fetch_lock).lock_owned().await;
+        let now = Instant::now();
+        if let Some(token) = self.other_usable(rejected, now) {
+            return Ok(Some(token));
+        }
+        {
+            let mut state = self.lock_state();
+            if state
+                .last_reject_refetch
+                .is_some_and(|at| now.duration_since(at) < REJECT_GUARD)
+            {
+                return Ok(None);
+            }
+            if let Some(error) = backoff_error(&state, now) {
+                return Err(error);
+            }
+            state.last_reject_refetch = Some(now);
+        }
+        // Drop the rejected token only if it is still the cached one (another caller may
+        // have replaced it with a token that has since expired; that one goes too).
+        let current = self.current.load_full();
+        if current.is_some_and(|c| Arc::ptr_eq(&c, rejected) || !c.is_usable_at(now)) {
+            self.current.store(None);
+        }
+        self.fetch_detached(guard, Reason::Rejected).await.map(Some)
+    }
+
+    /// The cached token if it may be injected at `now`.
+    fn usable(&self, now: Instant) -> Option<Arc<Token>> {
+        let guard = self.current.load();
+        match &*guard {
+            Some(token) if token.is_usable_at(now) => Some(Arc::clone(token)),
+            _ => None,
+        }
+    }
+
+    fn other_usable(&self, rejected: &Arc<Token>, now: Instant) -> Option<Arc<Token>> {
+        self.usable(now).filter(|t| !Arc::ptr_eq(t, rejected))
+    }
+
+    fn lock_state(&self) -> std::sync::MutexGuard<'_, SlotState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn backoff_error(&self, now: Instant) -> Option<TokenError> {
+        backoff_error(&self.lock_state(), now)
+    }
+
+    /// Runs the fetch in its own task, which keeps `guard` until the result is stored, so
+    /// dropping this future neither cancels the fetch nor lets another one start.
+    async fn fetch_detached(
+        &self,
+        guard: OwnedMutexGuard<()>,
+        reason: Reason,
+    ) -> Result<Arc<Token>, TokenError> {
+        let Some(me) = self.me.upgrade() else {
+            // Unreachable while `&self` exists (slots are only built inside an `Arc`).
+            return self.fetch_locked(reason).await;
+        };
+        let task = tokio::spawn(async move {
+            let result = me.fetch_locked(reason).await;
+            drop(guard);
+            result
+        });
+        task.await.unwrap_or_else(|join_error| {
+            Err(TokenError::Config(format!(
+                "token fetch task failed: {join_error}"
+            )))
+        })
+    }
+
+    /// One provider call and its bookkeeping. The caller holds the fetch lock.
+    async fn fetch_locked(&self, reason: Reason) -> Result<Arc<Token>, TokenError> {
+        let started = Instant::now();
+        let result = self
+            .source
+            .fetch(self.scope.as_deref())
+            .await
+            .and_then(|issued| Token::new(&issued, started).map(|t| (t, issued)));
+        let now = Instant::now();
+        let result = result.and_then(|(token, issued)| {
+            if token.is_usable_at(now) {
+                Ok((token, issued))
+            } else {
+                Err(TokenError::InvalidResponse(
+                    "the token expired before the answer arrived".to_owned(),
+                ))
+            }
+        });
+        let outcome = match result {
+            Ok((token, issued)) => {
+                let token = Arc::new(token);
+                self.current.store(Some(Arc::clone(&token)));
+                {
+                    let mut state = self.lock_state();
+                    state.last_error = None;
+                    state.retry_at = None;
+                    state.failures = 0;
+                }
+                self.fetches_ok.fetch_add(1, Ordering::Relaxed);
+                info!(
+                    credential = %self.credential,
+                    scope = self.scope.as_deref().unwrap_or("-"),
+                    expires_in = issued.expires_in.as_secs(),
+                    renew_in = token.refresh_at().saturating_duration_since(now).as_secs(),
+                    "Token fetched."
+                );
+                if let Some(c) = claims::decode_claims(issued.access_token.expose()) {
+                    debug!(credential = %self.credential, aud = ?c.aud, tid = ?c.tid, appid = ?c.appid, roles = ?c.roles, "Token claims.");
+                }
+                Ok(token)
+            }
+            Err(err) => {
+                let err = err.cause().clone();
+                let delay = {
+                    let mut state = self.lock_state();
+                    state.failures = state.failures.saturating_add(1);
+                    let delay = backoff_delay(state.failures, &err);
+                    state.retry_at = Some(now + delay);
+                    state.last_error = Some(err.clone());
+                    delay
+                };
+                self.fetches_failed.fetch_add(1, Ordering::Relaxed);
+                self.log_failure(&err, reason, delay, now);
+                Err(TokenError::Backoff {
+                    error: Box::new(err),
+                    retry_after: whole_seconds(delay),
+                })
+            }
+        };
+        self.changed.notify_one();
+        outcome
+    }
+
+    fn log_failure(&self, err: &TokenError, reason: Reason, delay: Duration, now: Instant) {
+        let serving = self.usable(now).is_some();
+        let scope = self.scope.as_deref().unwrap_or("-");
+        let retry_in = delay.as_secs();
+        let message = match reason {
+            Reason::Renewal if serving => "Token renewal failed.",
+            Reason::Renewal | Reason::Demand => "Token fetch failed.",
+            Reason::Rejected => "Token refetch after upstream 401 failed.",
+        };
+        if err.is_permanent() {
+            error!(credential = %self.credential, scope, error = %err, retry_in, serving_cached = serving, "{message}");
+        } else {
+            warn!(credential = %self.credential, scope, error = %err, retry_in, serving_cached = serving, "{message}");
+        }
+    }
+
+    /// When the renewal task should next act; `None`: now.
+    fn next_renewal(&self, now: Instant) -> Option<Instant> {
+        let retry_at = self.lock_state().retry_at;
+        let due = match (retry_at, self.current.load().as_ref()) {
+            (Some(retry_at), _) => retry_at,
+            // Never sooner than 1 s after issue: a fetch loop is worse than a late renewal.
+            (None, Some(token)) => token
+                .refresh_at()
+                .max(token.issued_at() + Duration::from_secs(1)),
+            (None, None) => return None,
+        };
+        (due > now).then_some(due)
+    }
+
+    /// A renewal step: fetch if it is (still) due once the lock is held.
+    async fn renew_if_due(&self) {
+        let guard = Arc::clone(&self.fetch_lock).lock_owned().await;
+        if self.next_renewal(Instant::now()).is_none() {
+            // The result is stored and logged by the fetch itself.
+            let _ = self.fetch_detached(guard, Reason::Renewal).await;
+        }
+    }
+
+    fn status(&self, now: Instant) -> SlotStatus {
+        let current = self.current.load_full();
+        let state = self.lock_state();
+        SlotStatus {
+            credential: self.credential.clone(),
+            scope: self.scope.clone(),
+            has_valid_token: current.as_ref().is_some_and(|t| t.is_usable_at(now)),
+            expires_in: current
+                .as_ref()
+                .map(|t| t.expires_at().saturating_duration_since(now))
+                .filter(|d| !d.is_zero()),
+            last_error: state.last_error.as_ref().map(TokenError::public_message),
+            last_error_permanent: state
+                .last_error
+                .as_ref()
+                .is_some_and(TokenError::is_permanent),
+            fetches_ok: self.fetches_ok.load(Ordering::Relaxed),
+            fetches_failed: self.fetches_failed.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The background task of one slot: fetch now, then at each renewal point or end of
+/// backoff, re-planning whenever the slot changes.
+async fn renew_forever(slot: Arc<TokenSlot>) {
+    loop {
+        if let Some(at) = slot.next_renewal(Instant::now()) {
+            tokio::select! {
+                () = tokio::time::sleep_until(at) => {}
+                () = slot.changed.notified() => continue,
+            }
+        }
+        slot.renew_if_due().await;
+    }
+}
+
+fn backoff_error(state: &SlotState, now: Instant) -> Option<TokenError> {
+    match (&state.last_error, state.retry_at) {
+        (Some(error), Some(retry_at)) if now < retry_at => Some(TokenError::Backoff {
+            error: Box::new(error.clone()),
+            retry_after: whole_seconds(retry_at - now),
+        }),
+        _ => None,
+    }
+}
+
+/// Delay before the next attempt after `failures` consecutive failures: 2 s doubling to
+/// 60 s, minus up to 20 % jitter; 60 s for permanent errors; at least `Retry-After`.
+fn backoff_delay(failures: u32, error: &TokenError) -> Duration {
+    let base = if error.is_permanent() {
+        BACKOFF_MAX
+    } else {
+        let exponent = failures.saturating_sub(1).min(16);
+        BACKOFF_INITIAL
+            .saturating_mul(1 << exponent)
+            .min(BACKOFF_MAX)
+    };
+    let jittered = base.mul_f64(1.0 - 0.2 * fastrand::f64());
+    jittered
+        .max(error.retry_after().unwrap_or(Duration::ZERO))
+        .max(Duration::from_secs(1))
+}
+
+/// Rounded up to whole seconds, at least 1 s (it becomes a `Retry-After` header).
+fn whole_seconds(delay: Duration) -> Duration {
+    let secs = delay.as_secs() + u64::from(delay.subsec_nanos() > 0);
+    Duration::from_secs(secs.max(1))
+}
+
+#[cfg(test)]
+mod tests;

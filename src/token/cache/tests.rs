@@ -1,0 +1,443 @@
+//! Cache behaviour against a scripted fake source, on tokio's paused clock.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::AtomicUsize;
+
+use http::StatusCode;
+
+use super::*;
+use crate::secret::Secret;
+use crate::token::{IssuedToken, ProviderError};
+
+#[derive(Debug, Clone)]
+enum Outcome {
+    /// A token living this many seconds.
+    Token(u64),
+    Fail(TokenError),
+}
+
+/// Counts calls, records when they happened, answers from a script then a fallback.
+#[derive(Debug)]
+struct Fake {
+    calls: AtomicUsize,
+    times: Mutex<Vec<Instant>>,
+    delay: Duration,
+    script: Mutex<VecDeque<Outcome>>,
+    fallback: Mutex<Outcome>,
+}
+
+impl Fake {
+    fn new(fallback: Outcome) -> Arc<Self> {
+        Self::with_delay(fallback, Duration::ZERO)
+    }
+
+    fn with_delay(fallback: Outcome, delay: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            calls: AtomicUsize::new(0),
+            times: Mutex::new(Vec::new()),
+            delay,
+            script: Mutex::new(VecDeque::new()),
+            fallback: Mutex::new(fallback),
+        })
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    fn set_fallback(&self, outcome: Outcome) {
+        *self.fallback.lock().unwrap() = outcome;
+    }
+
+    fn push(&self, outcome: Outcome) {
+        self.script.lock().unwrap().push_back(outcome);
+    }
+
+    fn times(&self) -> Vec<Instant> {
+        self.times.lock().unwrap().clone()
+    }
+}
+
+impl TokenSource for Fake {
+    fn fetch<'a>(
+        &'a self,
+        _scope: Option<&'a str>,
+    ) -> Pin<Box<dyn Future<Output = Result<IssuedToken, TokenError>> + Send + 'a>> {
+        Box::pin(async move {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+            self.times.lock().unwrap().push(Instant::now());
+            let outcome = self
+                .script
+                .lock()
+                .unwrap()
+                .pop_front()
+                .unwrap_or_else(|| self.fallback.lock().unwrap().clone());
+            if !self.delay.is_zero() {
+                tokio::time::sleep(self.delay).await;
+            }
+            match outcome {
+                Outcome::Token(secs) => Ok(IssuedToken {
+                    access_token: Secret::new(format!("tok-{n}")),
+                    expires_in: Duration::from_secs(secs),
+                    refresh_in: None,
+                }),
+                Outcome::Fail(error) => Err(error),
+            }
+        })
+    }
+}
+
+fn slot(fake: &Arc<Fake>) -> Arc<TokenSlot> {
+    TokenSlot::new("bc", Some("https://api/.default".to_owned()), fake.clone())
+}
+
+fn cache(fake: &Arc<Fake>) -> (TokenCache, Arc<TokenSlot>) {
+    let source: Arc<dyn TokenSource> = fake.clone();
+    let cache = TokenCache::with_sources(HashMap::from([("bc".to_owned(), source)]));
+    let slot = cache.slot_for("bc", Some("https://api/.default"));
+    (cache, slot)
+}
+
+fn network() -> TokenError {
+    TokenError::Network("connection refused".to_owned())
+}
+
+fn provider(status: u16, body: &str, retry_after: Option<u64>) -> TokenError {
+    let mut headers = http::HeaderMap::new();
+    if let Some(secs) = retry_after {
+        headers.insert(http::header::RETRY_AFTER, secs.into());
+    }
+    let status = StatusCode::from_u16(status).unwrap();
+    TokenError::Provider(Box::new(ProviderError::from_response(
+        status,
+        &headers,
+        body.as_bytes(),
+    )))
+}
+
+fn value(token: &Token) -> &str {
+    token.header().to_str().unwrap()
+}
+
+async fn concurrent_gets(slot: &Arc<TokenSlot>, n: usize) -> Vec<Result<Arc<Token>, TokenError>> {
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let slot = Arc::clone(slot);
+            tokio::spawn(async move { slot.get().await })
+        })
+        .collect();
+    let mut results = Vec::with_capacity(n);
+    for task in tasks {
+        results.push(task.await.unwrap());
+    }
+    results
+}
+
+#[tokio::test(start_paused = true)]
+async fn thousand_cold_gets_make_one_call() {
+    let fake = Fake::with_delay(Outcome::Token(3600), Duration::from_millis(200));
+    let slot = slot(&fake);
+    let results = concurrent_gets(&slot, 1000).await;
+    assert_eq!(fake.calls(), 1);
+    let first = results[0].as_ref().unwrap();
+    assert_eq!(value(first), "Bearer tok-1");
+    assert!(
+        results
+            .iter()
+            .all(|r| Arc::ptr_eq(r.as_ref().unwrap(), first))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn thousand_cold_gets_make_one_call_when_it_fails() {
+    let fake = Fake::with_delay(Outcome::Fail(network()), Duration::from_millis(200));
+    let slot = slot(&fake);
+    let results = concurrent_gets(&slot, 1000).await;
+    assert_eq!(fake.calls(), 1);
+    for result in results {
+        let error = result.unwrap_err();
+        assert!(matches!(error.cause(), TokenError::Network(_)));
+        assert!(error.retry_after().unwrap() >= Duration::from_secs(1));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_caller_that_gives_up_does_not_cancel_the_fetch() {
+    let fake = Fake::with_delay(Outcome::Token(3600), Duration::from_secs(1));
+    let slot = slot(&fake);
+    let impatient = {
+        let slot = Arc::clone(&slot);
+        tokio::spawn(async move { slot.get().await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    impatient.abort();
+    let token = slot.get().await.unwrap();
+    assert_eq!(value(&token), "Bearer tok-1");
+    assert_eq!(fake.calls(), 1);
+}
+
+/// Intervals between background fetches, in seconds.
+fn intervals(times: &[Instant]) -> Vec<f64> {
+    times
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_secs_f64())
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn eight_second_token_renews_between_3_2_and_4_seconds() {
+    let fake = Fake::new(Outcome::Token(8));
+    let (cache, slot) = cache(&fake);
+    cache.start();
+    let mut seen = Vec::new();
+    for _ in 0..300 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let token = slot.get().await.unwrap();
+        assert!(token.is_usable_at(Instant::now()));
+        seen.push(token.header().clone());
+    }
+    let gaps = intervals(&fake.times());
+    assert!(gaps.len() >= 6, "{gaps:?}");
+    for gap in &gaps {
+        assert!((3.2..=4.0).contains(gap), "renewed after {gap} s: {gaps:?}");
+    }
+    // Requests were served from the cache, not by fetching.
+    assert_eq!(fake.calls(), gaps.len() + 1);
+    seen.dedup();
+    assert_eq!(seen.len(), fake.calls());
+}
+
+#[tokio::test(start_paused = true)]
+async fn hour_token_renews_between_49_and_55_minutes() {
+    let fake = Fake::new(Outcome::Token(3600));
+    let (cache, _slot) = cache(&fake);
+    cache.start();
+    tokio::time::sleep(Duration::from_secs(5 * 3600)).await;
+    let gaps = intervals(&fake.times());
+    assert!(gaps.len() >= 5, "{gaps:?}");
+    for gap in gaps {
+        assert!(
+            (49.0 * 60.0..=55.0 * 60.0).contains(&gap),
+            "renewed after {gap} s"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn provider_down_serves_the_old_token_until_expiry_minus_skew() {
+    let fake = Fake::new(Outcome::Token(100)); // skew 10 s: usable for 90 s
+    let (cache, slot) = cache(&fake);
+    cache.start();
+    let first = slot.get().await.unwrap();
+    let start = first.issued_at();
+    fake.set_fallback(Outcome::Fail(network()));
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = Instant::now();
+        match slot.get().await {
+            Ok(token) => {
+                assert!(Arc::ptr_eq(&token, &first));
+                assert!(now < token.expires_at() - Duration::from_secs(10));
+            }
+            Err(error) => {
+                assert!(now >= start + Duration::from_secs(90), "failed early");
+                assert!(matches!(error.cause(), TokenError::Network(_)));
+                assert!(error.retry_after().unwrap() >= Duration::from_secs(1));
+                break;
+            }
+        }
+    }
+    assert!(Instant::now() < start + Duration::from_millis(90_250));
+    // Renewal started around 50 s and kept retrying with growing gaps.
+    let times = fake.times();
+    assert!(times.len() >= 4, "{} calls", times.len());
+    let gaps = intervals(&times[1..]);
+    assert!(gaps.iter().all(|g| *g >= 1.6), "{gaps:?}");
+    assert!(gaps.windows(2).any(|w| w[1] > w[0]), "{gaps:?}");
+    // Never an expired token, however long it stays down.
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    assert!(slot.get().await.is_err());
+    let status = cache.status();
+    assert!(!status[0].has_valid_token);
+    assert_eq!(
+        status[0].last_error.as_deref(),
+        Some("token endpoint unreachable")
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_is_honoured_without_calling_the_provider() {
+    let fake = Fake::new(Outcome::Token(3600));
+    fake.push(Outcome::Fail(provider(429, "Too Many Requests", Some(60))));
+    let slot = slot(&fake);
+    let error = slot.get().await.unwrap_err();
+    assert_eq!(error.retry_after(), Some(Duration::from_secs(60)));
+    assert!(!error.is_permanent());
+    tokio::time::advance(Duration::from_secs(30)).await;
+    let error = slot.get().await.unwrap_err();
+    assert_eq!(error.retry_after(), Some(Duration::from_secs(30)));
+    tokio::time::advance(Duration::from_millis(29_900)).await;
+    assert!(slot.get().await.is_err());
+    assert_eq!(fake.calls(), 1);
+    tokio::time::advance(Duration::from_millis(200)).await;
+    assert!(slot.get().await.is_ok());
+    assert_eq!(fake.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn background_retry_waits_for_retry_after() {
+    let fake = Fake::new(Outcome::Token(3600));
+    fake.push(Outcome::Fail(provider(429, "Too Many Requests", Some(60))));
+    let (cache, slot) = cache(&fake);
+    cache.start();
+    tokio::time::sleep(Duration::from_secs(59)).await;
+    assert_eq!(fake.calls(), 1);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(fake.calls(), 2);
+    assert!(slot.get().await.is_ok());
+    assert_eq!(fake.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn permanent_errors_retry_at_the_cap_interval() {
+    let body = r#"{"error":"invalid_client","error_codes":[7000215]}"#;
+    let fake = Fake::new(Outcome::Fail(provider(401, body, None)));
+    let (cache, slot) = cache(&fake);
+    cache.start();
+    tokio::time::sleep(Duration::from_secs(300)).await;
+    let gaps = intervals(&fake.times());
+    assert!(!gaps.is_empty());
+    assert!(gaps.iter().all(|g| (48.0..=60.0).contains(g)), "{gaps:?}");
+    let error = slot.get().await.unwrap_err();
+    assert!(error.is_permanent());
+    assert!(error.public_message().contains("AADSTS7000215"));
+    assert!(cache.status()[0].last_error_permanent);
+}
+
+#[tokio::test(start_paused = true)]
+async fn transient_backoff_doubles_up_to_a_minute() {
+    let fake = Fake::new(Outcome::Fail(network()));
+    let (cache, _slot) = cache(&fake);
+    cache.start();
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    let gaps = intervals(&fake.times());
+    assert!((1.6..=2.0).contains(&gaps[0]), "{gaps:?}");
+    assert!((3.2..=4.0).contains(&gaps[1]), "{gaps:?}");
+    assert!(gaps.iter().all(|g| *g <= 60.0), "{gaps:?}");
+    assert!(gaps[gaps.len() - 1] >= 48.0, "{gaps:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn renew_rejected_is_single_flight_and_only_for_the_same_token() {
+    let fake = Fake::with_delay(Outcome::Token(3600), Duration::from_millis(50));
+    let slot = slot(&fake);
+    let first = slot.get().await.unwrap();
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let slot = Arc::clone(&slot);
+            let first = Arc::clone(&first);
+            tokio::spawn(async move { slot.renew_rejected(&first).await })
+        })
+        .collect();
+    let mut renewed = Vec::new();
+    for task in tasks {
+        renewed.push(task.await.unwrap().unwrap().expect("a token to retry with"));
+    }
+    assert_eq!(fake.calls(), 2);
+    let second = &renewed[0];
+    assert!(!Arc::ptr_eq(second, &first));
+    assert!(renewed.iter().all(|t| Arc::ptr_eq(t, second)));
+    assert!(Arc::ptr_eq(&slot.get().await.unwrap(), second));
+
+    // A late 401 for the old token gets the current one, without a fetch.
+    tokio::time::advance(Duration::from_secs(10)).await;
+    let again = slot.renew_rejected(&first).await.unwrap().unwrap();
+    assert!(Arc::ptr_eq(&again, second));
+    assert_eq!(fake.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn storm_guard_stops_repeated_refetches() {
+    let fake = Fake::new(Outcome::Token(3600));
+    let slot = slot(&fake);
+    let first = slot.get().await.unwrap();
+    let second = slot.renew_rejected(&first).await.unwrap().unwrap();
+    assert_eq!(fake.calls(), 2);
+    // The new token is rejected too within 5 s: pass the 401 through, keep the token.
+    tokio::time::advance(Duration::from_secs(4)).await;
+    assert!(slot.renew_rejected(&second).await.unwrap().is_none());
+    assert_eq!(fake.calls(), 2);
+    assert!(Arc::ptr_eq(&slot.get().await.unwrap(), &second));
+    tokio::time::advance(Duration::from_secs(2)).await;
+    let third = slot.renew_rejected(&second).await.unwrap().unwrap();
+    assert!(!Arc::ptr_eq(&third, &second));
+    assert_eq!(fake.calls(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn renew_rejected_reports_a_failed_refetch_and_drops_the_token() {
+    let fake = Fake::new(Outcome::Token(3600));
+    let slot = slot(&fake);
+    let first = slot.get().await.unwrap();
+    fake.set_fallback(Outcome::Fail(network()));
+    let error = slot.renew_rejected(&first).await.unwrap_err();
+    assert!(matches!(error.cause(), TokenError::Network(_)));
+    // The rejected token is not handed out again.
+    assert!(slot.get().await.is_err());
+    assert_eq!(fake.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn expired_token_is_never_returned_even_while_a_fetch_is_slow() {
+    let fake = Fake::with_delay(Outcome::Token(10), Duration::from_secs(20));
+    let slot = slot(&fake);
+    // Issued at the start of a 20 s fetch, a 10 s token is already dead on arrival.
+    let error = slot.get().await.unwrap_err();
+    assert!(
+        matches!(error.cause(), TokenError::InvalidResponse(_)),
+        "{error}"
+    );
+    assert!(error.to_string().contains("expired"), "{error}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropping_the_cache_stops_renewal() {
+    let fake = Fake::new(Outcome::Token(8));
+    let (cache, slot) = cache(&fake);
+    cache.start();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(fake.calls(), 1);
+    drop(cache);
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    assert_eq!(fake.calls(), 1);
+    drop(slot);
+}
+
+#[tokio::test(start_paused = true)]
+async fn slots_are_per_credential_and_scope_and_created_lazily() {
+    let fake = Fake::new(Outcome::Token(3600));
+    let (cache, slot) = cache(&fake);
+    assert!(Arc::ptr_eq(
+        &slot,
+        &cache.slot_for("bc", Some("https://api/.default"))
+    ));
+    let other = cache.slot_for("bc", Some("https://other/.default"));
+    assert!(!Arc::ptr_eq(&slot, &other));
+    let a = slot.get().await.unwrap();
+    let b = other.get().await.unwrap();
+    assert_ne!(a.header(), b.header());
+    let unknown = cache.slot_for("nope", None);
+    let error = unknown.get().await.unwrap_err();
+    assert!(error.is_permanent());
+    assert!(error.public_message().contains("`nope`"));
+    let status = cache.status();
+    assert_eq!(status.len(), 3);
+    assert_eq!(status[0].credential, "bc");
+    assert!(status[0].has_valid_token);
+    assert_eq!(status[0].expires_in, Some(Duration::from_secs(3600)));
+    assert_eq!(status[0].fetches_ok, 1);
+    assert_eq!(status[2].credential, "nope");
+    assert_eq!(status[2].fetches_failed, 1);
+}

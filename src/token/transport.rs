@@ -1,0 +1,173 @@
+//! The one HTTP client for all token requests, and reading their answers safely.
+//!
+//! Rules (DESIGN.md "Tokens", SECURITY-CASES F2, F3, F10): the caller's rustls config (same
+//! roots as everything else, certificates always verified), no redirects (the secret is in
+//! the body, and reqwest may re-send a body on 307/308), no HTTP proxy, a connect and a
+//! total timeout, bodies read up to 64 KiB, and error texts that never carry the URL.
+
+use std::time::{Duration, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, StatusCode};
+
+use super::provider_error::ProviderError;
+use super::{IssuedToken, TokenError, response};
+
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const TOTAL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest token endpoint answer read (F3: a 100 MB body must not be buffered).
+pub(crate) const MAX_BODY: usize = 64 * 1024;
+
+/// A cheaply clonable client for token endpoints.
+#[derive(Debug, Clone)]
+pub(crate) struct TokenHttp {
+    client: reqwest::Client,
+    timeout: Duration,
+}
+
+/// A token endpoint's answer (2xx or 4xx/5xx; 3xx never gets this far).
+#[derive(Debug)]
+pub(crate) struct RawResponse {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: Bytes,
+    /// The body was longer than [`MAX_BODY`]; `body` holds its start.
+    pub(crate) truncated: bool,
+}
+
+impl TokenHttp {
+    /// The production client: 10 s to connect, 30 s in all.
+    pub(crate) fn new(tls: &rustls::ClientConfig) -> Result<Self, TokenError> {
+        Self::with_timeouts(tls, CONNECT_TIMEOUT, TOTAL_TIMEOUT)
+    }
+
+    pub(crate) fn with_timeouts(
+        tls: &rustls::ClientConfig,
+        connect: Duration,
+        total: Duration,
+    ) -> Result<Self, TokenError> {
+        // The shared config may offer h2; this client speaks HTTP/1.1 only.
+        let mut tls = tls.clone();
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let client = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .http1_only()
+            .connect_timeout(connect)
+            .timeout(total)
+            .user_agent(concat!("s2s-proxy/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| {
+                TokenError::Config(format!(
+                    "cannot build the token HTTP client: {}",
+                    error_chain(&e.without_url())
+                ))
+            })?;
+        Ok(Self {
+            client,
+            timeout: total,
+        })
+    }
+
+    pub(crate) fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
+    /// Sends a request and reads the answer. A 3xx is an error here; 4xx/5xx are returned
+    /// for the caller to parse with [`RawResponse::into_issued`].
+    pub(crate) async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+        url: &reqwest::Url,
+    ) -> Result<RawResponse, TokenError> {
+        let exchange = async {
+            let mut response = request
+                .send()
+                .await
+                .map_err(|e| map_error(e, url, self.timeout))?;
+            let status = response.status();
+            if status.is_redirection() {
+                return Err(TokenError::Redirect {
+                    status: status.as_u16(),
+                });
+            }
+            let headers = std::mem::take(response.headers_mut());
+            let mut body = BytesMut::new();
+            let mut truncated = false;
+            while let Some(chunk) = response
+                .chunk()
+                .await
+                .map_err(|e| map_error(e, url, self.timeout))?
+            {
+                let room = MAX_BODY - body.len();
+                if chunk.len() > room {
+                    body.extend_from_slice(&chunk[..room]);
+                    truncated = true;
+                    break;
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(RawResponse {
+                status,
+                headers,
+                body: body.freeze(),
+                truncated,
+            })
+        };
+        // reqwest's own timeout covers the same span; this one makes the outcome exact.
+        tokio::time::timeout(self.timeout, exchange)
+            .await
+            .unwrap_or(Err(TokenError::Timeout(self.timeout)))
+    }
+}
+
+impl RawResponse {
+    /// A 2xx becomes an [`IssuedToken`], anything else a [`ProviderError`]. `secret` is
+    /// scrubbed from anything kept from the body.
+    pub(crate) fn into_issued(self, secret: Option<&str>) -> Result<IssuedToken, TokenError> {
+        if self.status.is_success() {
+            if self.truncated {
+                return Err(TokenError::InvalidResponse(format!(
+                    "response body larger than {} KiB",
+                    MAX_BODY / 1024
+                )));
+            }
+            return response::parse_success(&self.body, SystemTime::now());
+        }
+        let mut error = ProviderError::from_response(self.status, &self.headers, &self.body);
+        if let Some(secret) = secret {
+            error.redact(secret);
+        }
+        Err(TokenError::Provider(Box::new(error)))
+    }
+}
+
+/// A transport error, without the URL (`without_url`, and the host scrubbed from the
+/// source chain for good measure).
+fn map_error(error: reqwest::Error, url: &reqwest::Url, timeout: Duration) -> TokenError {
+    if error.is_timeout() {
+        return TokenError::Timeout(timeout);
+    }
+    let mut text = error_chain(&error.without_url());
+    for needle in [url.as_str(), url.host_str().unwrap_or_default()] {
+        if !needle.is_empty() && text.contains(needle) {
+            text = text.replace(needle, "<token endpoint>");
+        }
+    }
+    TokenError::Network(text)
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
