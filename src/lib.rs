@@ -84,6 +84,11 @@ impl Proxy {
         })
     }
 
+    /// The state of every (credential, scope) token: for readiness reports and tests.
+    pub fn token_status(&self) -> Vec<token::SlotStatus> {
+        self.tokens.status()
+    }
+
     pub fn local_addr(&self) -> SocketAddr {
         server::local_addr(&self.listener)
     }

@@ -3,7 +3,11 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use crate::config::Config;
+use std::sync::Arc;
+
+use crate::config::{Config, Route};
+use crate::token::{self, Claims, TokenError};
+use crate::upstream;
 
 /// The route table printed by `check`, like `nginx -t` followed by a summary.
 pub fn route_table(config: &Config) -> String {
@@ -88,11 +92,140 @@ pub fn duration(duration: Duration) -> String {
     }
 }
 
-/// What `token --route` prints, and whether a token was obtained. Completed once the
-/// token module lands.
-pub async fn token(config: &Config, prefix: &str, _raw: bool) -> (String, bool) {
-    let _ = config;
-    (format!("{prefix}: not available yet\n"), false)
+/// What `token --route` prints, and whether a token was obtained. The raw token is
+/// printed only when `raw` is set.
+pub async fn token(config: &Config, prefix: &str, raw: bool) -> (String, bool) {
+    let wanted = if prefix.ends_with('/') {
+        prefix.to_owned()
+    } else {
+        format!("{prefix}/")
+    };
+    let Some(route) = config.route(&wanted) else {
+        let known: Vec<&str> = config.routes.iter().map(|r| r.prefix.as_str()).collect();
+        return (
+            format!(
+                "error: no route with prefix {prefix}; routes: {}\n",
+                known.join(", ")
+            ),
+            false,
+        );
+    };
+    let tls = match upstream::client_tls_config(config.server.upstream_ca_file.as_deref()) {
+        Ok(tls) => Arc::new(tls),
+        Err(error) => return (format!("error: {error}\n"), false),
+    };
+    let mut out = String::new();
+    let credential = config
+        .credential(&route.credential)
+        .map(|c| format!("{} ({})", c.name, c.kind.type_name()))
+        .unwrap_or_else(|| route.credential.clone());
+    let _ = writeln!(out, "route        {}", route.prefix);
+    let _ = writeln!(out, "credential   {credential}");
+    let _ = writeln!(
+        out,
+        "scope        {}",
+        route.scope.as_deref().unwrap_or("(none sent)")
+    );
+    let fetched = match token::fetch_once(config, route, tls).await {
+        Ok(fetched) => fetched,
+        Err(error) => {
+            let _ = writeln!(out, "\nerror: token request failed: {}", error.cause());
+            if let TokenError::Provider(provider) = error.cause()
+                && let Some(hint) = provider.hint()
+            {
+                let _ = writeln!(out, "hint: {hint}");
+            }
+            return (out, false);
+        }
+    };
+    let _ = writeln!(out, "expires in   {} s", fetched.expires_in.as_secs());
+    match &fetched.claims {
+        None => {
+            let _ = writeln!(
+                out,
+                "claims       (opaque token: not a JWT, nothing to decode)"
+            );
+        }
+        Some(claims) => {
+            let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".to_owned());
+            let _ = writeln!(out, "aud          {}", claims.aud.join(", "));
+            let _ = writeln!(out, "tid          {}", or_dash(&claims.tid));
+            let _ = writeln!(out, "appid        {}", or_dash(&claims.appid));
+            let _ = writeln!(
+                out,
+                "roles        {}",
+                if claims.roles.is_empty() {
+                    "-".to_owned()
+                } else {
+                    claims.roles.join(", ")
+                }
+            );
+            let _ = writeln!(
+                out,
+                "exp          {}",
+                claims.exp.map(utc).unwrap_or_else(|| "-".to_owned())
+            );
+            for warning in claim_warnings(claims, route) {
+                let _ = writeln!(out, "warning: {warning}");
+            }
+        }
+    }
+    if raw {
+        let _ = writeln!(out, "\n{}", fetched.access_token.expose());
+    }
+    (out, true)
+}
+
+/// What commonly goes wrong with app-only tokens for Dynamics, read from the claims.
+fn claim_warnings(claims: &Claims, route: &Route) -> Vec<String> {
+    let mut warnings = Vec::new();
+    if claims.roles.is_empty() {
+        warnings.push(
+            "the token has no roles: grant the application permission (e.g. API.ReadWrite.All) \
+             and give admin consent in the app registration"
+                .to_owned(),
+        );
+    }
+    let host = route.upstream.host.to_ascii_lowercase();
+    let matches_host = claims.aud.iter().any(|aud| {
+        let aud = aud.to_ascii_lowercase();
+        let aud_host = aud
+            .strip_prefix("https://")
+            .or_else(|| aud.strip_prefix("http://"))
+            .unwrap_or(&aud);
+        let aud_host = aud_host.split(['/', ':']).next().unwrap_or_default();
+        aud_host == host
+    });
+    if !claims.aud.is_empty() && !matches_host {
+        warnings.push(format!(
+            "aud ({}) does not name the upstream host {}: check the route's scope",
+            claims.aud.join(", "),
+            route.upstream.host
+        ));
+    }
+    warnings
+}
+
+/// Epoch seconds as `YYYY-MM-DDTHH:MM:SSZ`.
+fn utc(epoch: u64) -> String {
+    let days = (epoch / 86_400) as i64;
+    let secs = epoch % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
 }
 
 #[cfg(test)]
@@ -105,5 +238,12 @@ mod tests {
         assert_eq!(duration(Duration::from_secs(30)), "30s");
         assert_eq!(duration(Duration::from_millis(1500)), "1500ms");
         assert_eq!(duration(Duration::from_secs(7200)), "2h");
+    }
+
+    #[test]
+    fn epoch_seconds_print_as_utc() {
+        assert_eq!(utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(utc(1_795_867_200), "2026-11-28T12:00:00Z");
     }
 }

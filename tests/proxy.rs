@@ -21,8 +21,19 @@ async fn every_method_is_forwarded_with_its_body_and_the_token() {
     let (idp, upstream, proxy) = standard().await;
     let (name, value) = erp();
     for method in ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"] {
-        let body = if matches!(method, "GET" | "HEAD") { "" } else { "{\"displayName\":\"x\"}" };
-        let answer = send(proxy.addr, method, "/bc/api/v2.0/companies", &[(name, &value)], body).await;
+        let body = if matches!(method, "GET" | "HEAD") {
+            ""
+        } else {
+            "{\"displayName\":\"x\"}"
+        };
+        let answer = send(
+            proxy.addr,
+            method,
+            "/bc/api/v2.0/companies",
+            &[(name, &value)],
+            body,
+        )
+        .await;
         assert_eq!(answer.status, 200, "{method}: {}", answer.text());
         let seen = upstream.requests().pop().unwrap();
         assert_eq!(seen.method, method);
@@ -41,7 +52,14 @@ async fn large_bodies_stream_through_unchanged() {
     let (_idp, upstream, proxy) = standard().await;
     let (name, value) = erp();
     let body: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
-    let answer = send(proxy.addr, "POST", "/bc/upload", &[(name, &value)], body.clone()).await;
+    let answer = send(
+        proxy.addr,
+        "POST",
+        "/bc/upload",
+        &[(name, &value)],
+        body.clone(),
+    )
+    .await;
     assert_eq!(answer.status, 200);
     assert_eq!(upstream.requests()[0].body, Bytes::from(body));
     proxy.shutdown().await;
@@ -56,7 +74,9 @@ async fn business_central_paths_and_queries_arrive_byte_for_byte() {
     assert_eq!(answer.status, 200);
     assert_eq!(
         upstream.requests()[0].target,
-        format!("{BASE}ODataV4/Company('CRONUS%20USA')/Customers?$filter=No%20eq%20'10000'&$select=No,Name&$skiptoken=abc%3D%3D")
+        format!(
+            "{BASE}ODataV4/Company('CRONUS%20USA')/Customers?$filter=No%20eq%20'10000'&$select=No,Name&$skiptoken=abc%3D%3D"
+        )
     );
     proxy.shutdown().await;
 }
@@ -65,7 +85,14 @@ async fn business_central_paths_and_queries_arrive_byte_for_byte() {
 async fn the_longest_prefix_wins_and_unknown_paths_are_404() {
     let (_idp, upstream, proxy) = standard().await;
     let (name, value) = erp();
-    send(proxy.addr, "GET", "/bc/sandbox/companies", &[(name, &value)], "").await;
+    send(
+        proxy.addr,
+        "GET",
+        "/bc/sandbox/companies",
+        &[(name, &value)],
+        "",
+    )
+    .await;
     assert_eq!(
         upstream.requests()[0].target,
         "/v2.0/00000000-0000-0000-0000-0000000000t1/Sandbox/companies"
@@ -84,34 +111,124 @@ async fn unsafe_requests_are_refused_and_nothing_is_forwarded() {
     let (idp, upstream, proxy) = standard().await;
     let auth = basic("erp", PASSWORD);
     let cases: Vec<(String, u16)> = vec![
-        (format!("GET /bc/../crm/x HTTP/1.1\r\nHost: p\r\nAuthorization: {auth}\r\n\r\n"), 400),
-        (format!("GET /bc/./x HTTP/1.1\r\nHost: p\r\nAuthorization: {auth}\r\n\r\n"), 400),
-        (format!("GET /bc/%2e%2e/crm HTTP/1.1\r\nHost: p\r\nAuthorization: {auth}\r\n\r\n"), 400),
-        (format!("GET /bc/%2E%2e/crm HTTP/1.1\r\nHost: p\r\nAuthorization: {auth}\r\n\r\n"), 400),
-        (format!("GET /bc/.%2e/crm HTTP/1.1\r\nHost: p\r\nAuthorization: {auth}\r\n\r\n"), 400),
-        (format!("GET /bc/..%2fcrm HTTP/1.1\r\nHost: p\r\nAuthorization: {auth}\r\n\r\n"), 400),
-        (format!("GET /bc/x%2Fy HTTP/1.1\r\nHost: p\r\nAuthorization: {auth}\r\n\r\n"), 400),
-        (format!("GET /bc/%5c../crm HTTP/1.1\r\nHost: p\r\nAuthorization: {auth}\r\n\r\n"), 400),
-        (format!("GET /bc\\..\\crm HTTP/1.1\r\nHost: p\r\nAuthorization: {auth}\r\n\r\n"), 400),
-        (format!("GET /bc/x%00.json HTTP/1.1\r\nHost: p\r\nAuthorization: {auth}\r\n\r\n"), 400),
-        (format!("GET /bc/x%0d%0aHost:%20evil HTTP/1.1\r\nHost: p\r\nAuthorization: {auth}\r\n\r\n"), 400),
-        (format!("GET http://evil.test/bc/x HTTP/1.1\r\nHost: p\r\nAuthorization: {auth}\r\n\r\n"), 400),
-        (format!("GET http://a@169.254.169.254:80/bc/x HTTP/1.1\r\nHost: p\r\nAuthorization: {auth}\r\n\r\n"), 400),
-        (format!("OPTIONS * HTTP/1.1\r\nHost: p\r\nAuthorization: {auth}\r\n\r\n"), 400),
-        (format!("GET /bc/x HTTP/1.1\r\nHost: a\r\nHost: b\r\nAuthorization: {auth}\r\n\r\n"), 400),
-        (format!("GET /bc/x HTTP/1.1\r\nAuthorization: {auth}\r\n\r\n"), 400),
-        (format!("GET /bc/x HTTP/1.1\r\nHost: p\r\nAuthorization: {auth}\r\nAuthorization: Bearer evil\r\n\r\n"), 400),
-        (format!("GET /bc/x HTTP/1.1\r\nHost: p\r\nAuthorization: Bearer evil\r\nAuthorization: {auth}\r\n\r\n"), 400),
-        (format!("POST /bc/x HTTP/1.1\r\nHost: p\r\nAuthorization: {auth}\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /bc/y HTTP/1.1\r\nHost: p\r\n\r\n"), 400),
-        (format!("CONNECT 169.254.169.254:80 HTTP/1.1\r\nHost: 169.254.169.254:80\r\nAuthorization: {auth}\r\n\r\n"), 405),
-        (format!("TRACE /bc/x HTTP/1.1\r\nHost: p\r\nAuthorization: {auth}\r\n\r\n"), 405),
-        (format!("get /bc/x HTTP/1.1\r\nHost: p\r\nAuthorization: {auth}\r\n\r\n"), 405),
-        (format!("PROPFIND /bc/x HTTP/1.1\r\nHost: p\r\nAuthorization: {auth}\r\n\r\n"), 405),
+        (
+            format!("GET /bc/../crm/x HTTP/1.1\r\nHost: p\r\nAuthorization: {auth}\r\n\r\n"),
+            400,
+        ),
+        (
+            format!("GET /bc/./x HTTP/1.1\r\nHost: p\r\nAuthorization: {auth}\r\n\r\n"),
+            400,
+        ),
+        (
+            format!("GET /bc/%2e%2e/crm HTTP/1.1\r\nHost: p\r\nAuthorization: {auth}\r\n\r\n"),
+            400,
+        ),
+        (
+            format!("GET /bc/%2E%2e/crm HTTP/1.1\r\nHost: p\r\nAuthorization: {auth}\r\n\r\n"),
+            400,
+        ),
+        (
+            format!("GET /bc/.%2e/crm HTTP/1.1\r\nHost: p\r\nAuthorization: {auth}\r\n\r\n"),
+            400,
+        ),
+        (
+            format!("GET /bc/..%2fcrm HTTP/1.1\r\nHost: p\r\nAuthorization: {auth}\r\n\r\n"),
+            400,
+        ),
+        (
+            format!("GET /bc/x%2Fy HTTP/1.1\r\nHost: p\r\nAuthorization: {auth}\r\n\r\n"),
+            400,
+        ),
+        (
+            format!("GET /bc/%5c../crm HTTP/1.1\r\nHost: p\r\nAuthorization: {auth}\r\n\r\n"),
+            400,
+        ),
+        (
+            format!("GET /bc\\..\\crm HTTP/1.1\r\nHost: p\r\nAuthorization: {auth}\r\n\r\n"),
+            400,
+        ),
+        (
+            format!("GET /bc/x%00.json HTTP/1.1\r\nHost: p\r\nAuthorization: {auth}\r\n\r\n"),
+            400,
+        ),
+        (
+            format!(
+                "GET /bc/x%0d%0aHost:%20evil HTTP/1.1\r\nHost: p\r\nAuthorization: {auth}\r\n\r\n"
+            ),
+            400,
+        ),
+        (
+            format!(
+                "GET http://evil.test/bc/x HTTP/1.1\r\nHost: p\r\nAuthorization: {auth}\r\n\r\n"
+            ),
+            400,
+        ),
+        (
+            format!(
+                "GET http://a@169.254.169.254:80/bc/x HTTP/1.1\r\nHost: p\r\nAuthorization: {auth}\r\n\r\n"
+            ),
+            400,
+        ),
+        (
+            format!("OPTIONS * HTTP/1.1\r\nHost: p\r\nAuthorization: {auth}\r\n\r\n"),
+            400,
+        ),
+        (
+            format!("GET /bc/x HTTP/1.1\r\nHost: a\r\nHost: b\r\nAuthorization: {auth}\r\n\r\n"),
+            400,
+        ),
+        (
+            format!("GET /bc/x HTTP/1.1\r\nAuthorization: {auth}\r\n\r\n"),
+            400,
+        ),
+        (
+            format!(
+                "GET /bc/x HTTP/1.1\r\nHost: p\r\nAuthorization: {auth}\r\nAuthorization: Bearer evil\r\n\r\n"
+            ),
+            400,
+        ),
+        (
+            format!(
+                "GET /bc/x HTTP/1.1\r\nHost: p\r\nAuthorization: Bearer evil\r\nAuthorization: {auth}\r\n\r\n"
+            ),
+            400,
+        ),
+        (
+            format!(
+                "POST /bc/x HTTP/1.1\r\nHost: p\r\nAuthorization: {auth}\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /bc/y HTTP/1.1\r\nHost: p\r\n\r\n"
+            ),
+            400,
+        ),
+        (
+            format!(
+                "CONNECT 169.254.169.254:80 HTTP/1.1\r\nHost: 169.254.169.254:80\r\nAuthorization: {auth}\r\n\r\n"
+            ),
+            405,
+        ),
+        (
+            format!("TRACE /bc/x HTTP/1.1\r\nHost: p\r\nAuthorization: {auth}\r\n\r\n"),
+            405,
+        ),
+        (
+            format!("get /bc/x HTTP/1.1\r\nHost: p\r\nAuthorization: {auth}\r\n\r\n"),
+            405,
+        ),
+        (
+            format!("PROPFIND /bc/x HTTP/1.1\r\nHost: p\r\nAuthorization: {auth}\r\n\r\n"),
+            405,
+        ),
     ];
     for (request, expected) in &cases {
         let response = raw(proxy.addr, request.as_bytes()).await;
-        assert_eq!(raw_status(&response), *expected, "{request:?} -> {response}");
-        assert!(response.to_ascii_lowercase().contains("x-request-id:"), "{response}");
+        assert_eq!(
+            raw_status(&response),
+            *expected,
+            "{request:?} -> {response}"
+        );
+        assert!(
+            response.to_ascii_lowercase().contains("x-request-id:"),
+            "{response}"
+        );
     }
     assert_eq!(upstream.count(), 0, "nothing may be forwarded");
     assert_eq!(idp.calls(), 1, "only the start-up token request");
@@ -130,7 +247,10 @@ async fn hop_by_hop_and_client_credentials_never_reach_the_upstream() {
             (name, &value),
             ("proxy-authorization", "Basic Zm9vOmJhcg=="),
             ("x-api-key", API_KEY),
-            ("connection", "keep-alive, X-Foo, Authorization, X-Forwarded-For"),
+            (
+                "connection",
+                "keep-alive, X-Foo, Authorization, X-Forwarded-For",
+            ),
             ("keep-alive", "timeout=5"),
             ("te", "trailers"),
             ("upgrade", "h2c"),
@@ -148,20 +268,42 @@ async fn hop_by_hop_and_client_credentials_never_reach_the_upstream() {
     assert_eq!(answer.status, 200);
     assert_eq!(answer.header("x-request-id"), Some("trace-abc-1"));
     let seen = &upstream.requests()[0];
-    for dropped in ["proxy-authorization", "x-api-key", "connection", "keep-alive", "te", "upgrade", "x-foo", "x-original-url"] {
+    for dropped in [
+        "proxy-authorization",
+        "x-api-key",
+        "connection",
+        "keep-alive",
+        "te",
+        "upgrade",
+        "x-foo",
+        "x-original-url",
+    ] {
         assert!(seen.header(dropped).is_none(), "{dropped} was forwarded");
     }
     assert_eq!(seen.header("authorization"), Some("Bearer tok-1"));
     assert_eq!(seen.header("x-forwarded-for"), Some("127.0.0.1"));
     assert_eq!(seen.header("x-forwarded-proto"), Some("http"));
-    assert_eq!(seen.header("x-forwarded-host"), Some(proxy.addr.to_string().as_str()));
-    assert_eq!(seen.header("host"), Some(upstream.addr.to_string().as_str()));
+    assert_eq!(
+        seen.header("x-forwarded-host"),
+        Some(proxy.addr.to_string().as_str())
+    );
+    assert_eq!(
+        seen.header("host"),
+        Some(upstream.addr.to_string().as_str())
+    );
     assert_eq!(seen.header("x-request-id"), Some("trace-abc-1"));
     assert_eq!(seen.header("if-match"), Some("W/\"JzQ0OzE7MDsn\""));
     assert_eq!(seen.header("prefer"), Some("odata.maxpagesize=50"));
     assert_eq!(seen.header("data-access-intent"), Some("ReadOnly"));
-    let all: String = seen.headers.iter().map(|(_, v)| String::from_utf8_lossy(v.as_bytes()).into_owned()).collect();
-    assert!(!all.contains(&value["Basic ".len()..]), "the Basic credentials leaked");
+    let all: String = seen
+        .headers
+        .iter()
+        .map(|(_, v)| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .collect();
+    assert!(
+        !all.contains(&value["Basic ".len()..]),
+        "the Basic credentials leaked"
+    );
     assert!(!all.contains(API_KEY));
     proxy.shutdown().await;
 }
@@ -174,7 +316,10 @@ async fn upstream_hop_by_hop_response_headers_are_dropped() {
             .header("connection", "x-internal")
             .header("x-internal", "secret-topology")
             .header("keep-alive", "timeout=5")
-            .header("www-authenticate", "Bearer authorization_uri=\"https://login.microsoftonline.com/t\"")
+            .header(
+                "www-authenticate",
+                "Bearer authorization_uri=\"https://login.microsoftonline.com/t\"",
+            )
             .header("etag", "W/\"1\"")
             .body(Full::new(Bytes::from_static(b"{}")))
             .unwrap()
@@ -192,7 +337,12 @@ async fn upstream_hop_by_hop_response_headers_are_dropped() {
 
 #[tokio::test]
 async fn authentication_comes_first_and_never_causes_a_token_request() {
-    let idp = FakeIdp::start_with(IdpMode::Fail { status: 503, body: "down".into(), retry_after: None }).await;
+    let idp = FakeIdp::start_with(IdpMode::Fail {
+        status: 503,
+        body: "down".into(),
+        retry_after: None,
+    })
+    .await;
     let upstream = FakeUpstream::start().await;
     let proxy = spawn_proxy(config(&standard_yaml(&idp, &upstream), standard_vars())).await;
     idp.wait_for_calls(1).await;
@@ -209,15 +359,30 @@ async fn authentication_comes_first_and_never_causes_a_token_request() {
     ] {
         let answer = send(proxy.addr, "GET", "/bc/x", &headers, "").await;
         assert_eq!(answer.status, 401, "{headers:?}");
-        assert_eq!(answer.header("www-authenticate"), Some("Basic realm=\"s2s-proxy\""));
+        assert_eq!(
+            answer.header("www-authenticate"),
+            Some("Basic realm=\"s2s-proxy\"")
+        );
         let mut json = answer.json();
         json["request_id"] = serde_json::Value::Null;
         bodies.push(json);
     }
-    assert!(bodies.windows(2).all(|w| w[0] == w[1]), "401s must be identical: {bodies:?}");
+    assert!(
+        bodies.windows(2).all(|w| w[0] == w[1]),
+        "401s must be identical: {bodies:?}"
+    );
     // 401 beats 404: unknown callers learn nothing about routes.
-    assert_eq!(send(proxy.addr, "GET", "/nothing/here", &[], "").await.status, 401);
-    assert_eq!(idp.calls(), calls, "unauthenticated requests must not reach the IdP");
+    assert_eq!(
+        send(proxy.addr, "GET", "/nothing/here", &[], "")
+            .await
+            .status,
+        401
+    );
+    assert_eq!(
+        idp.calls(),
+        calls,
+        "unauthenticated requests must not reach the IdP"
+    );
     assert_eq!(upstream.count(), 0);
     proxy.shutdown().await;
 }
@@ -233,7 +398,12 @@ async fn clients_are_authorized_per_route() {
     assert_eq!(forbidden.json()["error"], "forbidden");
     assert_eq!(forbidden.json()["route"], "/bc/sandbox/");
     let other = basic("other", PASSWORD);
-    assert_eq!(send(proxy.addr, "GET", "/bc/x", &[("authorization", &other)], "").await.status, 403);
+    assert_eq!(
+        send(proxy.addr, "GET", "/bc/x", &[("authorization", &other)], "")
+            .await
+            .status,
+        403
+    );
     assert_eq!(upstream.count(), 1);
     proxy.shutdown().await;
 }
@@ -258,15 +428,46 @@ server: {{ listen: "127.0.0.1:0" }}
         authority = idp.authority(),
         base = upstream.base()
     );
-    let vars = [("S".to_owned(), CLIENT_SECRET.to_owned()), ("K".to_owned(), API_KEY.to_owned())].into();
+    let vars = [
+        ("S".to_owned(), CLIENT_SECRET.to_owned()),
+        ("K".to_owned(), API_KEY.to_owned()),
+    ]
+    .into();
     let proxy = spawn_proxy(config(&yaml, vars)).await;
-    assert_eq!(send(proxy.addr, "GET", "/floor/x", &[], "").await.status, 200);
-    assert_eq!(send(proxy.addr, "GET", "/elsewhere/x", &[], "").await.status, 403);
+    assert_eq!(
+        send(proxy.addr, "GET", "/floor/x", &[], "").await.status,
+        200
+    );
+    assert_eq!(
+        send(proxy.addr, "GET", "/elsewhere/x", &[], "")
+            .await
+            .status,
+        403
+    );
     // The right key from the wrong network is not enough.
-    assert_eq!(send(proxy.addr, "GET", "/elsewhere/x", &[("x-api-key", API_KEY)], "").await.status, 401);
+    assert_eq!(
+        send(
+            proxy.addr,
+            "GET",
+            "/elsewhere/x",
+            &[("x-api-key", API_KEY)],
+            ""
+        )
+        .await
+        .status,
+        401
+    );
     // A spoofed X-Forwarded-For from an untrusted peer changes nothing.
     assert_eq!(
-        send(proxy.addr, "GET", "/elsewhere/x", &[("x-forwarded-for", "10.20.1.1")], "").await.status,
+        send(
+            proxy.addr,
+            "GET",
+            "/elsewhere/x",
+            &[("x-forwarded-for", "10.20.1.1")],
+            ""
+        )
+        .await
+        .status,
         403
     );
     assert_eq!(upstream.count(), 1);
@@ -306,7 +507,12 @@ async fn a_thousand_concurrent_cold_requests_cause_one_token_request() {
     }
     assert_eq!(idp.calls(), 1);
     assert_eq!(upstream.count(), 1000);
-    assert!(upstream.requests().iter().all(|r| r.header("authorization") == Some("Bearer tok-1")));
+    assert!(
+        upstream
+            .requests()
+            .iter()
+            .all(|r| r.header("authorization") == Some("Bearer tok-1"))
+    );
     proxy.shutdown().await;
 }
 
@@ -319,10 +525,20 @@ async fn an_upstream_401_renews_the_token_and_retries_once() {
         } else {
             StatusCode::CREATED
         };
-        Response::builder().status(status).body(Full::new(Bytes::from_static(b"{}"))).unwrap()
+        Response::builder()
+            .status(status)
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap()
     });
     let (name, value) = erp();
-    let answer = send(proxy.addr, "POST", "/bc/customers", &[(name, &value)], "{\"name\":\"x\"}").await;
+    let answer = send(
+        proxy.addr,
+        "POST",
+        "/bc/customers",
+        &[(name, &value)],
+        "{\"name\":\"x\"}",
+    )
+    .await;
     assert_eq!(answer.status, 201, "{}", answer.text());
     let seen = upstream.requests();
     assert_eq!(seen.len(), 2);
@@ -332,7 +548,12 @@ async fn an_upstream_401_renews_the_token_and_retries_once() {
     assert_eq!(idp.calls(), 2);
 
     // The new token is cached: the next request uses it without another token request.
-    assert_eq!(send(proxy.addr, "GET", "/bc/x", &[(name, &value)], "").await.status, 201);
+    assert_eq!(
+        send(proxy.addr, "GET", "/bc/x", &[(name, &value)], "")
+            .await
+            .status,
+        201
+    );
     assert_eq!(idp.calls(), 2);
     proxy.shutdown().await;
 }
@@ -340,7 +561,12 @@ async fn an_upstream_401_renews_the_token_and_retries_once() {
 #[tokio::test]
 async fn an_upstream_that_keeps_answering_401_gets_one_retry_only_and_403_none() {
     let (idp, upstream, proxy) = standard().await;
-    upstream.respond(|_| Response::builder().status(401).body(Full::new(Bytes::new())).unwrap());
+    upstream.respond(|_| {
+        Response::builder()
+            .status(401)
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    });
     let (name, value) = erp();
     let answer = send(proxy.addr, "GET", "/bc/x", &[(name, &value)], "").await;
     assert_eq!(answer.status, 401);
@@ -348,8 +574,18 @@ async fn an_upstream_that_keeps_answering_401_gets_one_retry_only_and_403_none()
     assert_eq!(upstream.count(), 2);
     assert_eq!(idp.calls(), 2);
 
-    upstream.respond(|_| Response::builder().status(403).body(Full::new(Bytes::new())).unwrap());
-    assert_eq!(send(proxy.addr, "GET", "/bc/x", &[(name, &value)], "").await.status, 403);
+    upstream.respond(|_| {
+        Response::builder()
+            .status(403)
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    });
+    assert_eq!(
+        send(proxy.addr, "GET", "/bc/x", &[(name, &value)], "")
+            .await
+            .status,
+        403
+    );
     assert_eq!(upstream.count(), 3, "403 is never retried");
     assert_eq!(idp.calls(), 2, "403 never causes a token request");
     proxy.shutdown().await;
@@ -357,7 +593,12 @@ async fn an_upstream_that_keeps_answering_401_gets_one_retry_only_and_403_none()
 
 #[tokio::test]
 async fn a_wrong_client_secret_is_a_503_with_the_aadsts_hint_and_no_secret() {
-    let idp = FakeIdp::start_with(IdpMode::Fail { status: 401, body: invalid_client_body(), retry_after: None }).await;
+    let idp = FakeIdp::start_with(IdpMode::Fail {
+        status: 401,
+        body: invalid_client_body(),
+        retry_after: None,
+    })
+    .await;
     let upstream = FakeUpstream::start().await;
     let proxy = spawn_proxy(config(&standard_yaml(&idp, &upstream), standard_vars())).await;
     let (name, value) = erp();
@@ -370,9 +611,17 @@ async fn a_wrong_client_secret_is_a_503_with_the_aadsts_hint_and_no_secret() {
     let message = json["message"].as_str().unwrap();
     assert!(message.contains("invalid_client"), "{message}");
     assert!(message.contains("7000215"), "{message}");
-    assert!(message.to_lowercase().contains("secret"), "hint expected: {message}");
+    assert!(
+        message.to_lowercase().contains("secret"),
+        "hint expected: {message}"
+    );
     let text = answer.text();
-    for leak in [CLIENT_SECRET, "login.microsoftonline.com", "127.0.0.1", "Trace ID"] {
+    for leak in [
+        CLIENT_SECRET,
+        "login.microsoftonline.com",
+        "127.0.0.1",
+        "Trace ID",
+    ] {
         assert!(!text.contains(leak), "{leak} leaked: {text}");
     }
     assert_eq!(upstream.count(), 0);
@@ -404,7 +653,10 @@ async fn upstream_failures_are_502_and_timeouts_504() {
             &format!("{}/v2.0/{TENANT}/Sandbox/", upstream.base()),
             &format!("http://{closed_addr}/"),
         )
-        .replace("    clients: [erp, scanner]\n", "    clients: [erp, scanner]\n    timeout: 300ms\n");
+        .replace(
+            "    clients: [erp, scanner]\n",
+            "    clients: [erp, scanner]\n    timeout: 300ms\n",
+        );
     let proxy = spawn_proxy(config(&yaml, standard_vars())).await;
     let (name, value) = erp();
     let refused = send(proxy.addr, "GET", "/bc/sandbox/x", &[(name, &value)], "").await;
@@ -429,7 +681,14 @@ async fn bodies_over_the_limit_are_413() {
     );
     let proxy = spawn_proxy(config(&yaml, standard_vars())).await;
     let (name, value) = erp();
-    let answer = send(proxy.addr, "POST", "/bc/x", &[(name, &value)], vec![b'a'; 1001]).await;
+    let answer = send(
+        proxy.addr,
+        "POST",
+        "/bc/x",
+        &[(name, &value)],
+        vec![b'a'; 1001],
+    )
+    .await;
     assert_eq!(answer.status, 413);
     assert_eq!(answer.json()["error"], "payload_too_large");
     // Chunked, no Content-Length: counted while streaming.
@@ -440,7 +699,18 @@ async fn bodies_over_the_limit_are_413() {
         "c".repeat(1000)
     );
     assert_eq!(raw_status(&raw(proxy.addr, chunked.as_bytes()).await), 413);
-    assert_eq!(send(proxy.addr, "POST", "/bc/x", &[(name, &value)], vec![b'a'; 1000]).await.status, 200);
+    assert_eq!(
+        send(
+            proxy.addr,
+            "POST",
+            "/bc/x",
+            &[(name, &value)],
+            vec![b'a'; 1000]
+        )
+        .await
+        .status,
+        200
+    );
     assert_eq!(upstream.count(), 1);
     proxy.shutdown().await;
 }
@@ -452,7 +722,9 @@ async fn shutdown_drains_in_flight_requests() {
     let addr = proxy.addr;
     let in_flight = tokio::spawn(async move {
         let (name, value) = erp();
-        send(addr, "GET", "/bc/slow", &[(name, &value)], "").await.status
+        send(addr, "GET", "/bc/slow", &[(name, &value)], "")
+            .await
+            .status
     });
     // Wait until the request reached the upstream, then ask the proxy to stop.
     for _ in 0..200 {
@@ -463,6 +735,13 @@ async fn shutdown_drains_in_flight_requests() {
     }
     assert_eq!(upstream.count(), 1);
     proxy.shutdown().await;
-    assert_eq!(in_flight.await.unwrap(), 200, "the in-flight request finished");
-    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "the listener is closed");
+    assert_eq!(
+        in_flight.await.unwrap(),
+        200,
+        "the in-flight request finished"
+    );
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "the listener is closed"
+    );
 }

@@ -245,12 +245,10 @@ impl Pipeline {
                         next = again;
                         continue;
                     }
+                    // Renewed moments ago already: the upstream's 401 is its answer.
                     Ok(None) => {}
-                    Err(error) => tracing::warn!(
-                        route = %route.prefix,
-                        error = %error,
-                        "Upstream rejected the token and renewing it failed."
-                    ),
+                    // The upstream refuses the token and no other can be had.
+                    Err(error) => return Err(ProxyError::TokenUnavailable(error)),
                 }
             }
             log.upstream_ms = Some(upstream_started.elapsed().as_millis() as u64);

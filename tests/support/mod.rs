@@ -42,7 +42,9 @@ where
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             let handler = handler.clone();
             tokio::spawn(async move {
                 let service = service_fn(move |request| {
@@ -77,6 +79,8 @@ pub enum IdpMode {
         body: String,
         retry_after: Option<u64>,
     },
+    /// Issue this exact access token (for canary sweeps).
+    IssueToken(String),
     /// Wait this long, then issue like `Issue { expires_in: 3599 }`.
     Slow(Duration),
     /// Never answer.
@@ -122,6 +126,10 @@ impl FakeIdp {
                 let mode = mode.lock().unwrap().clone();
                 match mode {
                     IdpMode::Issue { expires_in } => issue(n, expires_in),
+                    IdpMode::IssueToken(token) => json_response(
+                        StatusCode::OK,
+                        format!(r#"{{"token_type":"Bearer","expires_in":3599,"access_token":"{token}"}}"#),
+                    ),
                     IdpMode::Slow(delay) => {
                         tokio::time::sleep(delay).await;
                         issue(n, 3599)
@@ -297,7 +305,10 @@ impl FakeUpstream {
         }
     }
 
-    pub fn respond(&self, handler: impl Fn(&Recorded) -> Response<Full<Bytes>> + Send + Sync + 'static) {
+    pub fn respond(
+        &self,
+        handler: impl Fn(&Recorded) -> Response<Full<Bytes>> + Send + Sync + 'static,
+    ) {
         *self.handler.lock().unwrap() = Arc::new(handler);
     }
 
@@ -436,8 +447,7 @@ impl Answer {
     }
 
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|_| panic!("not JSON: {}", self.text()))
+        serde_json::from_slice(&self.body).unwrap_or_else(|_| panic!("not JSON: {}", self.text()))
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
