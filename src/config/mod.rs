@@ -332,7 +332,10 @@ pub enum ConfigError {
     },
     #[error("{file}: {} problem{}:\n{}", problems.len(), if problems.len() == 1 { "" } else { "s" },
         problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
-    Invalid { file: String, problems: Vec<Problem> },
+    Invalid {
+        file: String,
+        problems: Vec<Problem>,
+    },
 }
 
 impl ConfigError {
@@ -374,7 +377,7 @@ impl Config {
             location: error.location,
             message: error.message,
         })?;
-        validate::validate(raw, source).map_err(|problems| ConfigError::Invalid {
+        validate::validate(&raw, source).map_err(|problems| ConfigError::Invalid {
             file: source.name.clone(),
             problems,
         })
@@ -402,3 +405,6 @@ fn read_bounded(path: &Path) -> std::io::Result<String> {
     }
     Ok(text)
 }
+
+#[cfg(test)]
+mod tests;
