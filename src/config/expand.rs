@@ -68,6 +68,19 @@ pub(super) fn expand(
     variables: &Variables,
     base_dir: &Path,
 ) -> Result<Expanded, Vec<String>> {
+    // Wholly one reference, the usual form of a secret: hand the value over without a copy.
+    if let Some(inner) = text.strip_prefix("${").and_then(|t| t.strip_suffix('}'))
+        && !inner.contains('}')
+    {
+        return match resolve(inner, variables, base_dir) {
+            Ok(value) => Ok(Expanded {
+                value,
+                whole_reference: true,
+                has_reference: true,
+            }),
+            Err(problem) => Err(vec![problem]),
+        };
+    }
     let mut value = String::with_capacity(text.len());
     let mut problems = Vec::new();
     let mut references = 0;

@@ -71,9 +71,10 @@ fn credential_error(text: &str, message: &str) -> Option<ParseError> {
 /// block style.
 fn entry_location(text: &str, section: &str, name: &str) -> Option<(usize, usize)> {
     let mut in_section = false;
+    let mut entry_indent = None;
     for (index, line) in text.lines().enumerate() {
-        let indent = line.len() - line.trim_start().len();
         let content = line.trim_start();
+        let indent = line.len() - content.len();
         if content.is_empty() || content.starts_with('#') {
             continue;
         }
@@ -83,11 +84,14 @@ fn entry_location(text: &str, section: &str, name: &str) -> Option<(usize, usize
                 .is_some_and(|r| r.trim_start().starts_with(':'));
             continue;
         }
+        if !in_section || *entry_indent.get_or_insert(indent) != indent {
+            continue;
+        }
         let key = content
             .strip_prefix(name)
             .or_else(|| content.strip_prefix(&format!("\"{name}\"")))
             .or_else(|| content.strip_prefix(&format!("'{name}'")));
-        if in_section && key.is_some_and(|r| r.trim_start().starts_with(':')) {
+        if key.is_some_and(|r| r.trim_start().starts_with(':')) {
             return Some((index + 1, indent + 1));
         }
     }

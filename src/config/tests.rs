@@ -453,6 +453,22 @@ fn unknown_field_in_a_credential_names_the_credential_and_its_line() {
 }
 
 #[test]
+fn credential_error_lines_skip_nested_keys_of_the_same_name() {
+    let yaml = "credentials:\n  a:\n    type: client_secret\n    params:\n      b: x\n  b:\n    type: nope\n";
+    let error = load(yaml).expect_err("bad type");
+    assert!(
+        matches!(
+            error,
+            ConfigError::Syntax {
+                location: Some((6, 3)),
+                ..
+            }
+        ),
+        "{error}"
+    );
+}
+
+#[test]
 fn a_number_where_a_secret_belongs_is_not_echoed() {
     let yaml = "credentials:\n  bc:\n    type: client_secret\n    client_secret: 987654321\n";
     let text = load(yaml).expect_err("not a string").to_string();
@@ -1051,5 +1067,28 @@ routes:
             "  - routes[2].prefix: `/crm/` is also the prefix of routes[1]; each prefix must be unique\n",
             "  - routes[2].upstream: host 169.254.169.254 is link-local (169.254.0.0/16, fe80::/10), which is refused: it reaches cloud metadata services",
         )
+    );
+}
+
+#[test]
+fn yaml_bombs_are_errors_not_crashes() {
+    let deep = format!("routes: {}{}\n", "[".repeat(10_000), "]".repeat(10_000));
+    assert!(matches!(load(&deep), Err(ConfigError::Syntax { .. })));
+    // Billion laughs where it would hurt most: a credential is read into a YAML value first.
+    let mut bomb = String::from(
+        "credentials:\n  x:\n    a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n",
+    );
+    for i in 1..10 {
+        let previous = format!("*a{}", i - 1);
+        let list = [previous.as_str(); 9].join(", ");
+        bomb.push_str(&format!("    a{i}: &a{i} [{list}]\n"));
+    }
+    let started = std::time::Instant::now();
+    let error = load(&bomb).expect_err("bomb");
+    assert!(matches!(error, ConfigError::Syntax { .. }), "{error}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
     );
 }
