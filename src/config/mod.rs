@@ -377,7 +377,7 @@ impl Config {
             location: error.location,
             message: error.message,
         })?;
-        validate::validate(raw, source).map_err(|problems| ConfigError::Invalid {
+        validate::validate(&raw, source).map_err(|problems| ConfigError::Invalid {
             file: source.name.clone(),
             problems,
         })
@@ -405,3 +405,6 @@ fn read_bounded(path: &Path) -> std::io::Result<String> {
     }
     Ok(text)
 }
+
+#[cfg(test)]
+mod tests;

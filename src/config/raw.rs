@@ -1,12 +1,540 @@
-//! STUB — replaced by the config helper.
-pub(super) struct RawConfig;
+//! The YAML schema of `proxy.yaml`, mirrored one to one by serde structs.
+//!
+//! Nothing here interprets a value: every setting that may carry `${…}` (URLs, durations,
+//! addresses, rate limits) stays a `String` so that expansion and errors with a YAML path
+//! happen in [`super::validate`]. Required fields are `Option` too, so that a missing one is
+//! reported together with every other problem instead of stopping the parse. Unknown
+//! fields are errors everywhere. [`parse`] is the only function that knows the YAML parser.
+
+use std::fmt;
+use std::marker::PhantomData;
+
+use serde::Deserialize;
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+
+/// A syntax or schema error, as shown by `s2s-proxy check`.
+#[derive(Debug)]
 pub(super) struct ParseError {
+    /// Line and column, 1-based.
     pub(super) location: Option<(usize, usize)>,
+    /// Starts with the YAML path when the parser knows it (`routes[0]: unknown field …`).
     pub(super) message: String,
 }
-pub(super) fn parse(_text: &str) -> Result<RawConfig, ParseError> {
-    Err(ParseError {
-        location: None,
-        message: "stub".into(),
+
+/// Parses a YAML document into the raw schema.
+pub(super) fn parse(text: &str) -> Result<RawConfig, ParseError> {
+    if is_blank(text) {
+        return Err(ParseError {
+            location: None,
+            message: "the document is empty; a configuration needs at least `credentials`, \
+                      `clients` and `routes`"
+                .to_owned(),
+        });
+    }
+    serde_yaml_ng::from_str(text).map_err(|error| {
+        let location = error.location().map(|l| (l.line(), l.column()));
+        let mut message = error.to_string();
+        // The location is printed separately (`file:line:col`); drop the parser's own copy.
+        if let Some((line, column)) = location {
+            let suffix = format!(" at line {line} column {column}");
+            if let Some(at) = message.find(&suffix) {
+                message.replace_range(at..at + suffix.len(), "");
+            }
+        }
+        match credential_error(text, &message) {
+            Some(rewritten) => rewritten,
+            None => ParseError { location, message },
+        }
     })
+}
+
+/// Marks an error raised inside one credential; see [`Credentials`].
+const CREDENTIAL_MARK: char = '\u{1}';
+
+/// serde reads a credential's fields only after the whole mapping (it must find `type`
+/// first), when the parser no longer knows where they were: such errors would name
+/// `credentials` and point at its first entry. [`Credentials`] marks them with the entry's
+/// name; this turns the mark into the path `credentials.<name>` and the line of that entry.
+fn credential_error(text: &str, message: &str) -> Option<ParseError> {
+    let rest = message
+        .strip_prefix("credentials: ")?
+        .strip_prefix(CREDENTIAL_MARK)?;
+    let (name, error) = rest.split_once(CREDENTIAL_MARK)?;
+    let error = error.split(" at line ").next().unwrap_or(error);
+    Some(ParseError {
+        location: entry_location(text, "credentials", name),
+        message: format!("credentials.{name}: {error}"),
+    })
+}
+
+/// Line and column of `name:` inside the top-level block mapping `section:`, if written in
+/// block style.
+fn entry_location(text: &str, section: &str, name: &str) -> Option<(usize, usize)> {
+    let mut in_section = false;
+    let mut entry_indent = None;
+    for (index, line) in text.lines().enumerate() {
+        let content = line.trim_start();
+        let indent = line.len() - content.len();
+        if content.is_empty() || content.starts_with('#') {
+            continue;
+        }
+        if indent == 0 {
+            in_section = content
+                .strip_prefix(section)
+                .is_some_and(|r| r.trim_start().starts_with(':'));
+            continue;
+        }
+        if !in_section || *entry_indent.get_or_insert(indent) != indent {
+            continue;
+        }
+        let key = content
+            .strip_prefix(name)
+            .or_else(|| content.strip_prefix(&format!("\"{name}\"")))
+            .or_else(|| content.strip_prefix(&format!("'{name}'")));
+        if key.is_some_and(|r| r.trim_start().starts_with(':')) {
+            return Some((index + 1, indent + 1));
+        }
+    }
+    None
+}
+
+/// Whether a document holds nothing but whitespace, comments and document markers.
+fn is_blank(text: &str) -> bool {
+    text.lines().all(|line| {
+        let line = line.trim();
+        line.is_empty() || line.starts_with('#') || line == "---" || line == "..."
+    })
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping with `server`, `admin`, `credentials`, `clients` and `routes`"
+)]
+pub(super) struct RawConfig {
+    pub(super) server: Option<RawServer>,
+    pub(super) admin: Option<RawAdmin>,
+    pub(super) credentials: Option<Credentials>,
+    pub(super) clients: Option<Named<RawClient>>,
+    pub(super) routes: Option<Vec<RawRoute>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a mapping (the `server` section)")]
+pub(super) struct RawServer {
+    pub(super) listen: Option<String>,
+    pub(super) public_url: Option<String>,
+    pub(super) trusted_proxies: Option<Vec<String>>,
+    pub(super) upstream_ca_file: Option<String>,
+    pub(super) api_key_header: Option<String>,
+    pub(super) workers: Option<u64>,
+    pub(super) tls: Option<RawTls>,
+    pub(super) limits: Option<RawLimits>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping (the `server.tls` section)"
+)]
+pub(super) struct RawTls {
+    pub(super) cert_file: Option<String>,
+    pub(super) key_file: Option<String>,
+    pub(super) client_ca_file: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping (the `server.limits` section)"
+)]
+pub(super) struct RawLimits {
+    pub(super) max_header_bytes: Option<u64>,
+    pub(super) max_body_bytes: Option<u64>,
+    pub(super) header_read_timeout: Option<String>,
+    pub(super) request_timeout: Option<String>,
+    pub(super) max_connections: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a mapping (the `admin` section)")]
+pub(super) struct RawAdmin {
+    pub(super) listen: Option<String>,
+}
+
+/// A service-to-service identity. Internally tagged by `type`.
+///
+/// serde buffers the variant's fields before deserializing them, so a scalar reaches the
+/// variant already typed (`12345` as an integer). The string fields therefore use
+/// [`opt_string`], which refuses non-strings without echoing the value: it may be a secret.
+#[derive(Debug, Deserialize)]
+#[serde(
+    tag = "type",
+    rename_all = "snake_case",
+    expecting = "a credential mapping with a `type`"
+)]
+pub(super) enum RawCredential {
+    ClientSecret(RawClientSecret),
+    ClientCertificate(RawClientCertificate),
+    ManagedIdentity(RawManagedIdentity),
+    WorkloadIdentity(RawWorkloadIdentity),
+}
+
+impl RawCredential {
+    pub(super) fn type_name(&self) -> &'static str {
+        match self {
+            Self::ClientSecret(_) => "client_secret",
+            Self::ClientCertificate(_) => "client_certificate",
+            Self::ManagedIdentity(_) => "managed_identity",
+            Self::WorkloadIdentity(_) => "workload_identity",
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawClientSecret {
+    #[serde(default, deserialize_with = "opt_string")]
+    pub(super) tenant_id: Option<String>,
+    #[serde(default, deserialize_with = "opt_string")]
+    pub(super) token_url: Option<String>,
+    #[serde(default, deserialize_with = "opt_string")]
+    pub(super) authority: Option<String>,
+    #[serde(default, deserialize_with = "opt_string")]
+    pub(super) client_id: Option<String>,
+    #[serde(default, deserialize_with = "opt_string")]
+    pub(super) client_secret: Option<String>,
+    #[serde(default, deserialize_with = "opt_string")]
+    pub(super) auth_method: Option<String>,
+    #[serde(default)]
+    pub(super) params: Option<Params>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawClientCertificate {
+    #[serde(default, deserialize_with = "opt_string")]
+    pub(super) tenant_id: Option<String>,
+    #[serde(default, deserialize_with = "opt_string")]
+    pub(super) client_id: Option<String>,
+    #[serde(default, deserialize_with = "opt_string")]
+    pub(super) certificate_file: Option<String>,
+    #[serde(default, deserialize_with = "opt_string")]
+    pub(super) authority: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawManagedIdentity {
+    #[serde(default, deserialize_with = "opt_string")]
+    pub(super) client_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawWorkloadIdentity {
+    #[serde(default, deserialize_with = "opt_string")]
+    pub(super) tenant_id: Option<String>,
+    #[serde(default, deserialize_with = "opt_string")]
+    pub(super) client_id: Option<String>,
+    #[serde(default, deserialize_with = "opt_string")]
+    pub(super) token_file: Option<String>,
+    #[serde(default, deserialize_with = "opt_string")]
+    pub(super) authority: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a client mapping")]
+pub(super) struct RawClient {
+    pub(super) basic: Option<RawBasic>,
+    pub(super) api_key: Option<String>,
+    pub(super) networks: Option<Vec<String>>,
+    pub(super) rate_limit: Option<String>,
+    pub(super) certificate: Option<RawCertificateMatch>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping with `username` and `password`"
+)]
+pub(super) struct RawBasic {
+    pub(super) username: Option<String>,
+    pub(super) password: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping with `subject_cn` or `fingerprint_sha256`"
+)]
+pub(super) struct RawCertificateMatch {
+    pub(super) subject_cn: Option<String>,
+    pub(super) fingerprint_sha256: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a route mapping")]
+pub(super) struct RawRoute {
+    pub(super) prefix: Option<String>,
+    pub(super) upstream: Option<RawUpstream>,
+    pub(super) credential: Option<String>,
+    pub(super) scope: Option<String>,
+    pub(super) clients: Option<Vec<String>>,
+    pub(super) timeout: Option<String>,
+    pub(super) rewrite_links: Option<bool>,
+    pub(super) max_concurrent: Option<u64>,
+    pub(super) max_queue: Option<u64>,
+    pub(super) queue_timeout: Option<String>,
+    pub(super) retry_on_429: Option<RawRetryOn429>,
+    pub(super) allow_plain_http: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping with `attempts` and `max_wait`"
+)]
+pub(super) struct RawRetryOn429 {
+    pub(super) attempts: Option<u64>,
+    pub(super) max_wait: Option<String>,
+}
+
+/// `upstream:` is a URL, or a service preset such as `{ businesscentral: { … } }`.
+#[derive(Debug)]
+pub(super) enum RawUpstream {
+    Url(String),
+    BusinessCentral(RawBusinessCentral),
+    Dataverse(RawServiceUrl),
+    FinanceOperations(RawServiceUrl),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping with `tenant` and `environment`"
+)]
+pub(super) struct RawBusinessCentral {
+    pub(super) tenant: Option<String>,
+    pub(super) environment: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a mapping with `url`")]
+pub(super) struct RawServiceUrl {
+    pub(super) url: Option<String>,
+}
+
+const PRESETS: &[&str] = &["businesscentral", "dataverse", "finance_operations"];
+
+impl<'de> Deserialize<'de> for RawUpstream {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct UpstreamVisitor;
+
+        impl<'de> Visitor<'de> for UpstreamVisitor {
+            type Value = RawUpstream;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(
+                    "an upstream URL, or a preset mapping `businesscentral`, `dataverse` \
+                     or `finance_operations`",
+                )
+            }
+
+            fn visit_str<E: de::Error>(self, value: &str) -> Result<RawUpstream, E> {
+                Ok(RawUpstream::Url(value.to_owned()))
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawUpstream, A::Error> {
+                let Some(key) = map.next_key::<String>()? else {
+                    return Err(de::Error::custom(
+                        "empty preset; write one of `businesscentral`, `dataverse` or \
+                         `finance_operations`",
+                    ));
+                };
+                let upstream = match key.as_str() {
+                    "businesscentral" => RawUpstream::BusinessCentral(map.next_value()?),
+                    "dataverse" => RawUpstream::Dataverse(map.next_value()?),
+                    "finance_operations" => RawUpstream::FinanceOperations(map.next_value()?),
+                    _ => return Err(de::Error::unknown_variant(&key, PRESETS)),
+                };
+                if let Some(extra) = map.next_key::<String>()? {
+                    return Err(de::Error::custom(format_args!(
+                        "preset `{extra}` after `{key}`; an upstream takes exactly one preset"
+                    )));
+                }
+                Ok(upstream)
+            }
+        }
+
+        deserializer.deserialize_any(UpstreamVisitor)
+    }
+}
+
+/// `credentials:`, in file order. Each entry goes through a YAML value first so that an
+/// error in its fields can be marked with the entry's name (see [`credential_error`]).
+#[derive(Debug, Default)]
+pub(super) struct Credentials(pub(super) Vec<(String, RawCredential)>);
+
+impl<'de> Deserialize<'de> for Credentials {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct CredentialsVisitor;
+
+        impl<'de> Visitor<'de> for CredentialsVisitor {
+            type Value = Credentials;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a mapping from credential names to credentials")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Credentials, A::Error> {
+                let mut entries: Vec<(String, RawCredential)> = Vec::new();
+                while let Some(name) = map.next_key::<String>()? {
+                    unique_name(&entries, &name)?;
+                    let value: serde_yaml_ng::Value = map.next_value()?;
+                    let credential = RawCredential::deserialize(value).map_err(|error| {
+                        de::Error::custom(format_args!(
+                            "{CREDENTIAL_MARK}{name}{CREDENTIAL_MARK}{error}"
+                        ))
+                    })?;
+                    entries.push((name, credential));
+                }
+                Ok(Credentials(entries))
+            }
+        }
+
+        deserializer.deserialize_map(CredentialsVisitor)
+    }
+}
+
+fn unique_name<T, E: de::Error>(entries: &[(String, T)], name: &str) -> Result<(), E> {
+    if entries.iter().any(|(n, _)| n == name) {
+        return Err(E::custom(format_args!(
+            "`{name}` is defined twice; names must be unique"
+        )));
+    }
+    Ok(())
+}
+
+/// A YAML mapping keyed by name, in file order; a repeated name is an error.
+#[derive(Debug)]
+pub(super) struct Named<T>(pub(super) Vec<(String, T)>);
+
+impl<T> Default for Named<T> {
+    fn default() -> Self {
+        Self(Vec::new())
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Named<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct NamedVisitor<T>(PhantomData<T>);
+
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for NamedVisitor<T> {
+            type Value = Named<T>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a mapping from names to entries")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Named<T>, A::Error> {
+                let mut entries: Vec<(String, T)> = Vec::new();
+                while let Some(name) = map.next_key::<String>()? {
+                    unique_name(&entries, &name)?;
+                    let value = map.next_value()?;
+                    entries.push((name, value));
+                }
+                Ok(Named(entries))
+            }
+        }
+
+        deserializer.deserialize_map(NamedVisitor(PhantomData))
+    }
+}
+
+/// `params:` extra form fields, string to string, in file order.
+#[derive(Debug, Default)]
+pub(super) struct Params(pub(super) Vec<(String, String)>);
+
+impl<'de> Deserialize<'de> for Params {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ParamsVisitor;
+
+        impl<'de> Visitor<'de> for ParamsVisitor {
+            type Value = Params;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a mapping from form field names to string values")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Params, A::Error> {
+                let mut entries: Vec<(String, String)> = Vec::new();
+                while let Some(StringOnly(name)) = map.next_key()? {
+                    if entries.iter().any(|(n, _)| *n == name) {
+                        return Err(de::Error::custom(format_args!(
+                            "`params.{name}` is given twice"
+                        )));
+                    }
+                    let StringOnly(value) = map.next_value()?;
+                    entries.push((name, value));
+                }
+                Ok(Params(entries))
+            }
+        }
+
+        deserializer.deserialize_map(ParamsVisitor)
+    }
+}
+
+/// A string that refuses other scalars without echoing them (see [`RawCredential`]).
+struct StringOnly(String);
+
+impl<'de> Deserialize<'de> for StringOnly {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct StringVisitor;
+
+        impl Visitor<'_> for StringVisitor {
+            type Value = StringOnly;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+
+            fn visit_str<E: de::Error>(self, value: &str) -> Result<StringOnly, E> {
+                Ok(StringOnly(value.to_owned()))
+            }
+
+            fn visit_string<E: de::Error>(self, value: String) -> Result<StringOnly, E> {
+                Ok(StringOnly(value))
+            }
+
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<StringOnly, E> {
+                Err(not_a_string())
+            }
+
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<StringOnly, E> {
+                Err(not_a_string())
+            }
+
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<StringOnly, E> {
+                Err(not_a_string())
+            }
+
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<StringOnly, E> {
+                Err(not_a_string())
+            }
+        }
+
+        // `deserialize_any`: a buffered number reaches the visitor as a number, not as an
+        // "invalid type" error quoting it.
+        deserializer.deserialize_any(StringVisitor)
+    }
+}
+
+fn not_a_string<E: de::Error>() -> E {
+    E::custom("expected a string, found a number or boolean; put the value in quotes")
+}
+
+fn opt_string<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
+    Ok(Option::<StringOnly>::deserialize(deserializer)?.map(|s| s.0))
 }
