@@ -6,12 +6,14 @@
 //! reflect the injected token, `CONNECT` would open a tunnel), absolute-form and asterisk
 //! targets, missing or duplicate `Host` (RFC 9112 §3.2), duplicate `Authorization` or API
 //! key headers (never check one value and forward another), `Content-Length` together with
-//! `Transfer-Encoding` where hyper leaves both visible, and unsafe paths.
+//! `Transfer-Encoding` (seen by the connection's framing audit, since hyper removes the
+//! length before the request gets here), and unsafe paths.
 
 use http::{HeaderMap, HeaderName, Method, Request, Version, header};
 
 use super::error::ProxyError;
 use crate::routing;
+use crate::server::framing::Framing;
 
 pub(crate) fn check<B>(
     request: &Request<B>,
@@ -26,6 +28,16 @@ pub(crate) fn check<B>(
         ));
     }
     check_headers(request.headers(), request.version(), api_key_header)?;
+    // hyper drops Content-Length when Transfer-Encoding is present; the audit saw both.
+    if request
+        .extensions()
+        .get::<Framing>()
+        .is_some_and(|framing| framing.ambiguous_length)
+    {
+        return Err(ProxyError::BadRequest(
+            "Content-Length and Transfer-Encoding together are ambiguous",
+        ));
+    }
     routing::check_path(uri.path())?;
     Ok(())
 }

@@ -1,7 +1,8 @@
 //! The listener: accepting connections, HTTP/1.1 and h2c on one port, graceful drain.
 //!
 //! Owns connection-level concerns only — the connection cap, hyper's protocol limits
-//! (header bytes, header read timeout, HTTP/2 streams) and shutdown. Everything about a
+//! (header bytes, header read timeout, HTTP/2 streams), the HTTP/1 framing audit
+//! ([`framing`]) and shutdown. Everything about a
 //! single request lives in [`crate::proxy`].
 
 use std::convert::Infallible;
@@ -17,8 +18,11 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+use self::framing::AuditedStream;
 use crate::config::Limits;
 use crate::proxy::Pipeline;
+
+pub(crate) mod framing;
 
 /// Longest time in-flight requests get to finish after a shutdown signal.
 pub(crate) const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -78,7 +82,9 @@ pub(crate) async fn serve(
         let pipeline = pipeline.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let service = service_fn(move |request| {
+            let (stream, framing) = AuditedStream::new(stream);
+            let service = service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(framing.next());
                 let pipeline = pipeline.clone();
                 async move { Ok::<_, Infallible>(pipeline.handle(request, peer.ip()).await) }
             });

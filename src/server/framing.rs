@@ -1,0 +1,341 @@
+//! An audit of HTTP/1 request framing on the raw inbound byte stream.
+//!
+//! hyper resolves a request that carries both `Content-Length` and `Transfer-Encoding` the
+//! RFC 9112 §6.3 way — chunked wins, `Content-Length` is removed, the connection closes
+//! after the response — so by the time the pipeline sees the request the ambiguity is
+//! gone. Such a request is a smuggling attempt or a broken client, and the proxy must
+//! refuse it (400) rather than guess. [`AuditedStream`] watches the bytes hyper reads,
+//! follows request heads and bodies with `httparse` (the parser hyper itself uses), and
+//! records per request whether its head was ambiguous. The connection's service takes the
+//! records in order ([`FramingRecords::next`]), one per request.
+//!
+//! The audit only ever adds a refusal; when it cannot follow the stream (HTTP/2, a head
+//! hyper will reject anyway, anything unexpected) it stops and records nothing more.
+
+use std::collections::VecDeque;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Largest request head followed; hyper refuses larger heads itself.
+const MAX_HEAD: usize = 128 * 1024;
+const MAX_HEADERS: usize = 128;
+
+/// What the audit found in one request head.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Framing {
+    /// Both `Content-Length` and `Transfer-Encoding` were present.
+    pub(crate) ambiguous_length: bool,
+}
+
+/// The per-request records of one connection, in request order.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct FramingRecords(Arc<Mutex<VecDeque<Framing>>>);
+
+impl FramingRecords {
+    /// The record of the next request hyper hands to the service; default when the audit
+    /// stopped following the stream.
+    pub(crate) fn next(&self) -> Framing {
+        self.0
+            .lock()
+            .map(|mut queue| queue.pop_front())
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+    }
+
+    fn push(&self, framing: Framing) {
+        if let Ok(mut queue) = self.0.lock() {
+            queue.push_back(framing);
+        }
+    }
+}
+
+#[derive(Debug)]
+enum State {
+    /// Reading a request head (after optional empty lines).
+    Head,
+    /// Skipping a fixed-length body.
+    Body(u64),
+    /// Reading a chunk-size line: the size so far and whether a digit was seen.
+    ChunkSize(u64, bool),
+    /// After the size: skipping a chunk extension up to the line end.
+    ChunkExtension(u64),
+    ChunkData(u64),
+    /// Expecting the CRLF after chunk data.
+    ChunkDataEnd,
+    /// In the trailer section: at the start of a line (true) or inside one.
+    Trailers(bool),
+    /// Not following the stream any more.
+    Off,
+}
+
+#[derive(Debug)]
+struct Audit {
+    state: State,
+    head: Vec<u8>,
+    records: FramingRecords,
+}
+
+impl Audit {
+    fn observe(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            bytes = match self.state {
+                State::Off => return,
+                State::Head => self.head_bytes(bytes),
+                State::Body(remaining) => {
+                    let take = remaining.min(bytes.len() as u64);
+                    self.state = if take == remaining {
+                        State::Head
+                    } else {
+                        State::Body(remaining - take)
+                    };
+                    &bytes[take as usize..]
+                }
+                State::ChunkData(remaining) => {
+                    let take = remaining.min(bytes.len() as u64);
+                    self.state = if take == remaining {
+                        State::ChunkDataEnd
+                    } else {
+                        State::ChunkData(remaining - take)
+                    };
+                    &bytes[take as usize..]
+                }
+                _ => {
+                    self.chunk_byte(bytes[0]);
+                    &bytes[1..]
+                }
+            };
+        }
+    }
+
+    fn head_bytes<'a>(&mut self, bytes: &'a [u8]) -> &'a [u8] {
+        let mut bytes = bytes;
+        if self.head.is_empty() {
+            // RFC 9112 §2.2: empty lines before a request line are ignored.
+            let skip = bytes
+                .iter()
+                .take_while(|b| matches!(b, b'\r' | b'\n'))
+                .count();
+            bytes = &bytes[skip..];
+            if bytes.is_empty() {
+                return bytes;
+            }
+        }
+        let before = self.head.len();
+        self.head.extend_from_slice(bytes);
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut request = httparse::Request::new(&mut headers);
+        match request.parse(&self.head) {
+            Ok(httparse::Status::Complete(len)) => {
+                let mut content_length = None;
+                let mut transfer_encoding = false;
+                let mut valid = true;
+                for header in request.headers.iter() {
+                    if header.name.eq_ignore_ascii_case("content-length") {
+                        let parsed = std::str::from_utf8(header.value)
+                            .ok()
+                            .and_then(|v| v.trim().parse::<u64>().ok());
+                        valid &= parsed.is_some();
+                        content_length = content_length.or(parsed);
+                    } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
+                        transfer_encoding = true;
+                    }
+                }
+                self.records.push(Framing {
+                    ambiguous_length: transfer_encoding && content_length.is_some(),
+                });
+                self.state = if !valid {
+                    State::Off
+                } else if transfer_encoding {
+                    State::ChunkSize(0, false)
+                } else {
+                    match content_length {
+                        Some(0) | None => State::Head,
+                        Some(len) => State::Body(len),
+                    }
+                };
+                self.head.clear();
+                &bytes[len - before..]
+            }
+            Ok(httparse::Status::Partial) if self.head.len() <= MAX_HEAD => &[],
+            _ => {
+                self.state = State::Off;
+                self.head = Vec::new();
+                &[]
+            }
+        }
+    }
+
+    fn chunk_byte(&mut self, byte: u8) {
+        self.state = match self.state {
+            State::ChunkSize(size, seen) => match (byte as char).to_digit(16) {
+                Some(digit) => match size.checked_mul(16) {
+                    Some(size) => State::ChunkSize(size + u64::from(digit), true),
+                    None => State::Off,
+                },
+                None if !seen => State::Off,
+                None if byte == b'\n' => chunk_start(size),
+                None => State::ChunkExtension(size),
+            },
+            State::ChunkExtension(size) if byte == b'\n' => chunk_start(size),
+            State::ChunkExtension(size) => State::ChunkExtension(size),
+            State::ChunkDataEnd if byte == b'\r' => State::ChunkDataEnd,
+            State::ChunkDataEnd if byte == b'\n' => State::ChunkSize(0, false),
+            State::Trailers(true) if byte == b'\r' => State::Trailers(true),
+            State::Trailers(true) if byte == b'\n' => State::Head,
+            State::Trailers(_) if byte == b'\n' => State::Trailers(true),
+            State::Trailers(_) => State::Trailers(false),
+            _ => State::Off,
+        };
+    }
+}
+
+fn chunk_start(size: u64) -> State {
+    if size == 0 {
+        State::Trailers(true)
+    } else {
+        State::ChunkData(size)
+    }
+}
+
+/// A connection whose inbound bytes are audited on their way to hyper.
+#[derive(Debug)]
+pub(crate) struct AuditedStream<S> {
+    inner: S,
+    audit: Audit,
+}
+
+impl<S> AuditedStream<S> {
+    pub(crate) fn new(inner: S) -> (Self, FramingRecords) {
+        let records = FramingRecords::default();
+        let stream = Self {
+            inner,
+            audit: Audit {
+                state: State::Head,
+                head: Vec::new(),
+                records: records.clone(),
+            },
+        };
+        (stream, records)
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for AuditedStream<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let result = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = result {
+            this.audit.observe(&buf.filled()[before..]);
+        }
+        result
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for AuditedStream<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `input` in pieces of `step` bytes and returns the records.
+    fn audit(input: &[u8], step: usize) -> (Vec<Framing>, bool) {
+        let records = FramingRecords::default();
+        let mut audit = Audit {
+            state: State::Head,
+            head: Vec::new(),
+            records: records.clone(),
+        };
+        for piece in input.chunks(step) {
+            audit.observe(piece);
+        }
+        let off = matches!(audit.state, State::Off);
+        let found = records.0.lock().unwrap().iter().copied().collect();
+        (found, off)
+    }
+
+    const PLAIN: Framing = Framing {
+        ambiguous_length: false,
+    };
+    const AMBIGUOUS: Framing = Framing {
+        ambiguous_length: true,
+    };
+
+    #[test]
+    fn follows_pipelined_requests_with_all_body_framings() {
+        let input = b"\r\nGET /a HTTP/1.1\r\nHost: p\r\n\r\n\
+            POST /b HTTP/1.1\r\nHost: p\r\nContent-Length: 5\r\n\r\nGET /\
+            POST /c HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked\r\n\r\n\
+            5;ext=1\r\nGET /\r\n3\r\nabc\r\n0\r\nX-Trailer: 1\r\n\r\n\
+            GET /d HTTP/1.1\nHost: p\n\n";
+        for step in [1, 2, 7, input.len()] {
+            assert_eq!(audit(input, step), (vec![PLAIN; 4], false), "step {step}");
+        }
+    }
+
+    #[test]
+    fn flags_content_length_with_transfer_encoding_in_either_order() {
+        let cl_first = b"POST /x HTTP/1.1\r\nHost: p\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /y HTTP/1.1\r\nHost: p\r\n\r\n";
+        assert_eq!(audit(cl_first, 3), (vec![AMBIGUOUS, PLAIN], false));
+        let te_first = b"POST /x HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked\r\nContent-Length: 6\r\n\r\n0\r\n\r\n";
+        assert_eq!(audit(te_first, 1), (vec![AMBIGUOUS], false));
+    }
+
+    #[test]
+    fn stops_following_what_it_cannot_parse() {
+        let h2 = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+        assert_eq!(audit(h2, 5), (vec![], true));
+        let bad_chunk = b"POST /x HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n";
+        assert_eq!(audit(bad_chunk, 4), (vec![PLAIN], true));
+        let overflow = b"POST /x HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked\r\n\r\nFFFFFFFFFFFFFFFFF1\r\n";
+        assert_eq!(audit(overflow, 100), (vec![PLAIN], true));
+        let huge_head = [b"GET / HTTP/1.1\r\nX: ".as_slice(), &vec![b'a'; MAX_HEAD]].concat();
+        assert_eq!(audit(&huge_head, 4096), (vec![], true));
+    }
+
+    #[test]
+    fn records_are_taken_in_order_and_default_when_exhausted() {
+        let records = FramingRecords::default();
+        records.push(AMBIGUOUS);
+        records.push(PLAIN);
+        assert_eq!(records.next(), AMBIGUOUS);
+        assert_eq!(records.next(), PLAIN);
+        assert_eq!(records.next(), PLAIN);
+    }
+}
