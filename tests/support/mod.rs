@@ -495,13 +495,44 @@ pub fn basic(user: &str, password: &str) -> String {
     )
 }
 
-/// Writes raw bytes, returns everything read until the server closes or 5 s pass.
+/// Writes raw bytes and returns the first response: its head and, when it has a
+/// `Content-Length`, that many body bytes; otherwise whatever arrives until the server
+/// closes (at most 5 s).
 pub async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
     let mut stream = TcpStream::connect(addr).await.unwrap();
     stream.write_all(bytes).await.unwrap();
     let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(total) = complete_response_len(&out)
+                && out.len() >= total
+            {
+                return;
+            }
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => out.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Head length plus `Content-Length`, once the head is complete and has one.
+fn complete_response_len(bytes: &[u8]) -> Option<usize> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut response = httparse::Response::new(&mut headers);
+    let httparse::Status::Complete(head) = response.parse(bytes).ok()? else {
+        return None;
+    };
+    let length = response
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("content-length"))?;
+    let length: usize = std::str::from_utf8(length.value).ok()?.trim().parse().ok()?;
+    Some(head + length)
 }
 
 /// The status code of the first response in raw response bytes.
