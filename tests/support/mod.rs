@@ -531,7 +531,11 @@ fn complete_response_len(bytes: &[u8]) -> Option<usize> {
         .headers
         .iter()
         .find(|h| h.name.eq_ignore_ascii_case("content-length"))?;
-    let length: usize = std::str::from_utf8(length.value).ok()?.trim().parse().ok()?;
+    let length: usize = std::str::from_utf8(length.value)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
     Some(head + length)
 }
 
