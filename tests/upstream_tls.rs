@@ -58,12 +58,15 @@ fn leaf(
     )
 }
 
+/// The HTTP version and `Authorization` header of a request the upstream received.
+type Seen = (http::Version, Option<String>);
+
 /// A TLS upstream offering h2 and http/1.1; counts handshakes that completed and records
 /// the HTTP version and Authorization header of every request.
 #[derive(Clone, Default)]
 struct TlsUpstream {
     handshakes: Arc<AtomicUsize>,
-    requests: Arc<Mutex<Vec<(http::Version, Option<String>)>>>,
+    requests: Arc<Mutex<Vec<Seen>>>,
 }
 
 impl TlsUpstream {
