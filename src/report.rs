@@ -206,8 +206,8 @@ fn claim_warnings(claims: &Claims, route: &Route) -> Vec<String> {
     warnings
 }
 
-/// Epoch seconds as `YYYY-MM-DDTHH:MM:SSZ`.
-fn utc(epoch: u64) -> String {
+/// Epoch seconds as `YYYY-MM-DDTHH:MM:SSZ` (RFC 3339, UTC).
+pub(crate) fn utc(epoch: u64) -> String {
     let days = (epoch / 86_400) as i64;
     let secs = epoch % 86_400;
     // Howard Hinnant's civil_from_days.
