@@ -24,12 +24,15 @@ pub(crate) enum PathError {
     Backslash,
     #[error("control characters are not allowed in the path")]
     ControlCharacter,
+    #[error("letters, digits, '-' and '_' must not be percent-encoded in the path")]
+    EncodedUnreserved,
 }
 
 /// Refuses paths that could mean something else to the upstream than to the route table:
 /// dot segments in any encoding (RFC 3986 §5.2.4), encoded `/` and `\` (a backend that
-/// decodes them would see other segments), raw `\` (Microsoft stacks treat it as `/`), and
-/// control bytes raw or encoded (request splitting, truncation at NUL).
+/// decodes them would see other segments), raw `\` (Microsoft stacks treat it as `/`),
+/// control bytes raw or encoded (request splitting, truncation at NUL), and needlessly
+/// encoded unreserved characters (another spelling of a path a narrower route owns).
 pub(crate) fn check_path(path: &str) -> Result<(), PathError> {
     let bytes = path.as_bytes();
     if bytes.first() != Some(&b'/') {
@@ -47,6 +50,12 @@ pub(crate) fn check_path(path: &str) -> Result<(), PathError> {
                 match decoded {
                     Some(b'/' | b'\\') => return Err(PathError::EncodedSeparator),
                     Some(b) if b < 0x20 || b == 0x7f => return Err(PathError::ControlCharacter),
+                    // RFC 3986 §2.3: these mean the same encoded or not, so a backend would
+                    // see `%73ystemusers` as `systemusers` while the route table did not.
+                    // `%7E` (~) stays allowed: older encoders produce it.
+                    Some(b) if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_') => {
+                        return Err(PathError::EncodedUnreserved);
+                    }
                     _ => {}
                 }
             }
@@ -190,6 +199,13 @@ mod tests {
         );
         assert_eq!(check_path("/bc/%09x"), Err(PathError::ControlCharacter));
         assert_eq!(check_path("/bc/%7F"), Err(PathError::ControlCharacter));
+        assert_eq!(
+            check_path("/crm/%73ystemusers"),
+            Err(PathError::EncodedUnreserved)
+        );
+        assert_eq!(check_path("/bc/%41"), Err(PathError::EncodedUnreserved));
+        assert_eq!(check_path("/bc/a%5fb"), Err(PathError::EncodedUnreserved));
+        assert_eq!(check_path("/bc/%7Euser"), Ok(()));
         assert_eq!(check_path("*"), Err(PathError::NotOriginForm));
         assert_eq!(check_path(""), Err(PathError::NotOriginForm));
     }

@@ -559,17 +559,23 @@ async fn an_upstream_401_renews_the_token_and_retries_once() {
 }
 
 #[tokio::test]
-async fn an_upstream_that_keeps_answering_401_gets_one_retry_only_and_403_none() {
+async fn an_upstream_that_keeps_answering_401_is_a_502_after_one_retry_and_403_is_never_retried() {
     let (idp, upstream, proxy) = standard().await;
     upstream.respond(|_| {
         Response::builder()
             .status(401)
+            .header(
+                "www-authenticate",
+                "Bearer authorization_uri=\"https://login.example/t\"",
+            )
             .body(Full::new(Bytes::new()))
             .unwrap()
     });
     let (name, value) = erp();
     let answer = send(proxy.addr, "GET", "/bc/x", &[(name, &value)], "").await;
-    assert_eq!(answer.status, 401);
+    // The caller's credentials were fine: a bare 401 would tell it otherwise.
+    assert_eq!(answer.status, 502);
+    assert_eq!(answer.json()["error"], "upstream_rejected_token");
     assert!(answer.header("www-authenticate").is_none());
     assert_eq!(upstream.count(), 2);
     assert_eq!(idp.calls(), 2);
@@ -588,6 +594,39 @@ async fn an_upstream_that_keeps_answering_401_gets_one_retry_only_and_403_none()
     );
     assert_eq!(upstream.count(), 3, "403 is never retried");
     assert_eq!(idp.calls(), 2, "403 never causes a token request");
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_401_to_a_large_request_renews_the_token_without_replaying_the_body() {
+    let (idp, upstream, proxy) = standard().await;
+    upstream.respond(|request| {
+        let status = if request.header("authorization") == Some("Bearer tok-1") {
+            401
+        } else {
+            200
+        };
+        Response::builder()
+            .status(status)
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    });
+    let (name, value) = erp();
+    let large = vec![b'x'; 200 * 1024];
+    let answer = send(proxy.addr, "POST", "/bc/x", &[(name, &value)], large).await;
+    assert_eq!(answer.status, 502);
+    assert_eq!(upstream.count(), 1, "a body over 64 KiB is not replayed");
+    assert_eq!(idp.calls(), 2, "the rejected token was replaced anyway");
+    assert_eq!(
+        send(proxy.addr, "GET", "/bc/x", &[(name, &value)], "")
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        upstream.requests()[1].header("authorization"),
+        Some("Bearer tok-2")
+    );
     proxy.shutdown().await;
 }
 

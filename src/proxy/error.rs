@@ -33,6 +33,8 @@ pub(crate) enum ProxyError {
     TokenUnavailable(#[from] TokenError),
     #[error("upstream request failed: {0}")]
     UpstreamFailed(String),
+    #[error("upstream answered 401 to a freshly renewed token")]
+    UpstreamRejectedToken,
     #[error("upstream did not answer within the route timeout")]
     UpstreamTimeout,
     #[error("the proxy is shutting down")]
@@ -49,7 +51,7 @@ impl ProxyError {
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::TokenUnavailable(_) | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
-            Self::UpstreamFailed(_) => StatusCode::BAD_GATEWAY,
+            Self::UpstreamFailed(_) | Self::UpstreamRejectedToken => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -65,6 +67,7 @@ impl ProxyError {
             Self::PayloadTooLarge => "payload_too_large",
             Self::TokenUnavailable(_) => "token_unavailable",
             Self::UpstreamFailed(_) => "upstream_failed",
+            Self::UpstreamRejectedToken => "upstream_rejected_token",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::ShuttingDown => "shutting_down",
         }
@@ -88,6 +91,9 @@ impl ProxyError {
                 error.public_message()
             ),
             Self::UpstreamFailed(_) => "the upstream request failed".to_owned(),
+            Self::UpstreamRejectedToken => "the upstream rejected this route's access token; \
+                check that the app registration is enabled and consented for this service"
+                .to_owned(),
             Self::UpstreamTimeout => "the upstream did not answer in time".to_owned(),
             Self::ShuttingDown => "the proxy is shutting down; retry".to_owned(),
         }
@@ -107,6 +113,7 @@ impl ProxyError {
             | Self::NotFound
             | Self::PayloadTooLarge
             | Self::UpstreamFailed(_)
+            | Self::UpstreamRejectedToken
             | Self::UpstreamTimeout => None,
         }
     }
@@ -157,6 +164,7 @@ impl ProxyError {
             | Self::PayloadTooLarge
             | Self::TokenUnavailable(_)
             | Self::UpstreamFailed(_)
+            | Self::UpstreamRejectedToken
             | Self::UpstreamTimeout => {}
         }
         response

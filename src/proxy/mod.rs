@@ -177,8 +177,7 @@ impl Pipeline {
         let uri = routing::upstream_uri(&route.config.upstream, rest, request.uri().query())
             .map_err(|_| ProxyError::BadRequest("the request target cannot be forwarded"))?;
 
-        let token = route.tokens.get().await?;
-        self.forward(route, uri, request, token, peer, log).await
+        self.forward(route, uri, request, peer, log).await
     }
 
     async fn forward(
@@ -186,7 +185,6 @@ impl Pipeline {
         route: &RouteState,
         uri: Uri,
         request: Request<Incoming>,
-        mut token: Arc<Token>,
         peer: IpAddr,
         log: &mut AccessLog,
     ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -216,9 +214,13 @@ impl Pipeline {
             }
         })?;
 
+        // Taken only now, after waiting for a small body, so that the token is fresh when
+        // the request leaves.
+        let mut token = route.tokens.get().await?;
         // A small body is kept (with the headers) so the request can be sent again once.
         let mut replay = body.replay().map(|body| (body, headers.clone()));
         let mut next = (body, headers);
+        let mut renewed = false;
         let upstream_started = Instant::now();
         loop {
             let (body, headers) = next;
@@ -231,23 +233,27 @@ impl Pipeline {
                 Ok(Err(error)) => return Err(ProxyError::UpstreamFailed(error_chain(&error))),
                 Ok(Ok(response)) => response,
             };
-            if response.status() == StatusCode::UNAUTHORIZED
-                && let Some(again) = replay.take()
-            {
+            if response.status() == StatusCode::UNAUTHORIZED {
+                // The upstream refuses the proxy's token, not the caller: the caller's own
+                // credentials were fine. Renew (whatever the body), retry once if we can.
+                if renewed {
+                    return Err(ProxyError::UpstreamRejectedToken);
+                }
+                let again = replay.take();
                 match route.tokens.renew_rejected(&token).await {
-                    Ok(Some(renewed)) => {
+                    Ok(Some(fresh)) if let Some(again) = again => {
                         tracing::info!(
                             route = %route.prefix,
                             request_id = log.request_id.to_str().unwrap_or("-"),
                             "Upstream rejected the token; retrying once with a new one."
                         );
-                        token = renewed;
+                        token = fresh;
                         next = again;
+                        renewed = true;
                         continue;
                     }
-                    // Renewed moments ago already: the upstream's 401 is its answer.
-                    Ok(None) => {}
-                    // The upstream refuses the token and no other can be had.
+                    // Renewed, but the body is gone; or renewed moments ago already.
+                    Ok(_) => return Err(ProxyError::UpstreamRejectedToken),
                     Err(error) => return Err(ProxyError::TokenUnavailable(error)),
                 }
             }

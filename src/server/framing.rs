@@ -131,11 +131,13 @@ impl Audit {
         let mut request = httparse::Request::new(&mut headers);
         match request.parse(&self.head) {
             Ok(httparse::Status::Complete(len)) => {
+                let mut content_length_header = false;
                 let mut content_length = None;
                 let mut transfer_encoding = false;
                 let mut valid = true;
                 for header in request.headers.iter() {
                     if header.name.eq_ignore_ascii_case("content-length") {
+                        content_length_header = true;
                         let parsed = std::str::from_utf8(header.value)
                             .ok()
                             .and_then(|v| v.trim().parse::<u64>().ok());
@@ -145,13 +147,15 @@ impl Audit {
                         transfer_encoding = true;
                     }
                 }
+                // hyper skips a Content-Length after Transfer-Encoding without parsing
+                // it, so any Content-Length at all makes the head ambiguous.
                 self.records.push(Framing {
-                    ambiguous_length: transfer_encoding && content_length.is_some(),
+                    ambiguous_length: transfer_encoding && content_length_header,
                 });
-                self.state = if !valid {
-                    State::Off
-                } else if transfer_encoding {
+                self.state = if transfer_encoding {
                     State::ChunkSize(0, false)
+                } else if !valid {
+                    State::Off
                 } else {
                     match content_length {
                         Some(0) | None => State::Head,
@@ -315,6 +319,13 @@ mod tests {
         assert_eq!(audit(cl_first, 3), (vec![AMBIGUOUS, PLAIN], false));
         let te_first = b"POST /x HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked\r\nContent-Length: 6\r\n\r\n0\r\n\r\n";
         assert_eq!(audit(te_first, 1), (vec![AMBIGUOUS], false));
+        // hyper never parses a Content-Length after Transfer-Encoding: garbage counts too.
+        for value in ["abc", "99999999999999999999999", ""] {
+            let head = format!(
+                "POST /x HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked\r\nContent-Length: {value}\r\n\r\n0\r\n\r\n"
+            );
+            assert_eq!(audit(head.as_bytes(), 2).0, vec![AMBIGUOUS], "{value:?}");
+        }
     }
 
     #[test]
