@@ -1,17 +1,20 @@
 # syntax=docker/dockerfile:1
 #
-# s2s-proxy container image: a static build stage and a distroless, non-root runtime.
+# s2s-proxy container image: a build stage and a distroless, non-root runtime. No CA bundle
+# is needed: the public roots are built into the binary (add private ones with
+# server.upstream_ca_file). Logs go to stderr.
 #
 # Build:
 #   docker build -t s2s-proxy .
 #
 # Run with the config mounted read-only and secrets from the environment (proxy.yaml
 # must say `listen: 0.0.0.0:8080`; the default 127.0.0.1 is unreachable from outside):
-#   docker run --rm -p 8080:8080 \
+#   docker run --rm -p 8080:8080 --stop-timeout 35 \
 #     -v "$PWD/proxy.yaml:/etc/s2s-proxy/proxy.yaml:ro" \
 #     -e BC_TENANT_ID -e BC_CLIENT_ID -e BC_CLIENT_SECRET -e ERP_SYNC_PASSWORD \
 #     s2s-proxy
-#   (or --env-file ./s2s-proxy.env)
+#   (or --env-file ./s2s-proxy.env). On SIGTERM the proxy drains for up to 30 s; Docker's
+#   default grace period is 10 s, hence --stop-timeout 35.
 #
 # Secrets as files instead: mount them, e.g. -v "$PWD/secrets:/run/secrets:ro", and write
 # `client_secret: ${file:/run/secrets/bc_client_secret}` in proxy.yaml.
