@@ -46,7 +46,7 @@ use crate::token::TokenCache;
 pub enum StartError {
     #[error(transparent)]
     Tls(#[from] TlsSetupError),
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Bind {
         addr: SocketAddr,
         #[source]
@@ -104,6 +104,9 @@ impl Proxy {
             routes = self.config.routes.len(),
             "Listening."
         );
+        // SIGHUP would terminate the process by default; until reload exists, say so.
+        #[cfg(unix)]
+        let hangups = tokio::spawn(report_hangups());
         server::serve(
             self.listener,
             self.pipeline,
@@ -111,7 +114,24 @@ impl Proxy {
             shutdown,
         )
         .await;
+        #[cfg(unix)]
+        hangups.abort();
         Ok(())
+    }
+}
+
+/// Logs each SIGHUP: configuration reload is not implemented yet, and SIGHUP must not
+/// stop the proxy.
+#[cfg(unix)]
+async fn report_hangups() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        tracing::warn!(
+            "SIGHUP received: configuration reload is not supported yet; restart to apply changes."
+        );
     }
 }
 

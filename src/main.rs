@@ -96,7 +96,11 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             let config = load(&config.config)?;
             runtime(Some(1))?.block_on(async {
                 let (text, ok) = report::token(&config, &route, raw).await;
-                print!("{text}");
+                if ok {
+                    print!("{text}");
+                } else {
+                    eprint!("{text}");
+                }
                 anyhow::Ok(if ok {
                     ExitCode::SUCCESS
                 } else {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use std::sync::Arc;
 
 use crate::config::{Config, Route};
-use crate::token::{self, Claims, TokenError};
+use crate::token::{self, Claims, ProviderError, TokenError};
 use crate::upstream;
 
 /// The route table printed by `check`, like `nginx -t` followed by a summary.
@@ -129,11 +129,12 @@ pub async fn token(config: &Config, prefix: &str, raw: bool) -> (String, bool) {
     let fetched = match token::fetch_once(config, route, tls).await {
         Ok(fetched) => fetched,
         Err(error) => {
-            let _ = writeln!(out, "\nerror: token request failed: {}", error.cause());
-            if let TokenError::Provider(provider) = error.cause()
-                && let Some(hint) = provider.hint()
-            {
-                let _ = writeln!(out, "hint: {hint}");
+            out.push('\n');
+            match error.cause() {
+                TokenError::Provider(provider) => provider_failure(&mut out, provider),
+                other => {
+                    let _ = writeln!(out, "error: {other}");
+                }
             }
             return (out, false);
         }
@@ -174,6 +175,37 @@ pub async fn token(config: &Config, prefix: &str, raw: bool) -> (String, bool) {
         let _ = writeln!(out, "\n{}", fetched.access_token.expose());
     }
     (out, true)
+}
+
+/// A provider's refusal for the operator: everything parsed, the hint on its own line.
+fn provider_failure(out: &mut String, provider: &ProviderError) {
+    let mut line = format!("error: token endpoint answered HTTP {}", provider.status);
+    if let Some(error) = &provider.error {
+        let _ = write!(line, ": {error}");
+    }
+    if !provider.codes.is_empty() {
+        let codes: Vec<String> = provider
+            .codes
+            .iter()
+            .map(|c| format!("AADSTS{c}"))
+            .collect();
+        let _ = write!(line, " [{}]", codes.join(", "));
+    }
+    let _ = writeln!(out, "{line}");
+    if let Some(description) = &provider.description {
+        let _ = writeln!(out, "       {description}");
+    }
+    if let Some(hint) = provider.hint() {
+        let _ = writeln!(out, "hint: {hint}");
+    }
+    for (name, value) in [
+        ("trace_id", &provider.trace_id),
+        ("correlation_id", &provider.correlation_id),
+    ] {
+        if let Some(value) = value {
+            let _ = writeln!(out, "{name}: {value}");
+        }
+    }
 }
 
 /// What commonly goes wrong with app-only tokens for Dynamics, read from the claims.

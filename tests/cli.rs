@@ -892,7 +892,6 @@ async fn dev_demo_serves_the_sample_api_and_reports_tokens_on_sigint() {
 /// is printed twice: `cannot read: No such file or directory (os error 2): No such file
 /// or directory (os error 2)`.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "product bug: io error reasons are printed twice (ConfigError::Read, StartError::Bind)"]
 async fn io_error_reasons_are_printed_once() {
     let dir = TempDir::new("once");
     let mut cmd = command(["check", "--config"]);

@@ -121,19 +121,28 @@ impl Pipeline {
         let mut response = match self.pipeline(request, peer, &mut log).await {
             Ok(response) => response,
             Err(error) => {
-                if error.status().is_server_error() {
-                    tracing::warn!(
+                match &error {
+                    // Each failed token fetch is logged once by the token cache; the
+                    // requests that find no token are not worth a warning each.
+                    ProxyError::TokenUnavailable(_) | ProxyError::ShuttingDown => {
+                        tracing::debug!(
+                            request_id = request_id.to_str().unwrap_or("-"),
+                            route = log.route.as_deref().unwrap_or("-"),
+                            error = %error,
+                            "Request refused."
+                        );
+                    }
+                    _ if error.status().is_server_error() => tracing::warn!(
                         request_id = request_id.to_str().unwrap_or("-"),
                         route = log.route.as_deref().unwrap_or("-"),
                         error = %error,
                         "Request failed."
-                    );
-                } else {
-                    tracing::debug!(
+                    ),
+                    _ => tracing::debug!(
                         request_id = request_id.to_str().unwrap_or("-"),
                         error = %error,
                         "Request refused."
-                    );
+                    ),
                 }
                 log.error = Some(error.code());
                 error.into_response(log.route.as_deref(), &request_id)
