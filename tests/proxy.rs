@@ -784,3 +784,35 @@ async fn shutdown_drains_in_flight_requests() {
         "the listener is closed"
     );
 }
+
+#[tokio::test]
+async fn connections_that_send_no_request_are_closed_and_free_their_slot() {
+    let idp = FakeIdp::start().await;
+    let upstream = FakeUpstream::start().await;
+    let yaml = standard_yaml(&idp, &upstream).replace(
+        "  listen: 127.0.0.1:0\n",
+        "  listen: 127.0.0.1:0\n  limits: { header_read_timeout: 300ms, max_connections: 2 }\n",
+    );
+    let proxy = spawn_proxy(config(&yaml, standard_vars())).await;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut silent = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let mut half_preface = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    half_preface.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    for stream in [&mut silent, &mut half_preface] {
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "the proxy must close it: {read:?}"
+        );
+    }
+    // Both slots are free again.
+    let (name, value) = erp();
+    assert_eq!(
+        send(proxy.addr, "GET", "/bc/x", &[(name, &value)], "")
+            .await
+            .status,
+        200
+    );
+    proxy.shutdown().await;
+}

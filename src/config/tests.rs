@@ -1092,3 +1092,17 @@ fn yaml_bombs_are_errors_not_crashes() {
         started.elapsed()
     );
 }
+
+#[test]
+fn sizes_have_sane_bounds() {
+    let server = "server:\n  workers: 5000\n  limits: { max_header_bytes: 100, max_connections: 99999999999 }\n";
+    let yaml = format!("{server}{}", one_route("https://api.example.com/", ""));
+    assert_eq!(
+        problems(&yaml),
+        [
+            "server.workers: must be at most 1024",
+            "server.limits.max_header_bytes: must be at least 8192",
+            "server.limits.max_connections: must be at most 1000000",
+        ]
+    );
+}

@@ -198,7 +198,9 @@ impl Validator<'_> {
         }
         .unwrap_or(HeaderName::from_static("x-api-key"));
 
-        let workers = raw.workers.and_then(|n| self.count("server.workers", n, 1));
+        let workers = raw
+            .workers
+            .and_then(|n| self.count("server.workers", n, 1, 1024));
 
         let tls = raw.tls.as_ref().and_then(|tls| self.tls(tls));
 
@@ -246,7 +248,7 @@ impl Validator<'_> {
         Limits {
             max_header_bytes: raw
                 .max_header_bytes
-                .and_then(|n| self.count("server.limits.max_header_bytes", n, 1))
+                .and_then(|n| self.count("server.limits.max_header_bytes", n, 8192, 1024 * 1024))
                 .unwrap_or(default.max_header_bytes),
             max_body_bytes: match raw.max_body_bytes {
                 Some(0) => {
@@ -268,7 +270,7 @@ impl Validator<'_> {
                 .unwrap_or(default.request_timeout),
             max_connections: raw
                 .max_connections
-                .and_then(|n| self.count("server.limits.max_connections", n, 1))
+                .and_then(|n| self.count("server.limits.max_connections", n, 1, 1_000_000))
                 .unwrap_or(default.max_connections),
         }
     }
@@ -718,10 +720,10 @@ impl Validator<'_> {
 
         let max_concurrent = raw
             .max_concurrent
-            .and_then(|n| self.count(&path("max_concurrent"), n, 1));
+            .and_then(|n| self.count(&path("max_concurrent"), n, 1, 100_000));
         let max_queue = raw
             .max_queue
-            .and_then(|n| self.count(&path("max_queue"), n, 0));
+            .and_then(|n| self.count(&path("max_queue"), n, 0, 1_000_000));
         let queue_timeout = raw
             .queue_timeout
             .as_ref()
@@ -1038,9 +1040,13 @@ impl Validator<'_> {
         }
     }
 
-    fn count(&mut self, path: &str, value: u64, min: u64) -> Option<usize> {
+    fn count(&mut self, path: &str, value: u64, min: u64, max: u64) -> Option<usize> {
         if value < min {
             self.problem(path, format!("must be at least {min}"));
+            return None;
+        }
+        if value > max {
+            self.problem(path, format!("must be at most {max}"));
             return None;
         }
         match usize::try_from(value) {

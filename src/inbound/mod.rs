@@ -13,7 +13,7 @@
 mod basic;
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use http::{HeaderMap, HeaderName, header};
 use ipnet::IpNet;
@@ -142,15 +142,16 @@ impl Authenticator {
             .flat_map(|value| value.split(','))
             .collect::<Vec<_>>();
         for hop in hops.iter().rev() {
-            match hop.trim().parse::<IpAddr>() {
-                Ok(ip) => {
+            match parse_hop(hop) {
+                Some(ip) => {
                     client = ip;
                     if !self.is_trusted_proxy(ip) {
                         break;
                     }
                 }
-                // An unparsable hop ends the chain we can trust.
-                Err(_) => break,
+                // A hop we cannot read breaks the chain: the caller is unknown, not the
+                // trusted proxy that forwarded it.
+                None => return IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             }
         }
         client
@@ -202,6 +203,21 @@ impl Authenticator {
             Err(AuthError::WrongNetwork)
         }
     }
+}
+
+/// One `X-Forwarded-For` entry: an address, optionally with a port (`1.2.3.4:5678`,
+/// `[2001:db8::1]:443`, as some load balancers write them).
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    let hop = hop.trim();
+    if let Ok(ip) = hop.parse() {
+        return Some(ip);
+    }
+    if let Some(rest) = hop.strip_prefix('[') {
+        return rest.split_once(']')?.0.parse().ok();
+    }
+    let (ip, port) = hop.rsplit_once(':')?;
+    port.parse::<u16>().ok()?;
+    ip.parse().ok()
 }
 
 fn contains(networks: &[IpNet], ip: IpAddr) -> bool {
@@ -372,6 +388,16 @@ mod tests {
         assert_eq!(
             auth.client_ip(&chain, proxy),
             "10.20.3.4".parse::<IpAddr>().unwrap()
+        );
+        let with_ports = headers(&[("x-forwarded-for", "10.20.3.4:51234, [::1]:443")]);
+        assert_eq!(
+            auth.client_ip(&with_ports, proxy),
+            "::1".parse::<IpAddr>().unwrap()
+        );
+        let garbage = headers(&[("x-forwarded-for", "10.20.3.4, unknown")]);
+        assert_eq!(
+            auth.client_ip(&garbage, proxy),
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED)
         );
     }
 

@@ -60,6 +60,8 @@ pub(crate) struct Forwarding<'a> {
     pub(crate) proto: &'static str,
     pub(crate) api_key_header: &'a HeaderName,
     pub(crate) request_id: &'a HeaderValue,
+    /// The request target's authority: HTTP/2 callers send `:authority`, not `Host`.
+    pub(crate) authority: Option<&'a http::uri::Authority>,
 }
 
 /// The headers to send upstream, without `Authorization` (added per attempt) and without
@@ -94,7 +96,10 @@ pub(crate) fn to_upstream(mut headers: HeaderMap, forwarding: &Forwarding<'_>) -
         X_FORWARDED_PROTO,
         forwarded_proto.unwrap_or(HeaderValue::from_static(forwarding.proto)),
     );
-    if let Some(host) = forwarded_host.or(inbound_host) {
+    let authority = forwarding
+        .authority
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+    if let Some(host) = forwarded_host.or(inbound_host).or(authority) {
         headers.insert(X_FORWARDED_HOST, host);
     }
     headers.insert(X_REQUEST_ID, forwarding.request_id.clone());
@@ -111,12 +116,12 @@ pub(crate) fn to_client(headers: &mut HeaderMap) {
 
 /// Removes hop-by-hop headers and every header named in `Connection`.
 fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Split the raw bytes: one odd byte must not make the whole list unreadable.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim_ascii()).ok())
         .collect();
     for name in named.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(name);
@@ -174,6 +179,7 @@ mod tests {
             proto: "http",
             api_key_header: key,
             request_id: id,
+            authority: None,
         }
     }
 
@@ -252,6 +258,8 @@ mod tests {
     fn response_headers_lose_hop_by_hop_and_bearer_challenges() {
         let mut headers = map(&[
             ("connection", "close, x-internal"),
+            ("connection", "x-other"),
+            ("x-other", "2"),
             ("x-internal", "1"),
             ("keep-alive", "timeout=5"),
             ("transfer-encoding", "chunked"),

@@ -207,6 +207,7 @@ impl Pipeline {
                 proto: "http",
                 api_key_header: self.authenticator.api_key_header(),
                 request_id: &log.request_id,
+                authority: parts.uri.authority(),
             },
         );
         let stats = Arc::new(InboundStats::default());

@@ -13,12 +13,15 @@
 //! hyper will reject anyway, anything unexpected) it stops and records nothing more.
 
 use std::collections::VecDeque;
+use std::future::Future as _;
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
 
 /// Largest request head followed; hyper refuses larger heads itself.
 const MAX_HEAD: usize = 128 * 1024;
@@ -78,6 +81,8 @@ struct Audit {
     state: State,
     head: Vec<u8>,
     records: FramingRecords,
+    /// Request heads seen so far.
+    heads: u64,
 }
 
 impl Audit {
@@ -149,6 +154,7 @@ impl Audit {
                 }
                 // hyper skips a Content-Length after Transfer-Encoding without parsing
                 // it, so any Content-Length at all makes the head ambiguous.
+                self.heads += 1;
                 self.records.push(Framing {
                     ambiguous_length: transfer_encoding && content_length_header,
                 });
@@ -206,15 +212,27 @@ fn chunk_start(size: u64) -> State {
     }
 }
 
+/// Length of the HTTP/2 connection preface (RFC 9113 §3.4).
+const H2_PREFACE_LEN: usize = 24;
+
 /// A connection whose inbound bytes are audited on their way to hyper.
+///
+/// It also bounds the time before the first request head: hyper-util's protocol detection
+/// reads the first bytes without a timeout (hyper #3756), and hyper's own
+/// `header_read_timeout` only starts once HTTP/1 was chosen, so a peer that sends nothing
+/// (or half an HTTP/2 preface) would hold a connection slot forever.
 #[derive(Debug)]
 pub(crate) struct AuditedStream<S> {
     inner: S,
     audit: Audit,
+    /// Until the first request head (or the whole HTTP/2 preface) has arrived.
+    first_bytes_deadline: Option<Pin<Box<Sleep>>>,
+    bytes_read: usize,
 }
 
 impl<S> AuditedStream<S> {
-    pub(crate) fn new(inner: S) -> (Self, FramingRecords) {
+    /// `first_request_within`: how long the peer has to send its first request head.
+    pub(crate) fn new(inner: S, first_request_within: Duration) -> (Self, FramingRecords) {
         let records = FramingRecords::default();
         let stream = Self {
             inner,
@@ -222,9 +240,17 @@ impl<S> AuditedStream<S> {
                 state: State::Head,
                 head: Vec::new(),
                 records: records.clone(),
+                heads: 0,
             },
+            first_bytes_deadline: Some(Box::pin(tokio::time::sleep(first_request_within))),
+            bytes_read: 0,
         };
         (stream, records)
+    }
+
+    fn first_request_arrived(&self) -> bool {
+        self.audit.heads > 0
+            || (matches!(self.audit.state, State::Off) && self.bytes_read >= H2_PREFACE_LEN)
     }
 }
 
@@ -235,10 +261,23 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuditedStream<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if let Some(deadline) = this.first_bytes_deadline.as_mut()
+            && deadline.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no request within the header read timeout",
+            )));
+        }
         let before = buf.filled().len();
         let result = Pin::new(&mut this.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = result {
-            this.audit.observe(&buf.filled()[before..]);
+            let read = &buf.filled()[before..];
+            this.bytes_read = this.bytes_read.saturating_add(read.len());
+            this.audit.observe(read);
+            if this.first_bytes_deadline.is_some() && this.first_request_arrived() {
+                this.first_bytes_deadline = None;
+            }
         }
         result
     }
@@ -285,6 +324,7 @@ mod tests {
             state: State::Head,
             head: Vec::new(),
             records: records.clone(),
+            heads: 0,
         };
         for piece in input.chunks(step) {
             audit.observe(piece);

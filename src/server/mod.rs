@@ -80,9 +80,10 @@ pub(crate) async fn serve(
         let _ = stream.set_nodelay(true);
         let builder = builder.clone();
         let pipeline = pipeline.clone();
+        let header_read_timeout = limits.header_read_timeout;
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let (stream, framing) = AuditedStream::new(stream);
+            let (stream, framing) = AuditedStream::new(stream, header_read_timeout);
             let service = service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
                 request.extensions_mut().insert(framing.next());
                 let pipeline = pipeline.clone();
