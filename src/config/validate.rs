@@ -121,9 +121,6 @@ fn refuse_unsupported(raw: &RawConfig, problems: &mut Vec<Problem>) {
         if client.certificate.is_some() {
             refuse(format!("clients.{name}.certificate"), "", REMOVE);
         }
-        if client.rate_limit.is_some() {
-            refuse(format!("clients.{name}.rate_limit"), "", REMOVE);
-        }
     }
     for (index, route) in raw.routes.iter().flatten().enumerate() {
         let at = |field: &str| format!("routes[{index}].{field}");

@@ -9,8 +9,11 @@
 //!
 //! The caller's address is the TCP peer, or — only when the peer is one of
 //! `server.trusted_proxies` — the right-most untrusted address of `X-Forwarded-For`.
+//! Abuse limits live in [`throttle`]: failed attempts lock a source address out for a
+//! minute, and a client's `rate_limit` caps its requests.
 
 mod basic;
+mod throttle;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -18,6 +21,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use http::{HeaderMap, HeaderName, header};
 use ipnet::IpNet;
 
+use self::throttle::{FailedAuthLimiter, RateLimiter};
 use crate::config::Config;
 use crate::secret::SecretDigest;
 
@@ -32,7 +36,7 @@ impl ClientId {
     }
 }
 
-/// Why a caller is not authenticated. All map to the same 401 response.
+/// Why a caller is not authenticated. All but `LockedOut` map to the same 401 response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum AuthError {
     #[error("no credentials presented and the source address matches no client")]
@@ -45,6 +49,9 @@ pub(crate) enum AuthError {
     BadApiKey,
     #[error("credentials are not accepted from this source address")]
     WrongNetwork,
+    /// Too many failed authentications from this source address (429).
+    #[error("source address locked out after repeated failed authentications")]
+    LockedOut(std::time::Duration),
 }
 
 #[derive(Debug)]
@@ -65,6 +72,9 @@ pub(crate) struct Authenticator {
     trusted_proxies: Vec<IpNet>,
     /// Compared against when the user is unknown, so both paths cost the same.
     dummy: SecretDigest,
+    failures: FailedAuthLimiter,
+    /// `clients.<name>.rate_limit`, by client index.
+    rate_limits: Vec<Option<RateLimiter>>,
 }
 
 impl Authenticator {
@@ -104,6 +114,12 @@ impl Authenticator {
             api_key_header: config.server.api_key_header.clone(),
             trusted_proxies: config.server.trusted_proxies.clone(),
             dummy: SecretDigest::of(&fastrand::u64(..).to_le_bytes()),
+            failures: FailedAuthLimiter::default(),
+            rate_limits: config
+                .clients
+                .iter()
+                .map(|client| client.rate_limit.map(RateLimiter::new))
+                .collect(),
         }
     }
 
@@ -157,12 +173,34 @@ impl Authenticator {
         client
     }
 
-    /// Identifies the caller of a request from `client_ip`.
+    /// Identifies the caller of a request from `client_ip`. Presented credentials that do
+    /// not match count against the source address; too many lock it out for a while.
     pub(crate) fn authenticate(
         &self,
         headers: &HeaderMap,
         client_ip: IpAddr,
     ) -> Result<ClientId, AuthError> {
+        self.failures
+            .check(client_ip)
+            .map_err(AuthError::LockedOut)?;
+        let result = self.identify(headers, client_ip);
+        if let Err(error) = result
+            && error != AuthError::Missing
+        {
+            self.failures.failed(client_ip);
+        }
+        result
+    }
+
+    /// Takes one request from the client's `rate_limit`, or `Err(retry_after)`.
+    pub(crate) fn admit(&self, id: ClientId) -> Result<(), std::time::Duration> {
+        match &self.rate_limits[id.0] {
+            Some(limiter) => limiter.acquire(),
+            None => Ok(()),
+        }
+    }
+
+    fn identify(&self, headers: &HeaderMap, client_ip: IpAddr) -> Result<ClientId, AuthError> {
         if let Some(value) = headers.get(header::AUTHORIZATION)
             && let Some(credentials) = basic::parse(value.as_bytes())
         {

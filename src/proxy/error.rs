@@ -22,7 +22,9 @@ pub(crate) enum ProxyError {
     #[error("method not allowed")]
     MethodNotAllowed,
     #[error("not authenticated: {0}")]
-    Unauthorized(#[from] AuthError),
+    Unauthorized(AuthError),
+    #[error("too many requests; retry in {0:?}")]
+    TooManyRequests(Duration),
     #[error("client may not use this route")]
     Forbidden,
     #[error("no route matches")]
@@ -41,12 +43,26 @@ pub(crate) enum ProxyError {
     ShuttingDown,
 }
 
+impl From<AuthError> for ProxyError {
+    fn from(error: AuthError) -> Self {
+        match error {
+            AuthError::LockedOut(retry_after) => Self::TooManyRequests(retry_after),
+            AuthError::Missing
+            | AuthError::Malformed
+            | AuthError::BadPassword
+            | AuthError::BadApiKey
+            | AuthError::WrongNetwork => Self::Unauthorized(error),
+        }
+    }
+}
+
 impl ProxyError {
     pub(crate) fn status(&self) -> StatusCode {
         match self {
             Self::BadRequest(_) | Self::BadPath(_) => StatusCode::BAD_REQUEST,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Forbidden => StatusCode::FORBIDDEN,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -62,6 +78,7 @@ impl ProxyError {
             Self::BadRequest(_) | Self::BadPath(_) => "bad_request",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::Unauthorized(_) => "unauthorized",
+            Self::TooManyRequests(_) => "too_many_requests",
             Self::Forbidden => "forbidden",
             Self::NotFound => "not_found",
             Self::PayloadTooLarge => "payload_too_large",
@@ -83,6 +100,9 @@ impl ProxyError {
             }
             // Identical for every cause: no hint whether the user exists.
             Self::Unauthorized(_) => "authentication required".to_owned(),
+            Self::TooManyRequests(_) => {
+                "too many requests; retry after the time in Retry-After".to_owned()
+            }
             Self::Forbidden => "this client may not use this route".to_owned(),
             Self::NotFound => "no route matches this path".to_owned(),
             Self::PayloadTooLarge => "request body too large".to_owned(),
@@ -105,6 +125,7 @@ impl ProxyError {
                 Some(error.retry_after().unwrap_or(Duration::from_secs(5)))
             }
             Self::ShuttingDown => Some(Duration::from_secs(1)),
+            Self::TooManyRequests(retry_after) => Some(*retry_after),
             Self::BadRequest(_)
             | Self::BadPath(_)
             | Self::MethodNotAllowed
@@ -160,6 +181,7 @@ impl ProxyError {
                 headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             Self::Forbidden
+            | Self::TooManyRequests(_)
             | Self::NotFound
             | Self::PayloadTooLarge
             | Self::TokenUnavailable(_)

@@ -5,7 +5,8 @@
 //! 1. **check** the request itself (method, target form, `Host`, duplicate credentials,
 //!    path safety) — 400 / 405;
 //! 2. **authenticate** the caller — 401; nothing after this runs for unknown callers, so
-//!    they can never cause a token request;
+//!    they can never cause a token request (429 for a locked-out source address or a
+//!    client over its `rate_limit`);
 //! 3. **route** by the longest prefix — 404 — and **authorize** the client for it — 403;
 //! 4. **token**: the route's cached bearer token — 503 when none is valid;
 //! 5. **forward** with the token injected, streaming both bodies; an upstream 401 to the
@@ -170,6 +171,9 @@ impl Pipeline {
             .authenticator
             .authenticate(request.headers(), client_ip)?;
         log.client = Some(self.client_names[client.index()].clone());
+        self.authenticator
+            .admit(client)
+            .map_err(ProxyError::TooManyRequests)?;
 
         let (index, rest) = self
             .table
