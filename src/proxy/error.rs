@@ -21,6 +21,8 @@ pub(crate) enum ProxyError {
     BadPath(#[from] PathError),
     #[error("method not allowed")]
     MethodNotAllowed,
+    #[error("request target longer than 8 KiB")]
+    UriTooLong,
     #[error("not authenticated: {0}")]
     Unauthorized(AuthError),
     #[error("too many requests; retry in {0:?}")]
@@ -61,6 +63,7 @@ impl ProxyError {
         match self {
             Self::BadRequest(_) | Self::BadPath(_) => StatusCode::BAD_REQUEST,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::UriTooLong => StatusCode::URI_TOO_LONG,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Forbidden => StatusCode::FORBIDDEN,
@@ -77,6 +80,7 @@ impl ProxyError {
         match self {
             Self::BadRequest(_) | Self::BadPath(_) => "bad_request",
             Self::MethodNotAllowed => "method_not_allowed",
+            Self::UriTooLong => "uri_too_long",
             Self::Unauthorized(_) => "unauthorized",
             Self::TooManyRequests(_) => "too_many_requests",
             Self::Forbidden => "forbidden",
@@ -99,6 +103,7 @@ impl ProxyError {
                 "method not allowed; use GET, HEAD, POST, PUT, PATCH, DELETE or OPTIONS".to_owned()
             }
             // Identical for every cause: no hint whether the user exists.
+            Self::UriTooLong => "the request target is longer than 8 KiB".to_owned(),
             Self::Unauthorized(_) => "authentication required".to_owned(),
             Self::TooManyRequests(_) => {
                 "too many requests; retry after the time in Retry-After".to_owned()
@@ -129,6 +134,7 @@ impl ProxyError {
             Self::BadRequest(_)
             | Self::BadPath(_)
             | Self::MethodNotAllowed
+            | Self::UriTooLong
             | Self::Unauthorized(_)
             | Self::Forbidden
             | Self::NotFound
@@ -176,7 +182,7 @@ impl ProxyError {
                     HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
                 );
             }
-            Self::BadRequest(_) | Self::BadPath(_) | Self::ShuttingDown => {
+            Self::BadRequest(_) | Self::BadPath(_) | Self::UriTooLong | Self::ShuttingDown => {
                 // The connection's framing or intent is suspect, or we are leaving.
                 headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
