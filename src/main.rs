@@ -67,6 +67,9 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    if let Err(error) = s2s_proxy::harden_process() {
+        tracing::warn!(error = %error, "Could not disable core dumps; secrets could end up in one.");
+    }
     match execute(cli.command) {
         Ok(code) => code,
         Err(error) => {
