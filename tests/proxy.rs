@@ -883,3 +883,37 @@ async fn a_client_over_its_rate_limit_gets_429() {
     assert_eq!(upstream.count(), 4);
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_stalled_request_body_is_408_and_the_upstream_request_is_aborted() {
+    let idp = FakeIdp::start().await;
+    let upstream = FakeUpstream::start().await;
+    let yaml = standard_yaml(&idp, &upstream).replace(
+        "  listen: 127.0.0.1:0\n",
+        "  listen: 127.0.0.1:0\n  limits: { body_idle_timeout: 300ms }\n",
+    );
+    let proxy = spawn_proxy(config(&yaml, standard_vars())).await;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let auth = basic("erp", PASSWORD);
+    for (declared, sent) in [(10usize, 3usize), (200_000, 100_000)] {
+        let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let head = format!(
+            "POST /bc/slow HTTP/1.1\r\nHost: p\r\nAuthorization: {auth}\r\nContent-Length: {declared}\r\n\r\n"
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stream.write_all(&vec![b'a'; sent]).await.unwrap();
+        // ...and then nothing more.
+        let mut response = vec![0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut response))
+            .await
+            .unwrap()
+            .unwrap();
+        let response = String::from_utf8_lossy(&response[..n]).into_owned();
+        assert_eq!(raw_status(&response), 408, "{declared}: {response}");
+    }
+    // The small body never reached the upstream; the streamed one was cut off, not completed.
+    let seen = upstream.requests();
+    assert!(seen.iter().all(|r| r.body == ABORTED), "{seen:?}");
+    assert!(seen.len() <= 1);
+    proxy.shutdown().await;
+}

@@ -260,6 +260,11 @@ impl Validator<'_> {
                 .as_ref()
                 .and_then(|t| self.duration("server.limits.header_read_timeout", t))
                 .unwrap_or(default.header_read_timeout),
+            body_idle_timeout: raw
+                .body_idle_timeout
+                .as_ref()
+                .and_then(|t| self.duration("server.limits.body_idle_timeout", t))
+                .unwrap_or(default.body_idle_timeout),
             request_timeout: raw
                 .request_timeout
                 .as_ref()

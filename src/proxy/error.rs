@@ -33,6 +33,8 @@ pub(crate) enum ProxyError {
     NotFound,
     #[error("request body larger than server.limits.max_body_bytes")]
     PayloadTooLarge,
+    #[error("the request body stalled longer than server.limits.body_idle_timeout")]
+    RequestTimeout,
     #[error("no valid token: {0}")]
     TokenUnavailable(#[from] TokenError),
     #[error("upstream request failed: {0}")]
@@ -69,6 +71,7 @@ impl ProxyError {
             Self::Forbidden => StatusCode::FORBIDDEN,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::TokenUnavailable(_) | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamFailed(_) | Self::UpstreamRejectedToken => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -86,6 +89,7 @@ impl ProxyError {
             Self::Forbidden => "forbidden",
             Self::NotFound => "not_found",
             Self::PayloadTooLarge => "payload_too_large",
+            Self::RequestTimeout => "request_timeout",
             Self::TokenUnavailable(_) => "token_unavailable",
             Self::UpstreamFailed(_) => "upstream_failed",
             Self::UpstreamRejectedToken => "upstream_rejected_token",
@@ -111,6 +115,7 @@ impl ProxyError {
             Self::Forbidden => "this client may not use this route".to_owned(),
             Self::NotFound => "no route matches this path".to_owned(),
             Self::PayloadTooLarge => "request body too large".to_owned(),
+            Self::RequestTimeout => "the request body stopped arriving".to_owned(),
             Self::TokenUnavailable(error) => format!(
                 "no valid access token for this route: {}",
                 error.public_message()
@@ -139,6 +144,7 @@ impl ProxyError {
             | Self::Forbidden
             | Self::NotFound
             | Self::PayloadTooLarge
+            | Self::RequestTimeout
             | Self::UpstreamFailed(_)
             | Self::UpstreamRejectedToken
             | Self::UpstreamTimeout => None,
@@ -182,7 +188,11 @@ impl ProxyError {
                     HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
                 );
             }
-            Self::BadRequest(_) | Self::BadPath(_) | Self::UriTooLong | Self::ShuttingDown => {
+            Self::BadRequest(_)
+            | Self::BadPath(_)
+            | Self::UriTooLong
+            | Self::RequestTimeout
+            | Self::ShuttingDown => {
                 // The connection's framing or intent is suspect, or we are leaving.
                 headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }

@@ -28,7 +28,7 @@ use hyper::body::Incoming;
 use tokio::time::{Instant, timeout_at};
 
 use self::access_log::AccessLog;
-use self::body::{InboundStats, ProxyBody, ProxyBodyError, UpstreamBody};
+use self::body::{BodyLimits, InboundStats, ProxyBody, ProxyBodyError, UpstreamBody};
 use self::error::ProxyError;
 use self::headers::{Forwarding, X_REQUEST_ID};
 use crate::config::{Config, Limits, Route};
@@ -217,12 +217,20 @@ impl Pipeline {
         let stats = Arc::new(InboundStats::default());
         let body = timeout_at(
             deadline,
-            body::prepare(inbound, self.limits.max_body_bytes, stats.clone()),
+            body::prepare(
+                inbound,
+                BodyLimits {
+                    max_bytes: self.limits.max_body_bytes,
+                    idle_timeout: self.limits.body_idle_timeout,
+                },
+                stats.clone(),
+            ),
         )
         .await
         .map_err(|_| ProxyError::UpstreamTimeout)?
         .map_err(|error| match error {
             ProxyBodyError::TooLarge => ProxyError::PayloadTooLarge,
+            ProxyBodyError::Idle => ProxyError::RequestTimeout,
             ProxyBodyError::Inbound(_) => {
                 ProxyError::BadRequest("the request body could not be read")
             }
@@ -244,6 +252,7 @@ impl Pipeline {
             let response = match result {
                 Err(_) => return Err(ProxyError::UpstreamTimeout),
                 Ok(Err(_)) if stats.too_large() => return Err(ProxyError::PayloadTooLarge),
+                Ok(Err(_)) if stats.idle() => return Err(ProxyError::RequestTimeout),
                 Ok(Err(error)) => return Err(ProxyError::UpstreamFailed(error_chain(&error))),
                 Ok(Ok(response)) => response,
             };
