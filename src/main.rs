@@ -131,7 +131,11 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
 }
 
 fn load(path: &Path) -> anyhow::Result<Config> {
-    Ok(Config::load(path)?)
+    let config = Config::load(path)?;
+    if let Some(warning) = s2s_proxy::config::inline_secret_warning(path) {
+        tracing::warn!("{warning}");
+    }
+    Ok(config)
 }
 
 fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {

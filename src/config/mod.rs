@@ -7,6 +7,7 @@
 //! The YAML parser sits behind [`Config::from_yaml_str`] alone.
 
 mod expand;
+mod permissions;
 mod raw;
 mod validate;
 
@@ -23,6 +24,7 @@ use ipnet::IpNet;
 use crate::secret::{Secret, SecretDigest};
 
 pub use expand::Variables;
+pub use permissions::inline_secret_warning;
 
 /// Default `server.listen`.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
