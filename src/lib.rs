@@ -21,6 +21,8 @@
 
 pub mod config;
 pub mod dev;
+#[doc(hidden)]
+pub mod fuzzing;
 mod hardening;
 mod inbound;
 mod proxy;
