@@ -6,19 +6,30 @@
 //! hyper-util's pooled client; HTTP/2 is used when the upstream offers it through ALPN,
 //! HTTP/1.1 otherwise. Plain `http://` is only reachable because the configuration allows
 //! it for loopback hosts or an explicit `allow_plain_http` route.
+//!
+//! Names are resolved through [`GuardedResolver`]: an upstream name that resolves to a
+//! link-local address (cloud metadata services) is refused, and so is one that resolves
+//! to loopback unless the name is `localhost` — DNS must not turn a configured public
+//! upstream into an internal one (SSRF by DNS rebinding, CWE-918).
 
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::dns::{GaiResolver, Name};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::RootCertStore;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
+use tower_service::Service;
 
 /// How long establishing a TCP connection to an upstream may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -71,7 +82,62 @@ pub(crate) fn client_tls_config(
         .with_no_client_auth())
 }
 
-pub(crate) type UpstreamClient<B> = Client<HttpsConnector<HttpConnector>, B>;
+pub(crate) type UpstreamClient<B> =
+    Client<HttpsConnector<HttpConnector<GuardedResolver<GaiResolver>>>, B>;
+
+/// Whether an address an upstream name resolved to may be connected to.
+fn allowed(ip: IpAddr, loopback_ok: bool) -> bool {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => {
+            !(v4.is_link_local() || v4.is_unspecified() || v4.is_broadcast())
+                && (loopback_ok || !v4.is_loopback())
+        }
+        IpAddr::V6(v6) => {
+            !(v6.is_unicast_link_local() || v6.is_unspecified())
+                && (loopback_ok || !v6.is_loopback())
+        }
+    }
+}
+
+/// A resolver that drops addresses upstreams must never reach (see the module docs).
+#[derive(Debug, Clone)]
+pub(crate) struct GuardedResolver<R> {
+    inner: R,
+}
+
+impl<R> Service<Name> for GuardedResolver<R>
+where
+    R: Service<Name, Error = std::io::Error> + Send,
+    R::Response: Iterator<Item = SocketAddr>,
+    R::Future: Send + 'static,
+{
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
+        let host = name.as_str().to_ascii_lowercase();
+        let loopback_ok = host == "localhost" || host.ends_with(".localhost");
+        let resolving = self.inner.call(name);
+        Box::pin(async move {
+            let addresses: Vec<SocketAddr> = resolving
+                .await?
+                .filter(|address| allowed(address.ip(), loopback_ok))
+                .collect();
+            if addresses.is_empty() {
+                return Err(std::io::Error::other(format!(
+                    "{host} resolves only to link-local, loopback or unspecified addresses, \
+                     which are refused for upstreams"
+                )));
+            }
+            Ok(addresses.into_iter())
+        })
+    }
+}
 
 /// The pooled upstream client.
 pub(crate) fn client<B>(tls: rustls::ClientConfig) -> UpstreamClient<B>
@@ -79,7 +145,9 @@ where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let mut http = HttpConnector::new();
+    let mut http = HttpConnector::new_with_resolver(GuardedResolver {
+        inner: GaiResolver::new(),
+    });
     http.enforce_http(false);
     http.set_connect_timeout(Some(CONNECT_TIMEOUT));
     http.set_nodelay(true);
@@ -100,7 +168,65 @@ where
 
 #[cfg(test)]
 mod tests {
+    use std::str::FromStr;
+
     use super::*;
+
+    /// Resolves every name to the given addresses.
+    #[derive(Clone)]
+    struct Fixed(Vec<SocketAddr>);
+
+    impl Service<Name> for Fixed {
+        type Response = std::vec::IntoIter<SocketAddr>;
+        type Error = std::io::Error;
+        type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: Name) -> Self::Future {
+            std::future::ready(Ok(self.0.clone().into_iter()))
+        }
+    }
+
+    async fn resolve(name: &str, addresses: &[&str]) -> Result<Vec<SocketAddr>, String> {
+        let fixed = Fixed(addresses.iter().map(|a| a.parse().unwrap()).collect());
+        let mut resolver = GuardedResolver { inner: fixed };
+        resolver
+            .call(Name::from_str(name).unwrap())
+            .await
+            .map(Iterator::collect)
+            .map_err(|e| e.to_string())
+    }
+
+    #[tokio::test]
+    async fn names_never_resolve_to_metadata_or_loopback_addresses() {
+        let public = ["20.190.1.1:443", "[2603:1030::1]:443"];
+        assert_eq!(resolve("api.example.com", &public).await.unwrap().len(), 2);
+        for refused in [
+            "169.254.169.254:80",
+            "[fe80::1]:80",
+            "127.0.0.1:80",
+            "[::1]:80",
+            "0.0.0.0:80",
+            "[::ffff:169.254.169.254]:80",
+        ] {
+            let error = resolve("rebind.example.com", &[refused]).await.unwrap_err();
+            assert!(error.contains("refused"), "{refused}: {error}");
+        }
+        // Mixed answers keep only the safe addresses.
+        let mixed = resolve(
+            "api.example.com",
+            &["169.254.169.254:443", "20.190.1.1:443"],
+        )
+        .await
+        .unwrap();
+        assert_eq!(mixed, ["20.190.1.1:443".parse::<SocketAddr>().unwrap()]);
+        // `localhost` may be loopback (sidecars, tests), never link-local.
+        assert!(resolve("localhost", &["127.0.0.1:80"]).await.is_ok());
+        assert!(resolve("localhost", &["169.254.169.254:80"]).await.is_err());
+    }
 
     #[test]
     fn builds_with_webpki_roots() {
