@@ -31,6 +31,7 @@ use self::body::{InboundStats, ProxyBody, ProxyBodyError, UpstreamBody};
 use self::error::ProxyError;
 use self::headers::{Forwarding, X_REQUEST_ID};
 use crate::config::{Config, Limits, Route};
+use crate::inbound::tls::TlsSession;
 use crate::inbound::{Authenticator, ClientSet};
 use crate::routing::{self, RouteTable};
 use crate::token::{Token, TokenCache, TokenSlot};
@@ -166,9 +167,13 @@ impl Pipeline {
         checks::check(&request, self.authenticator.api_key_header())?;
 
         let client_ip = self.authenticator.client_ip(request.headers(), peer);
-        let client = self
-            .authenticator
-            .authenticate(request.headers(), client_ip)?;
+        let peer_certificate = request
+            .extensions()
+            .get::<Arc<TlsSession>>()
+            .and_then(|tls| tls.peer_certificate.as_ref());
+        let client =
+            self.authenticator
+                .authenticate(request.headers(), client_ip, peer_certificate)?;
         log.client = Some(self.client_names[client.index()].clone());
 
         let (index, rest) = self
@@ -204,7 +209,11 @@ impl Pipeline {
             &Forwarding {
                 peer,
                 peer_is_trusted_proxy: self.authenticator.is_trusted_proxy(peer),
-                proto: "http",
+                proto: if parts.extensions.get::<Arc<TlsSession>>().is_some() {
+                    "https"
+                } else {
+                    "http"
+                },
                 api_key_header: self.authenticator.api_key_header(),
                 request_id: &log.request_id,
                 authority: parts.uri.authority(),
