@@ -268,6 +268,63 @@ mod tests {
     }
 
     #[test]
+    fn start_up_errors_name_the_file() {
+        let dir = std::env::temp_dir().join(format!(
+            "s2s-proxy-inbound-tls-{}-{:016x}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let write = |name: &str, contents: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, contents).unwrap();
+            path
+        };
+        let tls = ServerTls {
+            cert_file: write("tls.crt", &cert.pem()),
+            key_file: write("tls.key", &key.serialize_pem()),
+            client_ca_file: Some(write("ca.pem", &cert.pem())),
+        };
+        let built = InboundTls::new(&tls).expect("valid pair and CA");
+        assert_eq!(
+            built.config.alpn_protocols,
+            [b"h2".to_vec(), b"http/1.1".to_vec()]
+        );
+
+        let empty_ca = ServerTls {
+            client_ca_file: Some(write("empty.pem", "")),
+            ..tls.clone()
+        };
+        let error = InboundTls::new(&empty_ca).unwrap_err().to_string();
+        assert!(
+            error.ends_with("empty.pem: contains no PEM certificate"),
+            "{error}"
+        );
+
+        let other_key = ServerTls {
+            key_file: write("other.key", &KeyPair::generate().unwrap().serialize_pem()),
+            ..tls.clone()
+        };
+        let error = InboundTls::new(&other_key).unwrap_err().to_string();
+        assert!(
+            error.contains("other.key: the private key is unusable or does not belong to"),
+            "{error}"
+        );
+        assert!(!error.contains("PRIVATE KEY"), "{error}");
+
+        let missing = ServerTls {
+            cert_file: dir.join("missing.crt"),
+            ..tls
+        };
+        let error = InboundTls::new(&missing).unwrap_err().to_string();
+        assert!(error.contains("missing.crt: cannot read"), "{error}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn no_common_name_matches_nothing() {
         // (rcgen cannot write two CNs; `subject_cn` refuses those by construction.)
         assert_eq!(
