@@ -11,6 +11,7 @@
 //! - `upstream`: rustls client configuration and the pooled upstream client.
 //! - [`secret`]: redacting wrappers for secrets.
 //! - [`dev`]: the self-contained demo behind `s2s-proxy dev`.
+//! - `hardening`: no core dumps, not dumpable.
 //! - [`report`]: what `check` and `token` print.
 //!
 //! Request lifecycle: a connection is accepted by `server`, each request runs through
@@ -20,6 +21,9 @@
 
 pub mod config;
 pub mod dev;
+#[doc(hidden)]
+pub mod fuzzing;
+mod hardening;
 mod inbound;
 mod proxy;
 pub mod report;
@@ -36,6 +40,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 pub use config::{Config, ConfigError, Source};
+pub use hardening::harden_process;
 pub use inbound::tls::{InboundTlsError, TlsReloader};
 pub use upstream::TlsSetupError;
 

@@ -67,6 +67,9 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    if let Err(error) = s2s_proxy::harden_process() {
+        tracing::warn!(error = %error, "Could not disable core dumps; secrets could end up in one.");
+    }
     match execute(cli.command) {
         Ok(code) => code,
         Err(error) => {
@@ -128,7 +131,11 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
 }
 
 fn load(path: &Path) -> anyhow::Result<Config> {
-    Ok(Config::load(path)?)
+    let config = Config::load(path)?;
+    if let Some(warning) = s2s_proxy::config::inline_secret_warning(path) {
+        tracing::warn!("{warning}");
+    }
+    Ok(config)
 }
 
 fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {

@@ -244,4 +244,108 @@ mod tests {
             "https://api.example.test/v2.0/t/Production/ODataV4/Company('CRONUS%20USA')/Customers?$filter=No%20eq%20'10000'&$top=5"
         );
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// Percent-decodes everything (what a lenient backend might do), lossy.
+        fn decode(path: &str) -> String {
+            let bytes = path.as_bytes();
+            let mut out = Vec::new();
+            let mut i = 0;
+            while i < bytes.len() {
+                if bytes[i] == b'%'
+                    && let Some(b) = bytes
+                        .get(i + 1..i + 3)
+                        .and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok())
+                {
+                    out.push(b);
+                    i += 3;
+                    continue;
+                }
+                out.push(bytes[i]);
+                i += 1;
+            }
+            String::from_utf8_lossy(&out).replace('\\', "/")
+        }
+
+        /// RFC 3986 §5.2.4 remove_dot_segments, as a backend would apply it.
+        fn remove_dot_segments(path: &str) -> String {
+            let mut out: Vec<&str> = Vec::new();
+            for segment in path.split('/').skip(1) {
+                match segment {
+                    "." => {}
+                    ".." => {
+                        out.pop();
+                    }
+                    other => out.push(other),
+                }
+            }
+            format!("/{}", out.join("/"))
+        }
+
+        fn upstream() -> Upstream {
+            Upstream {
+                url: "https://bc.test/v2.0/t/Production/".parse().unwrap(),
+                scheme: http::uri::Scheme::HTTPS,
+                authority: "bc.test".parse().unwrap(),
+                host: "bc.test".into(),
+                base_path: "/v2.0/t/Production/".into(),
+            }
+        }
+
+        /// Paths built from the pieces attackers use.
+        fn hostile_path() -> impl Strategy<Value = String> {
+            let piece = prop_oneof![
+                1 => Just("..".to_owned()),
+                1 => Just(".".to_owned()),
+                1 => Just("%2e".to_owned()),
+                1 => Just("%2E".to_owned()),
+                1 => Just("%2f".to_owned()),
+                1 => Just("%5c".to_owned()),
+                1 => Just("%00".to_owned()),
+                1 => Just("%25".to_owned()),
+                1 => Just("%41".to_owned()),
+                1 => Just("\\".to_owned()),
+                1 => Just("/".to_owned()),
+                1 => Just("//".to_owned()),
+                8 => "[a-zA-Z0-9()'_~-]{1,6}",
+            ];
+            prop::collection::vec(piece, 0..12)
+                .prop_map(|pieces| format!("/bc/{}", pieces.concat()))
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 512, max_global_rejects: 20_000, ..ProptestConfig::default() })]
+
+            #[test]
+            fn the_check_is_deterministic(path in hostile_path()) {
+                prop_assert_eq!(check_path(&path), check_path(&path));
+            }
+
+            #[test]
+            fn a_passing_path_never_leaves_its_upstream_base(path in hostile_path()) {
+                prop_assume!(check_path(&path).is_ok());
+                let table = RouteTable::new(["/bc/"]);
+                let (_, rest) = table.lookup(&path).unwrap();
+                let uri = upstream_uri(&upstream(), rest, None).unwrap();
+                // Whatever the backend decodes and normalises, it stays under the base.
+                let resolved = remove_dot_segments(&decode(uri.path()));
+                prop_assert!(resolved.starts_with("/v2.0/t/Production"), "{} -> {}", path, resolved);
+            }
+
+            #[test]
+            fn the_forwarded_path_is_byte_identical_to_the_checked_one(path in hostile_path(), query in "[a-z$=%0-9&']{0,12}") {
+                prop_assume!(check_path(&path).is_ok());
+                let table = RouteTable::new(["/bc/"]);
+                let (_, rest) = table.lookup(&path).unwrap();
+                let query = (!query.is_empty()).then_some(query.as_str());
+                let uri = upstream_uri(&upstream(), rest, query).unwrap();
+                prop_assert_eq!(uri.path(), format!("/v2.0/t/Production/{rest}"));
+                prop_assert_eq!(uri.query(), query);
+            }
+        }
+    }
 }

@@ -912,3 +912,22 @@ async fn io_error_reasons_are_printed_once() {
     let out = run_to_end(cmd, None).await;
     assert_eq!(out.stderr.matches("os error").count(), 1, "{}", out.stderr);
 }
+
+/// Secrets and tokens live in memory: the process must not be able to dump core.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread")]
+async fn run_disables_core_dumps() {
+    let idp = FakeIdp::start().await;
+    let upstream = FakeUpstream::start().await;
+    let dir = TempDir::new("run-core");
+    let (mut proxy, _addr) = spawn_run(&idp, &upstream, &dir, &[]).await;
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", proxy.pid())).unwrap();
+    let core = limits
+        .lines()
+        .find(|line| line.starts_with("Max core file size"))
+        .unwrap_or_else(|| panic!("{limits}"));
+    let values: Vec<&str> = core.split_whitespace().skip(4).take(2).collect();
+    assert_eq!(values, ["0", "0"], "{core}");
+    proxy.signal("TERM");
+    assert!(proxy.exit_within(Duration::from_secs(10)).await.success());
+}

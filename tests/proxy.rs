@@ -816,3 +816,104 @@ async fn connections_that_send_no_request_are_closed_and_free_their_slot() {
     );
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn repeated_wrong_passwords_lock_the_source_out_for_a_while() {
+    let (idp, upstream, proxy) = standard().await;
+    let wrong = basic("erp", "guess");
+    for _ in 0..30 {
+        assert_eq!(
+            send(proxy.addr, "GET", "/bc/x", &[("authorization", &wrong)], "")
+                .await
+                .status,
+            401
+        );
+    }
+    let (name, value) = erp();
+    let locked = send(proxy.addr, "GET", "/bc/x", &[(name, &value)], "").await;
+    assert_eq!(
+        locked.status, 429,
+        "even the right password waits out the lockout"
+    );
+    assert_eq!(locked.json()["error"], "too_many_requests");
+    let retry_after: u64 = locked.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+    // Another source address is not affected.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut stream = socket.connect(proxy.addr).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream
+        .write_all(format!("GET /bc/x HTTP/1.1\r\nHost: p\r\nAuthorization: {value}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert_eq!(raw_status(&response), 200, "{response}");
+    assert_eq!(upstream.count(), 1);
+    assert_eq!(idp.calls(), 1);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_client_over_its_rate_limit_gets_429() {
+    let idp = FakeIdp::start().await;
+    let upstream = FakeUpstream::start().await;
+    let yaml = standard_yaml(&idp, &upstream).replace(
+        "  scanner:\n    api_key: ${SCANNER_KEY}\n",
+        "  scanner:\n    api_key: ${SCANNER_KEY}\n    rate_limit: 3/m\n",
+    );
+    let proxy = spawn_proxy(config(&yaml, standard_vars())).await;
+    let key = [("x-api-key", API_KEY)];
+    for _ in 0..3 {
+        assert_eq!(send(proxy.addr, "GET", "/bc/x", &key, "").await.status, 200);
+    }
+    let limited = send(proxy.addr, "GET", "/bc/x", &key, "").await;
+    assert_eq!(limited.status, 429);
+    let retry_after: u64 = limited.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=20).contains(&retry_after), "{retry_after}");
+    // Other clients have their own allowance.
+    let (name, value) = erp();
+    assert_eq!(
+        send(proxy.addr, "GET", "/bc/x", &[(name, &value)], "")
+            .await
+            .status,
+        200
+    );
+    assert_eq!(upstream.count(), 4);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_stalled_request_body_is_408_and_the_upstream_request_is_aborted() {
+    let idp = FakeIdp::start().await;
+    let upstream = FakeUpstream::start().await;
+    let yaml = standard_yaml(&idp, &upstream).replace(
+        "  listen: 127.0.0.1:0\n",
+        "  listen: 127.0.0.1:0\n  limits: { body_idle_timeout: 300ms }\n",
+    );
+    let proxy = spawn_proxy(config(&yaml, standard_vars())).await;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let auth = basic("erp", PASSWORD);
+    for (declared, sent) in [(10usize, 3usize), (200_000, 100_000)] {
+        let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let head = format!(
+            "POST /bc/slow HTTP/1.1\r\nHost: p\r\nAuthorization: {auth}\r\nContent-Length: {declared}\r\n\r\n"
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stream.write_all(&vec![b'a'; sent]).await.unwrap();
+        // ...and then nothing more.
+        let mut response = vec![0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut response))
+            .await
+            .unwrap()
+            .unwrap();
+        let response = String::from_utf8_lossy(&response[..n]).into_owned();
+        assert_eq!(raw_status(&response), 408, "{declared}: {response}");
+    }
+    // The small body never reached the upstream; the streamed one was cut off, not completed.
+    let seen = upstream.requests();
+    assert!(seen.iter().all(|r| r.body == ABORTED), "{seen:?}");
+    assert!(seen.len() <= 1);
+    proxy.shutdown().await;
+}

@@ -7,6 +7,7 @@
 //! The YAML parser sits behind [`Config::from_yaml_str`] alone.
 
 mod expand;
+mod permissions;
 mod raw;
 mod validate;
 
@@ -23,6 +24,7 @@ use ipnet::IpNet;
 use crate::secret::{Secret, SecretDigest};
 
 pub use expand::Variables;
+pub use permissions::inline_secret_warning;
 
 /// Default `server.listen`.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -66,6 +68,8 @@ pub struct Limits {
     pub max_header_bytes: usize,
     pub max_body_bytes: u64,
     pub header_read_timeout: Duration,
+    /// Longest pause between two pieces of a request body (a slow-POST guard).
+    pub body_idle_timeout: Duration,
     pub request_timeout: Duration,
     pub max_connections: usize,
 }
@@ -76,6 +80,7 @@ impl Default for Limits {
             max_header_bytes: 32 * 1024,
             max_body_bytes: 350 * 1024 * 1024,
             header_read_timeout: Duration::from_secs(10),
+            body_idle_timeout: Duration::from_secs(60),
             request_timeout: Duration::from_secs(600),
             max_connections: 10_000,
         }

@@ -387,14 +387,13 @@ fn design_example_as_written_reports_every_problem() {
     assert_eq!(
         text,
         concat!(
-            "proxy.yaml: 13 problems:\n",
+            "proxy.yaml: 12 problems:\n",
             "  - clients.erp-sync.basic.password: a `sha256:` value needs exactly 64 hex digits; get it from `s2s-proxy hash-secret`\n",
             "  - server.public_url: not supported yet; remove it for this release\n",
             "  - admin: not supported yet (metrics and health listener); remove it for this release\n",
             "  - credentials.fo-cert.type: not supported yet (client_certificate); only `client_secret` works in this release\n",
             "  - credentials.pod.type: not supported yet (managed_identity); only `client_secret` works in this release\n",
             "  - credentials.aks.type: not supported yet (workload_identity); only `client_secret` works in this release\n",
-            "  - clients.warehouse.rate_limit: not supported yet; remove it for this release\n",
             "  - routes[0].rewrite_links: not supported yet; remove it for this release\n",
             "  - routes[0].max_concurrent: not supported yet; remove it for this release\n",
             "  - routes[0].max_queue: not supported yet; remove it for this release\n",
@@ -1048,7 +1047,6 @@ fn later_release_settings_are_validated_then_refused() {
              routes[0].max_concurrent or remove routes[0].max_queue",
             "credentials.mi.type: not supported yet (managed_identity); only `client_secret` \
              works in this release",
-            "clients.warehouse.rate_limit: not supported yet; remove it for this release",
             "routes[0].max_queue: not supported yet; remove it for this release",
         ]
     );

@@ -114,11 +114,6 @@ fn refuse_unsupported(raw: &RawConfig, problems: &mut Vec<Problem>) {
             );
         }
     }
-    for (name, client) in raw.clients.iter().flat_map(|c| &c.0) {
-        if client.rate_limit.is_some() {
-            refuse(format!("clients.{name}.rate_limit"), "", REMOVE);
-        }
-    }
     for (index, route) in raw.routes.iter().flatten().enumerate() {
         let at = |field: &str| format!("routes[{index}].{field}");
         if matches!(
@@ -257,6 +252,11 @@ impl Validator<'_> {
                 .as_ref()
                 .and_then(|t| self.duration("server.limits.header_read_timeout", t))
                 .unwrap_or(default.header_read_timeout),
+            body_idle_timeout: raw
+                .body_idle_timeout
+                .as_ref()
+                .and_then(|t| self.duration("server.limits.body_idle_timeout", t))
+                .unwrap_or(default.body_idle_timeout),
             request_timeout: raw
                 .request_timeout
                 .as_ref()

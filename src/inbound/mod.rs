@@ -12,8 +12,11 @@
 //!
 //! The caller's address is the TCP peer, or — only when the peer is one of
 //! `server.trusted_proxies` — the right-most untrusted address of `X-Forwarded-For`.
+//! Abuse limits live in [`throttle`]: failed attempts lock a source address out for a
+//! minute, and a client's `rate_limit` caps its requests.
 
 mod basic;
+mod throttle;
 pub(crate) mod tls;
 
 use std::collections::HashMap;
@@ -22,6 +25,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use http::{HeaderMap, HeaderName, header};
 use ipnet::IpNet;
 
+use self::throttle::{FailedAuthLimiter, RateLimiter};
 use self::tls::PeerCertificate;
 use crate::config::{CertificateMatch, Config};
 use crate::secret::SecretDigest;
@@ -37,7 +41,7 @@ impl ClientId {
     }
 }
 
-/// Why a caller is not authenticated. All map to the same 401 response.
+/// Why a caller is not authenticated. All but `LockedOut` map to the same 401 response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum AuthError {
     #[error("no credentials presented and the source address matches no client")]
@@ -52,6 +56,9 @@ pub(crate) enum AuthError {
     UnknownCertificate,
     #[error("credentials are not accepted from this source address")]
     WrongNetwork,
+    /// Too many failed authentications from this source address (429).
+    #[error("source address locked out after repeated failed authentications")]
+    LockedOut(std::time::Duration),
 }
 
 #[derive(Debug)]
@@ -74,6 +81,9 @@ pub(crate) struct Authenticator {
     trusted_proxies: Vec<IpNet>,
     /// Compared against when the user is unknown, so both paths cost the same.
     dummy: SecretDigest,
+    failures: FailedAuthLimiter,
+    /// `clients.<name>.rate_limit`, by client index.
+    rate_limits: Vec<Option<RateLimiter>>,
 }
 
 impl Authenticator {
@@ -118,6 +128,12 @@ impl Authenticator {
             api_key_header: config.server.api_key_header.clone(),
             trusted_proxies: config.server.trusted_proxies.clone(),
             dummy: SecretDigest::of(&fastrand::u64(..).to_le_bytes()),
+            failures: FailedAuthLimiter::default(),
+            rate_limits: config
+                .clients
+                .iter()
+                .map(|client| client.rate_limit.map(RateLimiter::new))
+                .collect(),
         }
     }
 
@@ -172,8 +188,36 @@ impl Authenticator {
     }
 
     /// Identifies the caller of a request from `client_ip`; `peer_certificate` is the
-    /// verified client certificate of its TLS connection, if any.
+    /// verified client certificate of its TLS connection, if any. Presented credentials
+    /// that do not match count against the source address; too many lock it out for a
+    /// while.
     pub(crate) fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        client_ip: IpAddr,
+        peer_certificate: Option<&PeerCertificate>,
+    ) -> Result<ClientId, AuthError> {
+        self.failures
+            .check(client_ip)
+            .map_err(AuthError::LockedOut)?;
+        let result = self.identify(headers, client_ip, peer_certificate);
+        if let Err(error) = result
+            && error != AuthError::Missing
+        {
+            self.failures.failed(client_ip);
+        }
+        result
+    }
+
+    /// Takes one request from the client's `rate_limit`, or `Err(retry_after)`.
+    pub(crate) fn admit(&self, id: ClientId) -> Result<(), std::time::Duration> {
+        match &self.rate_limits[id.0] {
+            Some(limiter) => limiter.acquire(),
+            None => Ok(()),
+        }
+    }
+
+    fn identify(
         &self,
         headers: &HeaderMap,
         client_ip: IpAddr,

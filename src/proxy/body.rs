@@ -12,6 +12,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -36,11 +37,17 @@ pub(crate) struct BodyTooLarge;
 #[error("route timeout reached while streaming the response")]
 pub(crate) struct DeadlineReached;
 
+/// The caller paused longer than `server.limits.body_idle_timeout` inside its body.
+#[derive(Debug, thiserror::Error)]
+#[error("no request body data within the body idle timeout")]
+pub(crate) struct BodyIdle;
+
 /// What the inbound side of one request did, shared with the upstream body.
 #[derive(Debug, Default)]
 pub(crate) struct InboundStats {
     received: AtomicU64,
     too_large: AtomicBool,
+    idle: AtomicBool,
 }
 
 impl InboundStats {
@@ -51,24 +58,45 @@ impl InboundStats {
     pub(crate) fn too_large(&self) -> bool {
         self.too_large.load(Ordering::Relaxed)
     }
+
+    pub(crate) fn idle(&self) -> bool {
+        self.idle.load(Ordering::Relaxed)
+    }
+}
+
+/// Limits on reading the inbound body.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BodyLimits {
+    pub(crate) max_bytes: u64,
+    pub(crate) idle_timeout: Duration,
 }
 
 /// Reads the inbound body until it ends or passes [`REPLAY_LIMIT`]. Returns the complete
 /// body when it fits, or a streaming body that starts with what was already read.
 pub(crate) async fn prepare(
     mut inbound: Incoming,
-    max_bytes: u64,
+    limits: BodyLimits,
     stats: Arc<InboundStats>,
 ) -> Result<UpstreamBody, ProxyBodyError> {
+    let max_bytes = limits.max_bytes;
     if inbound.is_end_stream() {
         return Ok(UpstreamBody::Buffered(None));
     }
     if inbound.size_hint().lower() > REPLAY_LIMIT as u64 {
-        return Ok(UpstreamBody::streaming(None, inbound, max_bytes, stats));
+        return Ok(UpstreamBody::streaming(None, inbound, limits, stats));
     }
     let mut buffer = bytes::BytesMut::new();
     loop {
-        match std::future::poll_fn(|cx| Pin::new(&mut inbound).poll_frame(cx)).await {
+        let frame = tokio::time::timeout(
+            limits.idle_timeout,
+            std::future::poll_fn(|cx| Pin::new(&mut inbound).poll_frame(cx)),
+        )
+        .await;
+        let Ok(frame) = frame else {
+            stats.idle.store(true, Ordering::Relaxed);
+            return Err(ProxyBodyError::Idle);
+        };
+        match frame {
             None => {
                 let body = buffer.freeze();
                 stats.received.store(body.len() as u64, Ordering::Relaxed);
@@ -89,7 +117,7 @@ pub(crate) async fn prepare(
                     return Ok(UpstreamBody::streaming(
                         Some(prefix),
                         inbound,
-                        max_bytes,
+                        limits,
                         stats,
                     ));
                 }
@@ -102,6 +130,8 @@ pub(crate) async fn prepare(
 pub(crate) enum ProxyBodyError {
     #[error("request body exceeds the configured limit")]
     TooLarge,
+    #[error("no request body data within the body idle timeout")]
+    Idle,
     #[error("reading the request body failed: {0}")]
     Inbound(hyper::Error),
 }
@@ -120,13 +150,16 @@ pub(crate) struct Streaming {
     rest: Incoming,
     remaining: u64,
     stats: Arc<InboundStats>,
+    idle_timeout: Duration,
+    /// Re-armed on every piece of the body.
+    idle: Pin<Box<Sleep>>,
 }
 
 impl UpstreamBody {
     fn streaming(
         prefix: Option<Bytes>,
         rest: Incoming,
-        max_bytes: u64,
+        limits: BodyLimits,
         stats: Arc<InboundStats>,
     ) -> Self {
         let already = prefix.as_ref().map_or(0, |p| p.len() as u64);
@@ -134,8 +167,10 @@ impl UpstreamBody {
         Self::Streaming(Box::new(Streaming {
             prefix,
             rest,
-            remaining: max_bytes.saturating_sub(already),
+            remaining: limits.max_bytes.saturating_sub(already),
             stats,
+            idle_timeout: limits.idle_timeout,
+            idle: Box::pin(tokio::time::sleep(limits.idle_timeout)),
         }))
     }
 
@@ -163,11 +198,22 @@ impl Body for UpstreamBody {
                     return Poll::Ready(Some(Ok(Frame::data(prefix))));
                 }
                 loop {
-                    let frame = match ready!(Pin::new(&mut streaming.rest).poll_frame(cx)) {
-                        None => return Poll::Ready(None),
-                        Some(Err(error)) => return Poll::Ready(Some(Err(error.into()))),
-                        Some(Ok(frame)) => frame,
+                    let frame = match Pin::new(&mut streaming.rest).poll_frame(cx) {
+                        Poll::Pending => {
+                            if streaming.idle.as_mut().poll(cx).is_ready() {
+                                streaming.stats.idle.store(true, Ordering::Relaxed);
+                                return Poll::Ready(Some(Err(BodyIdle.into())));
+                            }
+                            return Poll::Pending;
+                        }
+                        Poll::Ready(None) => return Poll::Ready(None),
+                        Poll::Ready(Some(Err(error))) => {
+                            return Poll::Ready(Some(Err(error.into())));
+                        }
+                        Poll::Ready(Some(Ok(frame))) => frame,
                     };
+                    let deadline = Instant::now() + streaming.idle_timeout;
+                    streaming.idle.as_mut().reset(deadline);
                     // Trailers are not forwarded.
                     let Ok(data) = frame.into_data() else {
                         continue;

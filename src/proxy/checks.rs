@@ -15,12 +15,18 @@ use super::error::ProxyError;
 use crate::routing;
 use crate::server::framing::Framing;
 
+/// Longest request target accepted (Kestrel's `MaxRequestLineSize` is 8 KiB too).
+const MAX_TARGET: usize = 8 * 1024;
+
 pub(crate) fn check<B>(
     request: &Request<B>,
     api_key_header: &HeaderName,
 ) -> Result<(), ProxyError> {
     check_method(request.method())?;
     let uri = request.uri();
+    if uri.path_and_query().map_or(0, |pq| pq.as_str().len()) > MAX_TARGET {
+        return Err(ProxyError::UriTooLong);
+    }
     if request.version() < Version::HTTP_2 && (uri.scheme().is_some() || uri.authority().is_some())
     {
         return Err(ProxyError::BadRequest(

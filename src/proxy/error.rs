@@ -21,14 +21,20 @@ pub(crate) enum ProxyError {
     BadPath(#[from] PathError),
     #[error("method not allowed")]
     MethodNotAllowed,
+    #[error("request target longer than 8 KiB")]
+    UriTooLong,
     #[error("not authenticated: {0}")]
-    Unauthorized(#[from] AuthError),
+    Unauthorized(AuthError),
+    #[error("too many requests; retry in {0:?}")]
+    TooManyRequests(Duration),
     #[error("client may not use this route")]
     Forbidden,
     #[error("no route matches")]
     NotFound,
     #[error("request body larger than server.limits.max_body_bytes")]
     PayloadTooLarge,
+    #[error("the request body stalled longer than server.limits.body_idle_timeout")]
+    RequestTimeout,
     #[error("no valid token: {0}")]
     TokenUnavailable(#[from] TokenError),
     #[error("upstream request failed: {0}")]
@@ -41,15 +47,32 @@ pub(crate) enum ProxyError {
     ShuttingDown,
 }
 
+impl From<AuthError> for ProxyError {
+    fn from(error: AuthError) -> Self {
+        match error {
+            AuthError::LockedOut(retry_after) => Self::TooManyRequests(retry_after),
+            AuthError::Missing
+            | AuthError::Malformed
+            | AuthError::BadPassword
+            | AuthError::BadApiKey
+            | AuthError::UnknownCertificate
+            | AuthError::WrongNetwork => Self::Unauthorized(error),
+        }
+    }
+}
+
 impl ProxyError {
     pub(crate) fn status(&self) -> StatusCode {
         match self {
             Self::BadRequest(_) | Self::BadPath(_) => StatusCode::BAD_REQUEST,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::UriTooLong => StatusCode::URI_TOO_LONG,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Forbidden => StatusCode::FORBIDDEN,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::TokenUnavailable(_) | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamFailed(_) | Self::UpstreamRejectedToken => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -61,10 +84,13 @@ impl ProxyError {
         match self {
             Self::BadRequest(_) | Self::BadPath(_) => "bad_request",
             Self::MethodNotAllowed => "method_not_allowed",
+            Self::UriTooLong => "uri_too_long",
             Self::Unauthorized(_) => "unauthorized",
+            Self::TooManyRequests(_) => "too_many_requests",
             Self::Forbidden => "forbidden",
             Self::NotFound => "not_found",
             Self::PayloadTooLarge => "payload_too_large",
+            Self::RequestTimeout => "request_timeout",
             Self::TokenUnavailable(_) => "token_unavailable",
             Self::UpstreamFailed(_) => "upstream_failed",
             Self::UpstreamRejectedToken => "upstream_rejected_token",
@@ -82,10 +108,15 @@ impl ProxyError {
                 "method not allowed; use GET, HEAD, POST, PUT, PATCH, DELETE or OPTIONS".to_owned()
             }
             // Identical for every cause: no hint whether the user exists.
+            Self::UriTooLong => "the request target is longer than 8 KiB".to_owned(),
             Self::Unauthorized(_) => "authentication required".to_owned(),
+            Self::TooManyRequests(_) => {
+                "too many requests; retry after the time in Retry-After".to_owned()
+            }
             Self::Forbidden => "this client may not use this route".to_owned(),
             Self::NotFound => "no route matches this path".to_owned(),
             Self::PayloadTooLarge => "request body too large".to_owned(),
+            Self::RequestTimeout => "the request body stopped arriving".to_owned(),
             Self::TokenUnavailable(error) => format!(
                 "no valid access token for this route: {}",
                 error.public_message()
@@ -105,13 +136,16 @@ impl ProxyError {
                 Some(error.retry_after().unwrap_or(Duration::from_secs(5)))
             }
             Self::ShuttingDown => Some(Duration::from_secs(1)),
+            Self::TooManyRequests(retry_after) => Some(*retry_after),
             Self::BadRequest(_)
             | Self::BadPath(_)
             | Self::MethodNotAllowed
+            | Self::UriTooLong
             | Self::Unauthorized(_)
             | Self::Forbidden
             | Self::NotFound
             | Self::PayloadTooLarge
+            | Self::RequestTimeout
             | Self::UpstreamFailed(_)
             | Self::UpstreamRejectedToken
             | Self::UpstreamTimeout => None,
@@ -155,11 +189,16 @@ impl ProxyError {
                     HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
                 );
             }
-            Self::BadRequest(_) | Self::BadPath(_) | Self::ShuttingDown => {
+            Self::BadRequest(_)
+            | Self::BadPath(_)
+            | Self::UriTooLong
+            | Self::RequestTimeout
+            | Self::ShuttingDown => {
                 // The connection's framing or intent is suspect, or we are leaving.
                 headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             Self::Forbidden
+            | Self::TooManyRequests(_)
             | Self::NotFound
             | Self::PayloadTooLarge
             | Self::TokenUnavailable(_)

@@ -5,7 +5,8 @@
 //! 1. **check** the request itself (method, target form, `Host`, duplicate credentials,
 //!    path safety) — 400 / 405;
 //! 2. **authenticate** the caller — 401; nothing after this runs for unknown callers, so
-//!    they can never cause a token request;
+//!    they can never cause a token request (429 for a locked-out source address or a
+//!    client over its `rate_limit`);
 //! 3. **route** by the longest prefix — 404 — and **authorize** the client for it — 403;
 //! 4. **token**: the route's cached bearer token — 503 when none is valid;
 //! 5. **forward** with the token injected, streaming both bodies; an upstream 401 to the
@@ -27,7 +28,7 @@ use hyper::body::Incoming;
 use tokio::time::{Instant, timeout_at};
 
 use self::access_log::AccessLog;
-use self::body::{InboundStats, ProxyBody, ProxyBodyError, UpstreamBody};
+use self::body::{BodyLimits, InboundStats, ProxyBody, ProxyBodyError, UpstreamBody};
 use self::error::ProxyError;
 use self::headers::{Forwarding, X_REQUEST_ID};
 use crate::config::{Config, Limits, Route};
@@ -175,6 +176,9 @@ impl Pipeline {
             self.authenticator
                 .authenticate(request.headers(), client_ip, peer_certificate)?;
         log.client = Some(self.client_names[client.index()].clone());
+        self.authenticator
+            .admit(client)
+            .map_err(ProxyError::TooManyRequests)?;
 
         let (index, rest) = self
             .table
@@ -222,12 +226,20 @@ impl Pipeline {
         let stats = Arc::new(InboundStats::default());
         let body = timeout_at(
             deadline,
-            body::prepare(inbound, self.limits.max_body_bytes, stats.clone()),
+            body::prepare(
+                inbound,
+                BodyLimits {
+                    max_bytes: self.limits.max_body_bytes,
+                    idle_timeout: self.limits.body_idle_timeout,
+                },
+                stats.clone(),
+            ),
         )
         .await
         .map_err(|_| ProxyError::UpstreamTimeout)?
         .map_err(|error| match error {
             ProxyBodyError::TooLarge => ProxyError::PayloadTooLarge,
+            ProxyBodyError::Idle => ProxyError::RequestTimeout,
             ProxyBodyError::Inbound(_) => {
                 ProxyError::BadRequest("the request body could not be read")
             }
@@ -249,6 +261,7 @@ impl Pipeline {
             let response = match result {
                 Err(_) => return Err(ProxyError::UpstreamTimeout),
                 Ok(Err(_)) if stats.too_large() => return Err(ProxyError::PayloadTooLarge),
+                Ok(Err(_)) if stats.idle() => return Err(ProxyError::RequestTimeout),
                 Ok(Err(error)) => return Err(ProxyError::UpstreamFailed(error_chain(&error))),
                 Ok(Ok(response)) => response,
             };

@@ -234,6 +234,9 @@ fn url_decode_form(body: &[u8]) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The body recorded for a request whose body the proxy aborted.
+pub const ABORTED: &[u8] = b"<aborted>";
+
 /// A request as the fake upstream received it.
 #[derive(Debug, Clone)]
 pub struct Recorded {
@@ -280,7 +283,11 @@ impl FakeUpstream {
                     .map(|pq| pq.as_str().to_owned())
                     .unwrap_or_default();
                 let headers = request.headers().clone();
-                let body = request.into_body().collect().await.unwrap().to_bytes();
+                // A body the proxy aborted is recorded as such: never a complete request.
+                let body = match request.into_body().collect().await {
+                    Ok(body) => body.to_bytes(),
+                    Err(_) => Bytes::from_static(ABORTED),
+                };
                 let entry = Recorded {
                     method,
                     target,
