@@ -74,7 +74,7 @@ pub fn credentials(data: &[u8]) {
     if let Ok(value) = HeaderValue::from_bytes(second) {
         headers.insert(HeaderName::from_static("x-api-key"), value);
     }
-    let _ = authenticator.authenticate(&headers, IpAddr::V4(Ipv4Addr::LOCALHOST));
+    let _ = authenticator.authenticate(&headers, IpAddr::V4(Ipv4Addr::LOCALHOST), None);
 }
 
 #[cfg(test)]

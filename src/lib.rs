@@ -3,9 +3,9 @@
 //!
 //! Module map:
 //! - [`config`]: the YAML schema, `${…}` expansion and validation into a typed [`Config`].
-//! - `server`: listener, connection limits, graceful drain.
+//! - `server`: listener, connection limits, TLS handshakes, graceful drain.
 //! - `proxy`: the request pipeline — check, authenticate, route, token, forward.
-//! - `inbound`: who the caller is and whether a route admits it.
+//! - `inbound`: who the caller is and whether a route admits it; inbound TLS.
 //! - `routing`: prefix table, path safety, upstream URIs.
 //! - [`token`]: token sources per credential type and the single-flight cache.
 //! - `upstream`: rustls client configuration and the pooled upstream client.
@@ -41,8 +41,10 @@ use tokio::net::TcpListener;
 
 pub use config::{Config, ConfigError, Source};
 pub use hardening::harden_process;
+pub use inbound::tls::{InboundTlsError, TlsReloader};
 pub use upstream::TlsSetupError;
 
+use crate::inbound::tls::InboundTls;
 use crate::proxy::Pipeline;
 use crate::token::TokenCache;
 
@@ -51,6 +53,8 @@ use crate::token::TokenCache;
 pub enum StartError {
     #[error(transparent)]
     Tls(#[from] TlsSetupError),
+    #[error(transparent)]
+    InboundTls(#[from] InboundTlsError),
     #[error("cannot listen on {addr}")]
     Bind {
         addr: SocketAddr,
@@ -66,6 +70,8 @@ pub struct Proxy {
     pipeline: Arc<Pipeline>,
     /// Keeps the background renewal tasks alive while the proxy runs.
     tokens: TokenCache,
+    /// `server.tls`: the listener's rustls configuration and its certificate reloader.
+    inbound_tls: Option<InboundTls>,
     config: Config,
 }
 
@@ -73,6 +79,12 @@ impl Proxy {
     /// Builds the runtime pieces (TLS roots, token cache, upstream pool), binds
     /// `server.listen` and starts fetching every route's token.
     pub async fn bind(config: Config) -> Result<Proxy, StartError> {
+        let inbound_tls = config
+            .server
+            .tls
+            .as_ref()
+            .map(InboundTls::new)
+            .transpose()?;
         let tls = upstream::client_tls_config(config.server.upstream_ca_file.as_deref())?;
         let tokens = TokenCache::new(&config, Arc::new(tls.clone()));
         let pipeline = Arc::new(Pipeline::new(&config, &tokens, upstream::client(tls)));
@@ -85,8 +97,24 @@ impl Proxy {
             listener,
             pipeline,
             tokens,
+            inbound_tls,
             config,
         })
+    }
+
+    /// Re-reads `server.tls.cert_file` and `key_file`; new handshakes get the new pair.
+    /// Nothing to do without `server.tls`. On error the running certificate stays.
+    pub fn reload_tls(&self) -> Result<(), InboundTlsError> {
+        match &self.inbound_tls {
+            Some(tls) => tls.reloader.reload(),
+            None => Ok(()),
+        }
+    }
+
+    /// A handle for [`Proxy::reload_tls`] that outlives `run_until` taking the proxy:
+    /// what the SIGHUP handler keeps. `None` without `server.tls`.
+    pub fn tls_reloader(&self) -> Option<TlsReloader> {
+        self.inbound_tls.as_ref().map(|tls| tls.reloader.clone())
     }
 
     /// The state of every (credential, scope) token: for readiness reports and tests.
@@ -106,6 +134,7 @@ impl Proxy {
     ) -> Result<(), StartError> {
         tracing::info!(
             listen = %self.local_addr(),
+            tls = self.inbound_tls.is_some(),
             routes = self.config.routes.len(),
             "Listening."
         );
@@ -116,6 +145,7 @@ impl Proxy {
             self.listener,
             self.pipeline,
             &self.config.server.limits,
+            self.inbound_tls.map(|tls| tls.config),
             shutdown,
         )
         .await;

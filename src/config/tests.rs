@@ -387,15 +387,13 @@ fn design_example_as_written_reports_every_problem() {
     assert_eq!(
         text,
         concat!(
-            "proxy.yaml: 14 problems:\n",
+            "proxy.yaml: 12 problems:\n",
             "  - clients.erp-sync.basic.password: a `sha256:` value needs exactly 64 hex digits; get it from `s2s-proxy hash-secret`\n",
-            "  - server.tls: not supported yet (inbound TLS); remove it for this release\n",
             "  - server.public_url: not supported yet; remove it for this release\n",
             "  - admin: not supported yet (metrics and health listener); remove it for this release\n",
             "  - credentials.fo-cert.type: not supported yet (client_certificate); only `client_secret` works in this release\n",
             "  - credentials.pod.type: not supported yet (managed_identity); only `client_secret` works in this release\n",
             "  - credentials.aks.type: not supported yet (workload_identity); only `client_secret` works in this release\n",
-            "  - clients.edi.certificate: not supported yet; remove it for this release\n",
             "  - routes[0].rewrite_links: not supported yet; remove it for this release\n",
             "  - routes[0].max_concurrent: not supported yet; remove it for this release\n",
             "  - routes[0].max_queue: not supported yet; remove it for this release\n",
@@ -652,6 +650,54 @@ fn usernames_and_api_keys_must_be_unique() {
             "clients.erp-2.api_key: is the same key as clients.warehouse.api_key; give each \
              client its own key",
         ]
+    );
+}
+
+#[test]
+fn certificate_clients_with_a_client_ca() {
+    let dir = TempDir::new();
+    for file in ["tls.crt", "tls.key", "clients-ca.pem"] {
+        dir.write(file, "-----BEGIN CERTIFICATE-----\n");
+    }
+    let fingerprint = ["ab"; 32].join(":");
+    let yaml = format!(
+        "server:\n  tls: {{ cert_file: tls.crt, key_file: tls.key, client_ca_file: clients-ca.pem }}\n\
+         {CREDENTIALS}clients:\n  edi:\n    certificate: {{ subject_cn: edi.contoso.com }}\n  \
+         pinned:\n    certificate: {{ fingerprint_sha256: \"{fingerprint}\" }}\nroutes: []\n"
+    );
+    let config = Config::from_yaml_str(
+        &yaml,
+        &dir.source(HashMap::from([("SECRET".to_owned(), SECRET.to_owned())])),
+    )
+    .expect("valid");
+    let tls = config.server.tls.as_ref().expect("tls");
+    assert!(
+        tls.client_ca_file
+            .as_ref()
+            .is_some_and(|p| p.ends_with("clients-ca.pem"))
+    );
+    assert_eq!(
+        config.clients[0].certificate,
+        Some(CertificateMatch::SubjectCn("edi.contoso.com".into()))
+    );
+    assert_eq!(
+        config.clients[1].certificate,
+        Some(CertificateMatch::FingerprintSha256([0xab; 32]))
+    );
+
+    let twice = yaml.replace(
+        "routes: []",
+        "  edi-2:\n    certificate: { subject_cn: edi.contoso.com }\nroutes: []",
+    );
+    let error = Config::from_yaml_str(
+        &twice,
+        &dir.source(HashMap::from([("SECRET".to_owned(), SECRET.to_owned())])),
+    )
+    .expect_err("duplicate certificate clients");
+    assert_eq!(
+        error.problems()[0].to_string(),
+        "clients.edi-2.certificate: matches the same certificates as clients.edi.certificate; \
+         give each client its own"
     );
 }
 
@@ -1001,7 +1047,6 @@ fn later_release_settings_are_validated_then_refused() {
              routes[0].max_concurrent or remove routes[0].max_queue",
             "credentials.mi.type: not supported yet (managed_identity); only `client_secret` \
              works in this release",
-            "clients.edi.certificate: not supported yet; remove it for this release",
             "routes[0].max_queue: not supported yet; remove it for this release",
         ]
     );

@@ -97,13 +97,10 @@ fn refuse_unsupported(raw: &RawConfig, problems: &mut Vec<Problem>) {
             message: format!("not supported yet{what}; {fix}"),
         });
     };
-    if let Some(server) = &raw.server {
-        if server.tls.is_some() {
-            refuse("server.tls".to_owned(), " (inbound TLS)", REMOVE);
-        }
-        if server.public_url.is_some() {
-            refuse("server.public_url".to_owned(), "", REMOVE);
-        }
+    if let Some(server) = &raw.server
+        && server.public_url.is_some()
+    {
+        refuse("server.public_url".to_owned(), "", REMOVE);
     }
     if raw.admin.is_some() {
         refuse("admin".to_owned(), " (metrics and health listener)", REMOVE);
@@ -115,11 +112,6 @@ fn refuse_unsupported(raw: &RawConfig, problems: &mut Vec<Problem>) {
                 &format!(" ({})", credential.type_name()),
                 "only `client_secret` works in this release",
             );
-        }
-    }
-    for (name, client) in raw.clients.iter().flat_map(|c| &c.0) {
-        if client.certificate.is_some() {
-            refuse(format!("clients.{name}.certificate"), "", REMOVE);
         }
     }
     for (index, route) in raw.routes.iter().flatten().enumerate() {
@@ -888,6 +880,21 @@ impl Validator<'_> {
                         format!(
                             "`{}` is also the username of clients.{}; usernames must be unique",
                             basic.username, first.name
+                        ),
+                    );
+                }
+            }
+            if let Some(certificate) = &client.certificate {
+                let first = earlier
+                    .iter()
+                    .find(|other| other.certificate.as_ref() == Some(certificate));
+                if let Some(first) = first {
+                    self.problem(
+                        &format!("clients.{}.certificate", client.name),
+                        format!(
+                            "matches the same certificates as clients.{}.certificate; give \
+                             each client its own",
+                            first.name
                         ),
                     );
                 }

@@ -1,9 +1,12 @@
 //! Inbound: who is calling, and may they use this route.
 //!
-//! A caller is identified by exactly one of: HTTP Basic credentials, an API key header, or
-//! (for clients configured with `networks` and no credential) its source address. A
-//! presented credential that does not match is a failure, never a fall-back to a network
-//! identity. Unknown user and wrong password fail identically, secrets are compared as
+//! A caller is identified by exactly one of, looked at in this order: HTTP Basic
+//! credentials, an API key header, a verified TLS client certificate ([`tls`]), or (for
+//! clients configured with `networks` and no credential) its source address. The first
+//! credential presented decides: one that does not match is a failure, never a fall-back
+//! to a later method. So a certificate that chains to `client_ca_file` but matches no
+//! client is a 401 unless the request also carries Basic or an API key, which then decide
+//! alone. Unknown user and wrong password fail identically, secrets are compared as
 //! SHA-256 digests in constant time, and an unknown user still costs one comparison.
 //! This module does not see routes beyond the set of client ids a route admits.
 //!
@@ -14,6 +17,7 @@
 
 mod basic;
 mod throttle;
+pub(crate) mod tls;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -22,7 +26,8 @@ use http::{HeaderMap, HeaderName, header};
 use ipnet::IpNet;
 
 use self::throttle::{FailedAuthLimiter, RateLimiter};
-use crate::config::Config;
+use self::tls::PeerCertificate;
+use crate::config::{CertificateMatch, Config};
 use crate::secret::SecretDigest;
 
 /// Index of an authenticated client in the configuration's client list.
@@ -47,6 +52,8 @@ pub(crate) enum AuthError {
     BadPassword,
     #[error("unknown API key")]
     BadApiKey,
+    #[error("the client certificate matches no client")]
+    UnknownCertificate,
     #[error("credentials are not accepted from this source address")]
     WrongNetwork,
     /// Too many failed authentications from this source address (429).
@@ -66,6 +73,8 @@ pub(crate) struct Authenticator {
     clients: Vec<ClientEntry>,
     basic: HashMap<String, (SecretDigest, ClientId)>,
     api_keys: Vec<(SecretDigest, ClientId)>,
+    /// In file order: the first match wins (validation keeps them distinct).
+    certificates: Vec<(CertificateMatch, ClientId)>,
     /// Clients with networks and no credential, in file order.
     network_only: Vec<ClientId>,
     api_key_header: HeaderName,
@@ -81,6 +90,7 @@ impl Authenticator {
     pub(crate) fn new(config: &Config) -> Self {
         let mut basic = HashMap::new();
         let mut api_keys = Vec::new();
+        let mut certificates = Vec::new();
         let mut network_only = Vec::new();
         let clients = config
             .clients
@@ -93,6 +103,9 @@ impl Authenticator {
                 }
                 if let Some(key) = client.api_key {
                     api_keys.push((key, id));
+                }
+                if let Some(certificate) = &client.certificate {
+                    certificates.push((certificate.clone(), id));
                 }
                 let has_credential = client.basic.is_some()
                     || client.api_key.is_some()
@@ -110,6 +123,7 @@ impl Authenticator {
             clients,
             basic,
             api_keys,
+            certificates,
             network_only,
             api_key_header: config.server.api_key_header.clone(),
             trusted_proxies: config.server.trusted_proxies.clone(),
@@ -173,17 +187,20 @@ impl Authenticator {
         client
     }
 
-    /// Identifies the caller of a request from `client_ip`. Presented credentials that do
-    /// not match count against the source address; too many lock it out for a while.
+    /// Identifies the caller of a request from `client_ip`; `peer_certificate` is the
+    /// verified client certificate of its TLS connection, if any. Presented credentials
+    /// that do not match count against the source address; too many lock it out for a
+    /// while.
     pub(crate) fn authenticate(
         &self,
         headers: &HeaderMap,
         client_ip: IpAddr,
+        peer_certificate: Option<&PeerCertificate>,
     ) -> Result<ClientId, AuthError> {
         self.failures
             .check(client_ip)
             .map_err(AuthError::LockedOut)?;
-        let result = self.identify(headers, client_ip);
+        let result = self.identify(headers, client_ip, peer_certificate);
         if let Err(error) = result
             && error != AuthError::Missing
         {
@@ -200,7 +217,12 @@ impl Authenticator {
         }
     }
 
-    fn identify(&self, headers: &HeaderMap, client_ip: IpAddr) -> Result<ClientId, AuthError> {
+    fn identify(
+        &self,
+        headers: &HeaderMap,
+        client_ip: IpAddr,
+        peer_certificate: Option<&PeerCertificate>,
+    ) -> Result<ClientId, AuthError> {
         if let Some(value) = headers.get(header::AUTHORIZATION)
             && let Some(credentials) = basic::parse(value.as_bytes())
         {
@@ -226,6 +248,15 @@ impl Authenticator {
             let id = found.ok_or(AuthError::BadApiKey)?;
             return self.check_network(id, client_ip);
         }
+        if let Some(certificate) = peer_certificate {
+            let id = self
+                .certificates
+                .iter()
+                .find(|(expected, _)| certificate_matches(expected, certificate))
+                .map(|(_, id)| *id)
+                .ok_or(AuthError::UnknownCertificate)?;
+            return self.check_network(id, client_ip);
+        }
         self.network_only
             .iter()
             .copied()
@@ -239,6 +270,16 @@ impl Authenticator {
             Ok(id)
         } else {
             Err(AuthError::WrongNetwork)
+        }
+    }
+}
+
+/// Fingerprints are public, so a plain comparison will do; the CN is compared exactly.
+fn certificate_matches(expected: &CertificateMatch, presented: &PeerCertificate) -> bool {
+    match expected {
+        CertificateMatch::SubjectCn(cn) => presented.subject_cn.as_deref() == Some(cn.as_str()),
+        CertificateMatch::FingerprintSha256(fingerprint) => {
+            presented.fingerprint_sha256 == *fingerprint
         }
     }
 }
@@ -328,7 +369,22 @@ mod tests {
         scanner.networks = vec!["192.168.10.0/24".parse().unwrap()];
         let mut floor = client("floor");
         floor.networks = vec!["10.20.0.0/16".parse().unwrap()];
-        Authenticator::new(&config(vec![erp, scanner, floor], &["10.0.0.1/32"]))
+        let mut edi = client("edi");
+        edi.certificate = Some(CertificateMatch::SubjectCn("edi.contoso.com".into()));
+        let mut pinned = client("pinned");
+        pinned.certificate = Some(CertificateMatch::FingerprintSha256([7; 32]));
+        pinned.networks = vec!["10.20.0.0/16".parse().unwrap()];
+        Authenticator::new(&config(
+            vec![erp, scanner, floor, edi, pinned],
+            &["10.0.0.1/32"],
+        ))
+    }
+
+    fn peer(cn: Option<&str>, fingerprint: [u8; 32]) -> PeerCertificate {
+        PeerCertificate {
+            fingerprint_sha256: fingerprint,
+            subject_cn: cn.map(str::to_owned),
+        }
     }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
@@ -354,6 +410,7 @@ mod tests {
         let ok = auth.authenticate(
             &headers(&[("authorization", &basic("erp:pw:with:colons"))]),
             OUTSIDE,
+            None,
         );
         assert_eq!(
             ok.map(|id| auth.client_name(id).to_owned()),
@@ -361,7 +418,7 @@ mod tests {
         );
         let lower = format!("basic {}", STANDARD.encode("erp:pw:with:colons"));
         assert!(
-            auth.authenticate(&headers(&[("authorization", &lower)]), OUTSIDE)
+            auth.authenticate(&headers(&[("authorization", &lower)]), OUTSIDE, None)
                 .is_ok()
         );
         for bad in [
@@ -370,14 +427,14 @@ mod tests {
             basic("erp"),
         ] {
             assert!(
-                auth.authenticate(&headers(&[("authorization", &bad)]), OUTSIDE)
+                auth.authenticate(&headers(&[("authorization", &bad)]), OUTSIDE, None)
                     .is_err(),
                 "{bad}"
             );
         }
         for malformed in ["Basic", "Basic !!!", "Basic Og=="] {
             assert!(
-                auth.authenticate(&headers(&[("authorization", malformed)]), OUTSIDE)
+                auth.authenticate(&headers(&[("authorization", malformed)]), OUTSIDE, None)
                     .is_err()
             );
         }
@@ -388,13 +445,13 @@ mod tests {
         let auth = authenticator();
         let key = headers(&[("x-api-key", "ak_CANARY")]);
         assert_eq!(
-            auth.authenticate(&key, OUTSIDE),
+            auth.authenticate(&key, OUTSIDE, None),
             Err(AuthError::WrongNetwork)
         );
         let inside: IpAddr = "192.168.10.7".parse().unwrap();
-        assert!(auth.authenticate(&key, inside).is_ok());
+        assert!(auth.authenticate(&key, inside, None).is_ok());
         assert_eq!(
-            auth.authenticate(&headers(&[("x-api-key", "nope")]), inside),
+            auth.authenticate(&headers(&[("x-api-key", "nope")]), inside, None),
             Err(AuthError::BadApiKey)
         );
     }
@@ -403,17 +460,73 @@ mod tests {
     fn network_only_clients_and_no_fallback_for_bad_credentials() {
         let auth = authenticator();
         let floor_ip: IpAddr = "10.20.3.4".parse().unwrap();
-        let id = auth.authenticate(&HeaderMap::new(), floor_ip).unwrap();
+        let id = auth
+            .authenticate(&HeaderMap::new(), floor_ip, None)
+            .unwrap();
         assert_eq!(auth.client_name(id), "floor");
         assert_eq!(
-            auth.authenticate(&HeaderMap::new(), OUTSIDE),
+            auth.authenticate(&HeaderMap::new(), OUTSIDE, None),
             Err(AuthError::Missing)
         );
         let wrong = headers(&[("authorization", &basic("erp:wrong"))]);
-        assert!(auth.authenticate(&wrong, floor_ip).is_err());
+        assert!(auth.authenticate(&wrong, floor_ip, None).is_err());
         // A scheme the proxy does not use is no credential at all.
         let bearer = headers(&[("authorization", "Bearer abc")]);
-        assert!(auth.authenticate(&bearer, floor_ip).is_ok());
+        assert!(auth.authenticate(&bearer, floor_ip, None).is_ok());
+    }
+
+    #[test]
+    fn certificates_by_subject_cn_or_fingerprint() {
+        let auth = authenticator();
+        let name = |result: Result<ClientId, AuthError>| result.map(|id| auth.client_name(id));
+        let none = HeaderMap::new();
+        let edi = peer(Some("edi.contoso.com"), [0; 32]);
+        assert_eq!(
+            name(auth.authenticate(&none, OUTSIDE, Some(&edi))),
+            Ok("edi")
+        );
+        // CN comparison is exact.
+        let upper = peer(Some("EDI.contoso.com"), [0; 32]);
+        assert_eq!(
+            auth.authenticate(&none, OUTSIDE, Some(&upper)),
+            Err(AuthError::UnknownCertificate)
+        );
+        // A fingerprint client keeps its network restriction.
+        let pinned = peer(None, [7; 32]);
+        let floor_ip: IpAddr = "10.20.3.4".parse().unwrap();
+        assert_eq!(
+            name(auth.authenticate(&none, floor_ip, Some(&pinned))),
+            Ok("pinned")
+        );
+        assert_eq!(
+            auth.authenticate(&none, OUTSIDE, Some(&pinned)),
+            Err(AuthError::WrongNetwork)
+        );
+    }
+
+    #[test]
+    fn unmatched_certificate_never_grants_access_but_other_credentials_decide_first() {
+        let auth = authenticator();
+        let stranger = peer(Some("stranger.example"), [1; 32]);
+        let floor_ip: IpAddr = "10.20.3.4".parse().unwrap();
+        // No fall-back to the network identity of `floor`.
+        assert_eq!(
+            auth.authenticate(&HeaderMap::new(), floor_ip, Some(&stranger)),
+            Err(AuthError::UnknownCertificate)
+        );
+        // Basic and API keys come first and decide alone, whatever the certificate.
+        let erp = headers(&[("authorization", &basic("erp:pw:with:colons"))]);
+        assert_eq!(
+            auth.authenticate(&erp, OUTSIDE, Some(&stranger))
+                .map(|id| auth.client_name(id)),
+            Ok("erp")
+        );
+        let edi = peer(Some("edi.contoso.com"), [0; 32]);
+        let wrong = headers(&[("authorization", &basic("erp:wrong"))]);
+        assert_eq!(
+            auth.authenticate(&wrong, OUTSIDE, Some(&edi)),
+            Err(AuthError::BadPassword)
+        );
     }
 
     #[test]

@@ -55,6 +55,7 @@ impl From<AuthError> for ProxyError {
             | AuthError::Malformed
             | AuthError::BadPassword
             | AuthError::BadApiKey
+            | AuthError::UnknownCertificate
             | AuthError::WrongNetwork => Self::Unauthorized(error),
         }
     }

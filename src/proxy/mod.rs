@@ -32,6 +32,7 @@ use self::body::{BodyLimits, InboundStats, ProxyBody, ProxyBodyError, UpstreamBo
 use self::error::ProxyError;
 use self::headers::{Forwarding, X_REQUEST_ID};
 use crate::config::{Config, Limits, Route};
+use crate::inbound::tls::TlsSession;
 use crate::inbound::{Authenticator, ClientSet};
 use crate::routing::{self, RouteTable};
 use crate::token::{Token, TokenCache, TokenSlot};
@@ -167,9 +168,13 @@ impl Pipeline {
         checks::check(&request, self.authenticator.api_key_header())?;
 
         let client_ip = self.authenticator.client_ip(request.headers(), peer);
-        let client = self
-            .authenticator
-            .authenticate(request.headers(), client_ip)?;
+        let peer_certificate = request
+            .extensions()
+            .get::<Arc<TlsSession>>()
+            .and_then(|tls| tls.peer_certificate.as_ref());
+        let client =
+            self.authenticator
+                .authenticate(request.headers(), client_ip, peer_certificate)?;
         log.client = Some(self.client_names[client.index()].clone());
         self.authenticator
             .admit(client)
@@ -208,7 +213,11 @@ impl Pipeline {
             &Forwarding {
                 peer,
                 peer_is_trusted_proxy: self.authenticator.is_trusted_proxy(peer),
-                proto: "http",
+                proto: if parts.extensions.get::<Arc<TlsSession>>().is_some() {
+                    "https"
+                } else {
+                    "http"
+                },
                 api_key_header: self.authenticator.api_key_header(),
                 request_id: &log.request_id,
                 authority: parts.uri.authority(),

@@ -1,9 +1,11 @@
-//! The listener: accepting connections, HTTP/1.1 and h2c on one port, graceful drain.
+//! The listener: accepting connections, HTTP/1.1 and HTTP/2 on one port (h2c, or h2 and
+//! http/1.1 by ALPN over inbound TLS), graceful drain.
 //!
-//! Owns connection-level concerns only — the connection cap, hyper's protocol limits
-//! (header bytes, header read timeout, HTTP/2 streams), the HTTP/1 framing audit
-//! ([`framing`]) and shutdown. Everything about a
-//! single request lives in [`crate::proxy`].
+//! Owns connection-level concerns only — the connection cap, the TLS handshake and its
+//! timeout, hyper's protocol limits (header bytes, header read timeout, HTTP/2 streams),
+//! the HTTP/1 framing audit ([`framing`], on the decrypted bytes) and shutdown. The TLS
+//! configuration itself is built in [`crate::inbound::tls`]. Everything about a single
+//! request lives in [`crate::proxy`].
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -14,12 +16,15 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 
 use self::framing::AuditedStream;
 use crate::config::Limits;
+use crate::inbound::tls::TlsSession;
 use crate::proxy::Pipeline;
 
 pub(crate) mod framing;
@@ -47,13 +52,16 @@ fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-/// Serves `listener` until `shutdown` completes, then stops accepting and drains.
+/// Serves `listener` until `shutdown` completes, then stops accepting and drains. With
+/// `tls`, every connection starts with a TLS handshake.
 pub(crate) async fn serve(
     listener: TcpListener,
     pipeline: Arc<Pipeline>,
     limits: &Limits,
+    tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: impl Future<Output = ()>,
 ) {
+    let acceptor = tls.map(TlsAcceptor::from);
     let builder = connection_builder(limits);
     let graceful = GracefulShutdown::new();
     let permits = Arc::new(Semaphore::new(limits.max_connections));
@@ -82,16 +90,31 @@ pub(crate) async fn serve(
         let pipeline = pipeline.clone();
         let header_read_timeout = limits.header_read_timeout;
         let watcher = graceful.watcher();
+        let acceptor = acceptor.clone();
         tokio::spawn(async move {
-            let (stream, framing) = AuditedStream::new(stream, header_read_timeout);
-            let service = service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
-                request.extensions_mut().insert(framing.next());
-                let pipeline = pipeline.clone();
-                async move { Ok::<_, Infallible>(pipeline.handle(request, peer.ip()).await) }
-            });
-            let connection = builder.serve_connection(TokioIo::new(stream), service);
-            if let Err(error) = watcher.watch(connection).await {
-                tracing::debug!(peer = %peer, error = %error, "Connection ended with an error.");
+            let connection = Connection {
+                builder,
+                pipeline,
+                header_read_timeout,
+                watcher,
+                peer,
+            };
+            match acceptor {
+                None => connection.serve(stream, None).await,
+                // SECURITY-CASES 2.2: a TLS handshake timeout (10 s by default); a
+                // ClientHello that never comes or never finishes frees its slot then.
+                Some(acceptor) => {
+                    match tokio::time::timeout(header_read_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            let session = Arc::new(TlsSession::of(stream.get_ref().1));
+                            connection.serve(stream, Some(session)).await;
+                        }
+                        Ok(Err(error)) => {
+                            tracing::debug!(peer = %peer, error = %error, "TLS handshake failed.");
+                        }
+                        Err(_) => tracing::debug!(peer = %peer, "TLS handshake timed out."),
+                    }
+                }
             }
             drop(permit);
         });
@@ -103,6 +126,44 @@ pub(crate) async fn serve(
         () = graceful.shutdown() => tracing::info!("All connections drained."),
         () = tokio::time::sleep(DRAIN_TIMEOUT) => {
             tracing::warn!(timeout_s = DRAIN_TIMEOUT.as_secs(), "Drain timed out; closing the remaining connections.");
+        }
+    }
+}
+
+/// One accepted connection, ready to serve HTTP once its stream (TLS or not) is ready.
+struct Connection {
+    builder: auto::Builder<TokioExecutor>,
+    pipeline: Arc<Pipeline>,
+    header_read_timeout: Duration,
+    watcher: Watcher,
+    peer: SocketAddr,
+}
+
+impl Connection {
+    /// Serves requests until the connection ends; each request carries `tls`.
+    async fn serve<S>(self, stream: S, tls: Option<Arc<TlsSession>>)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Self {
+            builder,
+            pipeline,
+            header_read_timeout,
+            watcher,
+            peer,
+        } = self;
+        let (stream, framing) = AuditedStream::new(stream, header_read_timeout);
+        let service = service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+            request.extensions_mut().insert(framing.next());
+            if let Some(tls) = &tls {
+                request.extensions_mut().insert(tls.clone());
+            }
+            let pipeline = pipeline.clone();
+            async move { Ok::<_, Infallible>(pipeline.handle(request, peer.ip()).await) }
+        });
+        let connection = builder.serve_connection(TokioIo::new(stream), service);
+        if let Err(error) = watcher.watch(connection).await {
+            tracing::debug!(peer = %peer, error = %error, "Connection ended with an error.");
         }
     }
 }
