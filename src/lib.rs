@@ -12,6 +12,7 @@
 //! - [`secret`]: redacting wrappers for secrets.
 //! - [`dev`]: the self-contained demo behind `s2s-proxy dev`.
 //! - [`report`]: what `check` and `token` print.
+//! - [`doctor`]: `s2s-proxy doctor`, a token and one upstream call per route, explained.
 //!
 //! Request lifecycle: a connection is accepted by `server`, each request runs through
 //! `proxy::Pipeline::handle`, which authenticates it with `inbound`, picks the route with
@@ -20,6 +21,7 @@
 
 pub mod config;
 pub mod dev;
+pub mod doctor;
 mod inbound;
 mod proxy;
 pub mod report;

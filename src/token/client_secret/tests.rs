@@ -12,8 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::*;
 use crate::config::{
-    Config, Credential, CredentialKind, Limits, ManagedIdentity, Route, Server, TokenEndpoint,
-    Upstream,
+    Config, Credential, CredentialKind, Limits, Route, Server, TokenEndpoint, Upstream,
 };
 use crate::token::{TokenCache, fetch_once};
 
@@ -193,7 +192,11 @@ fn settings(url: &str, auth_method: ClientAuthMethod) -> ClientSecret {
             url: url.parse().unwrap(),
         },
         client_id: "app:id".to_owned(),
-        client_secret: Secret::new(SECRET),
+        client_secrets: vec![crate::config::ConfiguredSecret {
+            value: Secret::new(SECRET),
+            file: None,
+            expires: None,
+        }],
         auth_method,
         params: vec![("audience".to_owned(), "https://api.example/x y".to_owned())],
     }
@@ -458,6 +461,7 @@ fn route(prefix: &str, credential: &str) -> Route {
         queue_timeout: None,
         retry_on_429: None,
         allow_plain_http: false,
+        doctor_path: None,
     }
 }
 
@@ -481,7 +485,18 @@ fn config(token_url: &str) -> Config {
             },
             Credential {
                 name: "pod".to_owned(),
-                kind: CredentialKind::ManagedIdentity(ManagedIdentity { client_id: None }),
+                kind: CredentialKind::ClientCertificate(crate::config::ClientCertificate {
+                    endpoint: TokenEndpoint::Generic {
+                        url: token_url.parse().unwrap(),
+                    },
+                    client_id: "app".to_owned(),
+                    certificates: vec![crate::config::CertificateFile {
+                        path: PathBuf::from("/nonexistent/s2s-proxy-test.pem"),
+                        password: None,
+                    }],
+                    assertion_alg: crate::config::AssertionAlg::Ps256,
+                    send_certificate_chain: false,
+                }),
             },
         ],
         clients: Vec::new(),
@@ -510,7 +525,7 @@ async fn cache_built_from_config_shares_one_slot_per_credential_and_scope() {
 
     let error = cache.slot(&config.routes[2]).get().await.unwrap_err();
     assert!(error.is_permanent());
-    assert!(error.public_message().contains("not supported yet"));
+    assert!(error.public_message().contains("cannot read"));
 }
 
 #[tokio::test]
