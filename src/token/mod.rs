@@ -25,7 +25,7 @@ mod client_certificate;
 mod client_secret;
 mod expiry;
 #[cfg(test)]
-mod fake;
+pub(crate) mod fake;
 mod managed_identity;
 mod provider_error;
 mod response;
