@@ -13,6 +13,7 @@
 //! - [`dev`]: the self-contained demo behind `s2s-proxy dev`.
 //! - `hardening`: no core dumps, not dumpable.
 //! - [`report`]: what `check` and `token` print.
+//! - [`doctor`]: `s2s-proxy doctor`, a token and one upstream call per route, explained.
 //!
 //! Request lifecycle: a connection is accepted by `server`, each request runs through
 //! `proxy::Pipeline::handle`, which authenticates it with `inbound`, picks the route with
@@ -21,6 +22,7 @@
 
 pub mod config;
 pub mod dev;
+pub mod doctor;
 #[doc(hidden)]
 pub mod fuzzing;
 mod hardening;

@@ -54,6 +54,8 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// For every route, fetch a token and call the upstream once; explain each failure.
+    Doctor(ConfigArg),
     /// Read a secret on stdin and print its sha256: form for `clients:`.
     HashSecret,
     /// Run a self-contained demo on loopback: token issuer, sample upstream and the proxy.
@@ -104,6 +106,18 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 } else {
                     eprint!("{text}");
                 }
+                anyhow::Ok(if ok {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                })
+            })
+        }
+        Command::Doctor(args) => {
+            let config = load(&args.config)?;
+            runtime(Some(1))?.block_on(async {
+                let (text, ok) = s2s_proxy::doctor::run(&config).await;
+                print!("{text}");
                 anyhow::Ok(if ok {
                     ExitCode::SUCCESS
                 } else {

@@ -152,6 +152,12 @@ fn is_variable_name(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
+/// Reads a `${file:PATH}` file again (secret rotation), with the same size limit and
+/// trimming as at load time.
+pub(super) fn reread_file(path: &Path) -> Result<String, String> {
+    read_file(&path.to_string_lossy(), Path::new(""))
+}
+
 fn read_file(path: &str, base_dir: &Path) -> Result<String, String> {
     if path.is_empty() {
         return Err("`${file:}` names no file; write `${file:PATH}`".to_owned());

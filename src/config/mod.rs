@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use http::HeaderName;
 use http::uri::{Authority, Scheme};
@@ -120,9 +120,8 @@ impl CredentialKind {
     pub fn is_entra(&self) -> bool {
         match self {
             Self::ClientSecret(c) => c.endpoint.is_entra(),
-            Self::ClientCertificate(_) | Self::ManagedIdentity(_) | Self::WorkloadIdentity(_) => {
-                true
-            }
+            Self::ClientCertificate(c) => c.endpoint.is_entra(),
+            Self::ManagedIdentity(_) | Self::WorkloadIdentity(_) => true,
         }
     }
 }
@@ -132,7 +131,9 @@ impl CredentialKind {
 pub struct ClientSecret {
     pub endpoint: TokenEndpoint,
     pub client_id: String,
-    pub client_secret: Secret,
+    /// `client_secret`, or the `client_secrets` list in file order: the first is tried
+    /// first, the next after `invalid_client` (rotation). Never empty.
+    pub client_secrets: Vec<ConfiguredSecret>,
     pub auth_method: ClientAuthMethod,
     /// Extra form fields, in file order.
     pub params: Vec<(String, String)>,
@@ -172,25 +173,104 @@ pub enum ClientAuthMethod {
     Basic,
 }
 
+/// A secret sent to an identity provider, with where it came from.
+#[derive(Debug, Clone)]
+pub struct ConfiguredSecret {
+    pub value: Secret,
+    /// The file when the value was written wholly as `${file:PATH}`: it is read again after
+    /// `invalid_client` and on reload (a rotated secret file needs no restart).
+    pub file: Option<PathBuf>,
+    /// `expires:` as configured (the start of that UTC day), for expiry warnings.
+    pub expires: Option<SystemTime>,
+}
+
+impl ConfiguredSecret {
+    /// Reads [`ConfiguredSecret::file`] again, with the same rules as `${file:PATH}`.
+    pub(crate) fn reread(file: &Path) -> Result<Secret, String> {
+        expand::reread_file(file).map(Secret::new)
+    }
+}
+
+/// `client_certificate`: a signed client assertion (RFC 7523, Entra "certificate
+/// credentials").
 #[derive(Debug, Clone)]
 pub struct ClientCertificate {
-    pub authority: String,
-    pub tenant_id: String,
+    /// Entra (`tenant_id`) or any RFC 7523 server (`token_url`). The assertion's `aud` is
+    /// this URL.
+    pub endpoint: TokenEndpoint,
     pub client_id: String,
-    pub certificate_file: PathBuf,
+    /// `certificate_file`, or the `certificate_files` list: tried in order, the next after
+    /// `invalid_client` (rotation). Never empty.
+    pub certificates: Vec<CertificateFile>,
+    pub assertion_alg: AssertionAlg,
+    /// Add `x5c` (the chain) to the assertion header, for subject-name/issuer registration.
+    pub send_certificate_chain: bool,
 }
 
+/// A PEM file (certificate and key) or a PKCS#12 / .pfx file with its password.
+#[derive(Debug, Clone)]
+pub struct CertificateFile {
+    pub path: PathBuf,
+    /// PKCS#12 only; PEM keys must be unencrypted.
+    pub password: Option<Secret>,
+}
+
+/// The client assertion's signature algorithm and thumbprint header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AssertionAlg {
+    /// RSA-PSS SHA-256 with `x5t#S256` (Entra's current documentation; default).
+    Ps256,
+    /// RSA PKCS#1 v1.5 SHA-256 with `x5t` (SHA-1 thumbprint; older SDKs).
+    Rs256,
+    /// ECDSA P-256 SHA-256 with `x5t#S256`; generic `token_url` servers only (Entra ID
+    /// takes RSA keys only).
+    Es256,
+}
+
+impl AssertionAlg {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ps256 => "PS256",
+            Self::Rs256 => "RS256",
+            Self::Es256 => "ES256",
+        }
+    }
+}
+
+/// `managed_identity`: the platform's token service.
 #[derive(Debug, Clone)]
 pub struct ManagedIdentity {
-    pub client_id: Option<String>,
+    /// A user-assigned identity; `None`: the system-assigned one.
+    pub selector: Option<IdentitySelector>,
+    pub endpoint: ManagedIdentityEndpoint,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdentitySelector {
+    ClientId(String),
+    ObjectId(String),
+    /// The identity's Azure resource ID.
+    ResourceId(String),
+}
+
+/// Where a managed identity gets its tokens, decided from the environment at load time.
+#[derive(Debug, Clone)]
+pub enum ManagedIdentityEndpoint {
+    /// App Service, Functions, Container Apps: `IDENTITY_ENDPOINT` + `IDENTITY_HEADER`.
+    AppService { url: http::Uri, header: Secret },
+    /// Azure VM / VMSS instance metadata service (169.254.169.254).
+    Imds,
+}
+
+/// `workload_identity`: the projected Kubernetes token as a client assertion. Resolved from
+/// the YAML fields, else `AZURE_TENANT_ID`, `AZURE_CLIENT_ID`, `AZURE_FEDERATED_TOKEN_FILE`
+/// and `AZURE_AUTHORITY_HOST`.
 #[derive(Debug, Clone)]
 pub struct WorkloadIdentity {
-    pub tenant_id: Option<String>,
-    pub client_id: Option<String>,
-    pub token_file: Option<PathBuf>,
-    pub authority: Option<String>,
+    pub endpoint: TokenEndpoint,
+    pub client_id: String,
+    /// Read for every token request: the kubelet rotates it.
+    pub token_file: PathBuf,
 }
 
 /// A caller of the proxy.
@@ -242,6 +322,9 @@ pub struct Route {
     pub queue_timeout: Option<Duration>,
     pub retry_on_429: Option<RetryOn429>,
     pub allow_plain_http: bool,
+    /// What `s2s-proxy doctor` requests, relative to the upstream base; `None`: derived
+    /// from the service (BC `companies`, Dataverse `WhoAmI`, F&O `$metadata`).
+    pub doctor_path: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -181,17 +181,6 @@ pub(super) enum RawCredential {
     WorkloadIdentity(RawWorkloadIdentity),
 }
 
-impl RawCredential {
-    pub(super) fn type_name(&self) -> &'static str {
-        match self {
-            Self::ClientSecret(_) => "client_secret",
-            Self::ClientCertificate(_) => "client_certificate",
-            Self::ManagedIdentity(_) => "managed_identity",
-            Self::WorkloadIdentity(_) => "workload_identity",
-        }
-    }
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawClientSecret {
@@ -202,13 +191,34 @@ pub(super) struct RawClientSecret {
     #[serde(default, deserialize_with = "opt_string")]
     pub(super) authority: Option<String>,
     #[serde(default, deserialize_with = "opt_string")]
+    pub(super) cloud: Option<String>,
+    #[serde(default, deserialize_with = "opt_string")]
     pub(super) client_id: Option<String>,
     #[serde(default, deserialize_with = "opt_string")]
     pub(super) client_secret: Option<String>,
+    /// Rotation: several secrets, tried in order (instead of `client_secret`).
+    #[serde(default)]
+    pub(super) client_secrets: Option<Vec<StringOr<RawSecretEntry>>>,
+    /// Expiry date of `client_secret` (`2026-09-30`), for warnings.
+    #[serde(default, deserialize_with = "opt_string")]
+    pub(super) expires: Option<String>,
     #[serde(default, deserialize_with = "opt_string")]
     pub(super) auth_method: Option<String>,
     #[serde(default)]
     pub(super) params: Option<Params>,
+}
+
+/// One entry of `client_secrets`: `"${A}"` or `{ value: "${A}", expires: 2026-09-30 }`.
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a secret, or a mapping with `value` and `expires`"
+)]
+pub(super) struct RawSecretEntry {
+    #[serde(default, deserialize_with = "opt_string")]
+    pub(super) value: Option<String>,
+    #[serde(default, deserialize_with = "opt_string")]
+    pub(super) expires: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -217,11 +227,38 @@ pub(super) struct RawClientCertificate {
     #[serde(default, deserialize_with = "opt_string")]
     pub(super) tenant_id: Option<String>,
     #[serde(default, deserialize_with = "opt_string")]
+    pub(super) token_url: Option<String>,
+    #[serde(default, deserialize_with = "opt_string")]
+    pub(super) authority: Option<String>,
+    #[serde(default, deserialize_with = "opt_string")]
+    pub(super) cloud: Option<String>,
+    #[serde(default, deserialize_with = "opt_string")]
     pub(super) client_id: Option<String>,
     #[serde(default, deserialize_with = "opt_string")]
     pub(super) certificate_file: Option<String>,
+    /// Password of a PKCS#12 / .pfx `certificate_file`.
     #[serde(default, deserialize_with = "opt_string")]
-    pub(super) authority: Option<String>,
+    pub(super) certificate_password: Option<String>,
+    /// Rotation: several certificates, tried in order (instead of `certificate_file`).
+    #[serde(default)]
+    pub(super) certificate_files: Option<Vec<StringOr<RawCertificateEntry>>>,
+    #[serde(default, deserialize_with = "opt_string")]
+    pub(super) assertion_alg: Option<String>,
+    #[serde(default)]
+    pub(super) send_certificate_chain: Option<bool>,
+}
+
+/// One entry of `certificate_files`: `a.pem` or `{ file: a.pfx, password: "${P}" }`.
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a file path, or a mapping with `file` and `password`"
+)]
+pub(super) struct RawCertificateEntry {
+    #[serde(default, deserialize_with = "opt_string")]
+    pub(super) file: Option<String>,
+    #[serde(default, deserialize_with = "opt_string")]
+    pub(super) password: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -229,6 +266,10 @@ pub(super) struct RawClientCertificate {
 pub(super) struct RawManagedIdentity {
     #[serde(default, deserialize_with = "opt_string")]
     pub(super) client_id: Option<String>,
+    #[serde(default, deserialize_with = "opt_string")]
+    pub(super) object_id: Option<String>,
+    #[serde(default, deserialize_with = "opt_string")]
+    pub(super) resource_id: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -242,6 +283,59 @@ pub(super) struct RawWorkloadIdentity {
     pub(super) token_file: Option<String>,
     #[serde(default, deserialize_with = "opt_string")]
     pub(super) authority: Option<String>,
+    #[serde(default, deserialize_with = "opt_string")]
+    pub(super) cloud: Option<String>,
+}
+
+/// A list entry written either as a plain string or as a mapping `T`.
+#[derive(Debug)]
+pub(super) enum StringOr<T> {
+    String(String),
+    Map(T),
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for StringOr<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct EntryVisitor<T>(PhantomData<T>);
+
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for EntryVisitor<T> {
+            type Value = StringOr<T>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string or a mapping")
+            }
+
+            fn visit_str<E: de::Error>(self, value: &str) -> Result<StringOr<T>, E> {
+                Ok(StringOr::String(value.to_owned()))
+            }
+
+            fn visit_string<E: de::Error>(self, value: String) -> Result<StringOr<T>, E> {
+                Ok(StringOr::String(value))
+            }
+
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<StringOr<T>, E> {
+                Err(not_a_string())
+            }
+
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<StringOr<T>, E> {
+                Err(not_a_string())
+            }
+
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<StringOr<T>, E> {
+                Err(not_a_string())
+            }
+
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<StringOr<T>, E> {
+                Err(not_a_string())
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<StringOr<T>, A::Error> {
+                T::deserialize(de::value::MapAccessDeserializer::new(map)).map(StringOr::Map)
+            }
+        }
+
+        deserializer.deserialize_any(EntryVisitor(PhantomData))
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -289,6 +383,7 @@ pub(super) struct RawRoute {
     pub(super) queue_timeout: Option<String>,
     pub(super) retry_on_429: Option<RawRetryOn429>,
     pub(super) allow_plain_http: Option<bool>,
+    pub(super) doctor_path: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

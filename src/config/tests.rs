@@ -6,6 +6,8 @@ use super::*;
 const SECRET: &str = "cs_CANARY_7f3a";
 const PASSWORD: &str = "pw_CANARY_19c2";
 const API_KEY: &str = "ak_CANARY_55e0";
+/// A real RSA certificate and key (test-only, generated with `openssl req -x509`).
+const CERT_PEM: &str = include_str!("../../tests/fixtures/creds/a.pem");
 
 fn vars(pairs: &[(&str, &str)]) -> HashMap<String, String> {
     pairs
@@ -216,6 +218,13 @@ fn design_vars() -> HashMap<String, String> {
         ("PARTNER_ID", "partner-app"),
         ("PARTNER_SECRET", SECRET),
         ("WAREHOUSE_KEY", API_KEY),
+        // What the AKS workload identity webhook injects.
+        ("AZURE_TENANT_ID", TENANT),
+        ("AZURE_CLIENT_ID", "aks-app"),
+        (
+            "AZURE_FEDERATED_TOKEN_FILE",
+            "/var/run/secrets/azure/tokens/azure-identity-token",
+        ),
     ])
 }
 
@@ -297,7 +306,7 @@ fn design_example_loads_without_the_parts_of_later_releases() {
         format!("https://login.microsoftonline.com/{TENANT}/oauth2/v2.0/token")
     );
     assert_eq!(bc.client_id, "bc-app");
-    assert_eq!(bc.client_secret.expose(), SECRET);
+    assert_eq!(bc.client_secrets[0].value.expose(), SECRET);
     assert_eq!(bc.auth_method, ClientAuthMethod::Post);
     let Some(CredentialKind::ClientSecret(partner)) = config.credential("partner").map(|c| &c.kind)
     else {
@@ -368,15 +377,10 @@ fn design_example_loads_without_the_parts_of_later_releases() {
 #[test]
 fn design_example_as_written_reports_every_problem() {
     let dir = TempDir::new();
-    for file in [
-        "private-ca.pem",
-        "tls.crt",
-        "tls.key",
-        "clients-ca.pem",
-        "fo.pem",
-    ] {
+    for file in ["private-ca.pem", "tls.crt", "tls.key", "clients-ca.pem"] {
         dir.write(file, "-----BEGIN CERTIFICATE-----\n");
     }
+    dir.write("fo.pem", CERT_PEM);
     let yaml = DESIGN_EXAMPLE
         .replace("/etc/s2s-proxy/", "")
         .replace("/run/secrets/", "");
@@ -387,13 +391,10 @@ fn design_example_as_written_reports_every_problem() {
     assert_eq!(
         text,
         concat!(
-            "proxy.yaml: 12 problems:\n",
+            "proxy.yaml: 9 problems:\n",
             "  - clients.erp-sync.basic.password: a `sha256:` value needs exactly 64 hex digits; get it from `s2s-proxy hash-secret`\n",
             "  - server.public_url: not supported yet; remove it for this release\n",
             "  - admin: not supported yet (metrics and health listener); remove it for this release\n",
-            "  - credentials.fo-cert.type: not supported yet (client_certificate); only `client_secret` works in this release\n",
-            "  - credentials.pod.type: not supported yet (managed_identity); only `client_secret` works in this release\n",
-            "  - credentials.aks.type: not supported yet (workload_identity); only `client_secret` works in this release\n",
             "  - routes[0].rewrite_links: not supported yet; remove it for this release\n",
             "  - routes[0].max_concurrent: not supported yet; remove it for this release\n",
             "  - routes[0].max_queue: not supported yet; remove it for this release\n",
@@ -438,8 +439,8 @@ fn unknown_field_in_a_credential_names_the_credential_and_its_line() {
     assert_eq!(
         load(&yaml).expect_err("unknown field").to_string(),
         "proxy.yaml:13:3: credentials.typo: unknown field `token_ulr`, expected one of \
-         `tenant_id`, `token_url`, `authority`, `client_id`, `client_secret`, `auth_method`, \
-         `params`"
+         `tenant_id`, `token_url`, `authority`, `cloud`, `client_id`, `client_secret`, \
+         `client_secrets`, `expires`, `auth_method`, `params`"
     );
     let error = load("credentials:\n  bc:\n    type: client_secrett\n").expect_err("bad type");
     assert_eq!(
@@ -565,7 +566,7 @@ fn file_references_are_trimmed_and_relative_to_the_config() {
     let Some(CredentialKind::ClientSecret(bc)) = config.credential("bc").map(|c| &c.kind) else {
         panic!("bc is a client secret");
     };
-    assert_eq!(bc.client_secret.expose(), SECRET);
+    assert_eq!(bc.client_secrets[0].value.expose(), SECRET);
     let key = config.clients[1].api_key.expect("api key");
     assert!(key.matches(&Secret::new(API_KEY).digest()));
 }
@@ -993,7 +994,7 @@ fn literal_client_secret_is_allowed() {
     let Some(CredentialKind::ClientSecret(bc)) = config.credential("bc").map(|c| &c.kind) else {
         panic!("bc is a client secret");
     };
-    assert_eq!(bc.client_secret.expose(), "inline-secret");
+    assert_eq!(bc.client_secrets[0].value.expose(), "inline-secret");
 }
 
 #[test]
@@ -1045,8 +1046,6 @@ fn later_release_settings_are_validated_then_refused() {
              certificates; set server.tls.client_ca_file or remove this certificate",
             "routes[0].max_queue: applies only with routes[0].max_concurrent; set \
              routes[0].max_concurrent or remove routes[0].max_queue",
-            "credentials.mi.type: not supported yet (managed_identity); only `client_secret` \
-             works in this release",
             "routes[0].max_queue: not supported yet; remove it for this release",
         ]
     );

@@ -9,7 +9,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use http::HeaderName;
 use http::uri::{Authority, Scheme};
@@ -19,12 +19,13 @@ use super::expand::{self, Expanded};
 use super::raw::{
     RawAdmin, RawBasic, RawCertificateMatch, RawClient, RawClientCertificate, RawClientSecret,
     RawConfig, RawCredential, RawLimits, RawManagedIdentity, RawRetryOn429, RawRoute, RawServer,
-    RawTls, RawUpstream, RawWorkloadIdentity,
+    RawTls, RawUpstream, RawWorkloadIdentity, StringOr,
 };
 use super::{
-    Admin, BasicCredential, CertificateMatch, Client, ClientAuthMethod, ClientCertificate,
-    ClientSecret, Config, Credential, CredentialKind, DEFAULT_AUTHORITY, DEFAULT_LISTEN, Limits,
-    ManagedIdentity, Problem, RateLimit, RetryOn429, Route, Server, ServerTls, Source,
+    Admin, AssertionAlg, BasicCredential, CertificateFile, CertificateMatch, Client,
+    ClientAuthMethod, ClientCertificate, ClientSecret, Config, ConfiguredSecret, Credential,
+    CredentialKind, DEFAULT_AUTHORITY, DEFAULT_LISTEN, IdentitySelector, Limits, ManagedIdentity,
+    ManagedIdentityEndpoint, Problem, RateLimit, RetryOn429, Route, Server, ServerTls, Source,
     TokenEndpoint, Upstream, WorkloadIdentity,
 };
 use crate::secret::{Secret, SecretDigest};
@@ -104,15 +105,6 @@ fn refuse_unsupported(raw: &RawConfig, problems: &mut Vec<Problem>) {
     }
     if raw.admin.is_some() {
         refuse("admin".to_owned(), " (metrics and health listener)", REMOVE);
-    }
-    for (name, credential) in raw.credentials.iter().flat_map(|c| &c.0) {
-        if !matches!(credential, RawCredential::ClientSecret(_)) {
-            refuse(
-                format!("credentials.{name}.type"),
-                &format!(" ({})", credential.type_name()),
-                "only `client_secret` works in this release",
-            );
-        }
     }
     for (index, route) in raw.routes.iter().flatten().enumerate() {
         let at = |field: &str| format!("routes[{index}].{field}");
@@ -331,27 +323,15 @@ impl Validator<'_> {
                 );
                 None
             }
-            (Some(tenant), None) => self.entra_endpoint(at, tenant, raw.authority.as_ref()),
+            (Some(tenant), None) => {
+                self.entra_endpoint(at, tenant, raw.authority.as_ref(), raw.cloud.as_ref())
+            }
             (None, Some(url)) => {
-                if raw.authority.is_some() {
-                    self.problem(
-                        &format!("{at}.authority"),
-                        format!("applies only with {at}.tenant_id; with {at}.token_url remove it"),
-                    );
-                }
-                let path = format!("{at}.token_url");
-                self.url(&path, url, UrlUse::TokenEndpoint)
-                    .map(|url| TokenEndpoint::Generic { url: url.uri })
+                self.generic_endpoint(at, url, raw.authority.as_ref(), raw.cloud.as_ref())
             }
         };
         let client_id = self.client_id(at, raw.client_id.as_ref());
-        let client_secret = self
-            .required(
-                &format!("{at}.client_secret"),
-                raw.client_secret.as_ref(),
-                "the app's secret, e.g. ${BC_CLIENT_SECRET}",
-            )
-            .and_then(|text| self.secret(&format!("{at}.client_secret"), text));
+        let client_secrets = self.client_secrets(at, raw);
         let auth_method = match &raw.auth_method {
             None => Some(ClientAuthMethod::Post),
             Some(text) => {
@@ -376,7 +356,7 @@ impl Validator<'_> {
         Some(ClientSecret {
             endpoint: endpoint?,
             client_id: client_id?,
-            client_secret: client_secret?,
+            client_secrets: client_secrets?,
             auth_method: auth_method?,
             params: params?,
         })
@@ -422,9 +402,10 @@ impl Validator<'_> {
         at: &str,
         tenant: &str,
         authority: Option<&String>,
+        cloud: Option<&String>,
     ) -> Option<TokenEndpoint> {
         let tenant_id = self.tenant_id(&format!("{at}.tenant_id"), tenant);
-        let authority = self.authority(&format!("{at}.authority"), authority);
+        let authority = self.cloud_authority(at, authority, cloud);
         let (tenant_id, authority) = (tenant_id?, authority?);
         let url = format!("{authority}/{tenant_id}/oauth2/v2.0/token");
         match url.parse::<http::Uri>() {
@@ -443,75 +424,451 @@ impl Validator<'_> {
         }
     }
 
+    /// `token_url` for a generic OAuth 2.0 server; `authority` and `cloud` do not apply.
+    fn generic_endpoint(
+        &mut self,
+        at: &str,
+        url: &str,
+        authority: Option<&String>,
+        cloud: Option<&String>,
+    ) -> Option<TokenEndpoint> {
+        for (field, set) in [
+            ("authority", authority.is_some()),
+            ("cloud", cloud.is_some()),
+        ] {
+            if set {
+                self.problem(
+                    &format!("{at}.{field}"),
+                    format!("applies only with {at}.tenant_id; with {at}.token_url remove it"),
+                );
+            }
+        }
+        let path = format!("{at}.token_url");
+        self.url(&path, url, UrlUse::TokenEndpoint)
+            .map(|url| TokenEndpoint::Generic { url: url.uri })
+    }
+
+    /// `client_secret` (with `expires`) or the `client_secrets` list, not both.
+    fn client_secrets(&mut self, at: &str, raw: &RawClientSecret) -> Option<Vec<ConfiguredSecret>> {
+        match (&raw.client_secret, &raw.client_secrets) {
+            (Some(_), Some(_)) => {
+                self.problem(
+                    &format!("{at}.client_secrets"),
+                    format!(
+                        "set either {at}.client_secret or {at}.client_secrets (rotation), not \
+                         both"
+                    ),
+                );
+                None
+            }
+            (None, None) => {
+                self.problem(
+                    &format!("{at}.client_secret"),
+                    "is required: the app's secret, e.g. ${BC_CLIENT_SECRET} (or \
+                     `client_secrets: [...]` to rotate)",
+                );
+                None
+            }
+            (Some(text), None) => {
+                let path = format!("{at}.client_secret");
+                let secret = self.configured_secret(&path, text);
+                let expires = raw
+                    .expires
+                    .as_ref()
+                    .map(|e| self.date(&format!("{at}.expires"), e));
+                let expires = match expires {
+                    Some(date) => Some(date?),
+                    None => None,
+                };
+                Some(vec![ConfiguredSecret { expires, ..secret? }])
+            }
+            (None, Some(list)) => {
+                if raw.expires.is_some() {
+                    self.problem(
+                        &format!("{at}.expires"),
+                        format!(
+                            "applies to {at}.client_secret; with {at}.client_secrets write \
+                             `{{ value: ..., expires: ... }}` entries"
+                        ),
+                    );
+                }
+                if list.is_empty() {
+                    self.problem(
+                        &format!("{at}.client_secrets"),
+                        "is empty; list at least one secret",
+                    );
+                    return None;
+                }
+                let mut secrets = Some(Vec::with_capacity(list.len()));
+                for (index, entry) in list.iter().enumerate() {
+                    let path = format!("{at}.client_secrets[{index}]");
+                    let secret = match entry {
+                        StringOr::String(text) => self.configured_secret(&path, text),
+                        StringOr::Map(entry) => {
+                            let value = self
+                                .required(
+                                    &format!("{path}.value"),
+                                    entry.value.as_ref(),
+                                    "the secret, e.g. ${BC_SECRET_NEW}",
+                                )
+                                .and_then(|t| self.configured_secret(&format!("{path}.value"), t));
+                            let expires = match &entry.expires {
+                                Some(e) => self.date(&format!("{path}.expires"), e).map(Some),
+                                None => Some(None),
+                            };
+                            value
+                                .zip(expires)
+                                .map(|(value, expires)| ConfiguredSecret { expires, ..value })
+                        }
+                    };
+                    match (secret, &mut secrets) {
+                        (Some(secret), Some(list)) => list.push(secret),
+                        _ => secrets = None,
+                    }
+                }
+                secrets
+            }
+        }
+    }
+
+    /// A secret, remembering its file when written wholly as `${file:PATH}`.
+    fn configured_secret(&mut self, path: &str, text: &str) -> Option<ConfiguredSecret> {
+        let value = self.secret(path, text)?;
+        let file = text
+            .strip_prefix("${file:")
+            .and_then(|t| t.strip_suffix('}'))
+            .filter(|t| !t.contains('}'))
+            .map(|file| self.source.base_dir.join(file));
+        Some(ConfiguredSecret {
+            value,
+            file,
+            expires: None,
+        })
+    }
+
+    /// A calendar date `YYYY-MM-DD`, as the start of that day in UTC.
+    fn date(&mut self, path: &str, text: &str) -> Option<SystemTime> {
+        let value = self.string(path, text)?;
+        match parse_date(value.trim()) {
+            Some(time) => Some(time),
+            None => {
+                self.problem(path, "expected a date such as 2026-09-30 (YYYY-MM-DD)");
+                None
+            }
+        }
+    }
+
     fn client_certificate(
         &mut self,
         at: &str,
         raw: &RawClientCertificate,
     ) -> Option<ClientCertificate> {
-        let tenant_id = self
-            .required(
-                &format!("{at}.tenant_id"),
-                raw.tenant_id.as_ref(),
-                "the directory (tenant) ID",
-            )
-            .and_then(|t| self.tenant_id(&format!("{at}.tenant_id"), t));
-        let authority = self.authority(&format!("{at}.authority"), raw.authority.as_ref());
+        let endpoint = match (&raw.tenant_id, &raw.token_url) {
+            (Some(_), Some(_)) => {
+                self.problem(
+                    &format!("{at}.token_url"),
+                    format!(
+                        "set either {at}.tenant_id (Entra ID) or {at}.token_url (any other \
+                         OAuth 2.0 server), not both"
+                    ),
+                );
+                None
+            }
+            (None, None) => {
+                self.problem(
+                    &format!("{at}.tenant_id"),
+                    "is required: the directory (tenant) ID (or `token_url` for a server \
+                     other than Entra ID)",
+                );
+                None
+            }
+            (Some(tenant), None) => {
+                self.entra_endpoint(at, tenant, raw.authority.as_ref(), raw.cloud.as_ref())
+            }
+            (None, Some(url)) => {
+                self.generic_endpoint(at, url, raw.authority.as_ref(), raw.cloud.as_ref())
+            }
+        };
         let client_id = self.client_id(at, raw.client_id.as_ref());
-        let certificate_file = self
-            .required(
-                &format!("{at}.certificate_file"),
-                raw.certificate_file.as_ref(),
-                "a PEM file with the certificate and its private key",
-            )
-            .and_then(|t| self.existing_file(&format!("{at}.certificate_file"), t));
-        Some(ClientCertificate {
-            authority: authority?,
-            tenant_id: tenant_id?,
-            client_id: client_id?,
-            certificate_file: certificate_file?,
+        let assertion_alg = match &raw.assertion_alg {
+            None => Some(AssertionAlg::Ps256),
+            Some(text) => {
+                let path = format!("{at}.assertion_alg");
+                match self.string(&path, text)?.as_str() {
+                    "PS256" => Some(AssertionAlg::Ps256),
+                    "RS256" => Some(AssertionAlg::Rs256),
+                    "ES256" if raw.tenant_id.is_some() => {
+                        self.problem(
+                            &path,
+                            "Entra ID accepts only RSA certificates (PS256 or RS256); ES256 is \
+                             for other servers (`token_url`)",
+                        );
+                        None
+                    }
+                    "ES256" => Some(AssertionAlg::Es256),
+                    other => {
+                        self.problem(
+                            &path,
+                            format!(
+                                "unknown algorithm `{other}`; use `PS256` (default, sends \
+                                 x5t#S256) or `RS256` (sends x5t)"
+                            ),
+                        );
+                        None
+                    }
+                }
+            }
+        };
+        let certificates = self.certificate_files(at, raw);
+        let (endpoint, client_id, assertion_alg, certificates) =
+            (endpoint?, client_id?, assertion_alg?, certificates?);
+        // Load every certificate now, so that `check` reports a bad file or key.
+        let mut usable = true;
+        for (index, certificate) in certificates.iter().enumerate() {
+            if let Err(message) = crate::token::check_certificate(certificate, assertion_alg) {
+                let path = if raw.certificate_files.is_some() {
+                    format!("{at}.certificate_files[{index}]")
+                } else {
+                    format!("{at}.certificate_file")
+                };
+                self.problem(&path, message);
+                usable = false;
+            }
+        }
+        usable.then_some(ClientCertificate {
+            endpoint,
+            client_id,
+            certificates,
+            assertion_alg,
+            send_certificate_chain: raw.send_certificate_chain.unwrap_or(false),
         })
     }
 
-    fn managed_identity(&mut self, at: &str, raw: &RawManagedIdentity) -> Option<ManagedIdentity> {
-        let client_id = match &raw.client_id {
-            Some(_) => Some(self.client_id(at, raw.client_id.as_ref())?),
-            None => None,
-        };
-        Some(ManagedIdentity { client_id })
+    /// `certificate_file` (+ `certificate_password`) or the `certificate_files` list.
+    fn certificate_files(
+        &mut self,
+        at: &str,
+        raw: &RawClientCertificate,
+    ) -> Option<Vec<CertificateFile>> {
+        match (&raw.certificate_file, &raw.certificate_files) {
+            (Some(_), Some(_)) => {
+                self.problem(
+                    &format!("{at}.certificate_files"),
+                    format!(
+                        "set either {at}.certificate_file or {at}.certificate_files \
+                         (rotation), not both"
+                    ),
+                );
+                None
+            }
+            (None, None) => {
+                self.problem(
+                    &format!("{at}.certificate_file"),
+                    "is required: a PEM file with the certificate and its private key, or a \
+                     PKCS#12 (.pfx) file with `certificate_password`",
+                );
+                None
+            }
+            (Some(file), None) => {
+                let file = self.existing_file(&format!("{at}.certificate_file"), file);
+                let password = match &raw.certificate_password {
+                    Some(text) => Some(self.secret(&format!("{at}.certificate_password"), text)?),
+                    None => None,
+                };
+                Some(vec![CertificateFile {
+                    path: file?,
+                    password,
+                }])
+            }
+            (None, Some(list)) => {
+                if raw.certificate_password.is_some() {
+                    self.problem(
+                        &format!("{at}.certificate_password"),
+                        format!(
+                            "applies to {at}.certificate_file; with {at}.certificate_files \
+                             write `{{ file: ..., password: ... }}` entries"
+                        ),
+                    );
+                }
+                if list.is_empty() {
+                    self.problem(
+                        &format!("{at}.certificate_files"),
+                        "is empty; list at least one certificate file",
+                    );
+                    return None;
+                }
+                let mut files = Some(Vec::with_capacity(list.len()));
+                for (index, entry) in list.iter().enumerate() {
+                    let path = format!("{at}.certificate_files[{index}]");
+                    let file = match entry {
+                        StringOr::String(text) => {
+                            self.existing_file(&path, text).map(|path| CertificateFile {
+                                path,
+                                password: None,
+                            })
+                        }
+                        StringOr::Map(entry) => {
+                            let file = self
+                                .required(
+                                    &format!("{path}.file"),
+                                    entry.file.as_ref(),
+                                    "a PEM or PKCS#12 (.pfx) file",
+                                )
+                                .and_then(|t| self.existing_file(&format!("{path}.file"), t));
+                            let password = match &entry.password {
+                                Some(t) => self.secret(&format!("{path}.password"), t).map(Some),
+                                None => Some(None),
+                            };
+                            file.zip(password)
+                                .map(|(path, password)| CertificateFile { path, password })
+                        }
+                    };
+                    match (file, &mut files) {
+                        (Some(file), Some(list)) => list.push(file),
+                        _ => files = None,
+                    }
+                }
+                files
+            }
+        }
     }
 
+    fn managed_identity(&mut self, at: &str, raw: &RawManagedIdentity) -> Option<ManagedIdentity> {
+        let mut selectors = Vec::new();
+        for (field, value) in [
+            ("client_id", &raw.client_id),
+            ("object_id", &raw.object_id),
+            ("resource_id", &raw.resource_id),
+        ] {
+            if let Some(text) = value {
+                let path = format!("{at}.{field}");
+                let value = self.non_empty(&path, text)?;
+                if value.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                    self.problem(&path, "must not contain spaces or control characters");
+                    return None;
+                }
+                selectors.push(match field {
+                    "client_id" => IdentitySelector::ClientId(value),
+                    "object_id" => IdentitySelector::ObjectId(value),
+                    _ => IdentitySelector::ResourceId(value),
+                });
+            }
+        }
+        if selectors.len() > 1 {
+            self.problem(
+                at,
+                "set at most one of `client_id`, `object_id` and `resource_id` (they select \
+                 the same user-assigned identity)",
+            );
+            return None;
+        }
+        // App Service, Functions and Container Apps set both; otherwise this is a VM (IMDS).
+        let variables = &self.source.variables;
+        let endpoint = match (
+            variables.get("IDENTITY_ENDPOINT"),
+            variables.get("IDENTITY_HEADER"),
+        ) {
+            (Some(url), Some(header)) if !url.is_empty() => {
+                let url = match check_url(&url, UrlUse::TokenEndpoint) {
+                    Ok(url) => url.uri,
+                    Err(message) => {
+                        self.problem(
+                            at,
+                            format!("environment variable IDENTITY_ENDPOINT {message}"),
+                        );
+                        return None;
+                    }
+                };
+                if http::HeaderValue::from_str(&header).is_err() {
+                    self.problem(
+                        at,
+                        "environment variable IDENTITY_HEADER is not a valid header value",
+                    );
+                    return None;
+                }
+                ManagedIdentityEndpoint::AppService {
+                    url,
+                    header: Secret::new(header),
+                }
+            }
+            (Some(_), None) => {
+                self.problem(
+                    at,
+                    "IDENTITY_ENDPOINT is set but IDENTITY_HEADER is not; both come from the \
+                     platform (App Service, Functions, Container Apps)",
+                );
+                return None;
+            }
+            _ => ManagedIdentityEndpoint::Imds,
+        };
+        Some(ManagedIdentity {
+            selector: selectors.pop(),
+            endpoint,
+        })
+    }
+
+    /// Fields from the YAML, else from the variables the workload identity webhook injects.
     fn workload_identity(
         &mut self,
         at: &str,
         raw: &RawWorkloadIdentity,
     ) -> Option<WorkloadIdentity> {
-        let mut ok = true;
-        let tenant_id = raw.tenant_id.as_ref().and_then(|t| {
-            let tenant = self.tenant_id(&format!("{at}.tenant_id"), t);
-            ok &= tenant.is_some();
-            tenant
-        });
-        let client_id = raw.client_id.as_ref().and_then(|_| {
-            let id = self.client_id(at, raw.client_id.as_ref());
-            ok &= id.is_some();
-            id
-        });
-        let token_file = raw.token_file.as_ref().and_then(|t| {
+        let variables = &self.source.variables;
+        let from_env = |field: &Option<String>, variable: &str| -> Option<String> {
+            match field {
+                Some(text) => Some(text.clone()),
+                // `$${` keeps an environment value from being expanded again.
+                None => variables.get(variable).map(|v| v.replace("${", "$${")),
+            }
+        };
+        let missing = |field: &str, variable: &str| {
+            format!(
+                "is required: set {at}.{field} or the environment variable {variable} (the \
+                 workload identity webhook injects it into labelled pods)"
+            )
+        };
+        let tenant = from_env(&raw.tenant_id, "AZURE_TENANT_ID");
+        let client = from_env(&raw.client_id, "AZURE_CLIENT_ID");
+        let file = from_env(&raw.token_file, "AZURE_FEDERATED_TOKEN_FILE");
+        let authority = match (&raw.authority, &raw.cloud) {
+            (None, None) => from_env(&None, "AZURE_AUTHORITY_HOST"),
+            (authority, _) => authority.clone(),
+        };
+        let endpoint = match &tenant {
+            Some(tenant) => self.entra_endpoint(at, tenant, authority.as_ref(), raw.cloud.as_ref()),
+            None => {
+                self.problem(
+                    &format!("{at}.tenant_id"),
+                    missing("tenant_id", "AZURE_TENANT_ID"),
+                );
+                None
+            }
+        };
+        let client_id = match &client {
+            Some(_) => self.client_id(at, client.as_ref()),
+            None => {
+                self.problem(
+                    &format!("{at}.client_id"),
+                    missing("client_id", "AZURE_CLIENT_ID"),
+                );
+                None
+            }
+        };
+        let token_file = match &file {
             // Not checked for existence: the platform mounts and rotates it.
-            let file = self.file_path(&format!("{at}.token_file"), t);
-            ok &= file.is_some();
-            file
-        });
-        let authority = raw.authority.as_ref().and_then(|_| {
-            let authority = self.authority(&format!("{at}.authority"), raw.authority.as_ref());
-            ok &= authority.is_some();
-            authority
-        });
-        ok.then_some(WorkloadIdentity {
-            tenant_id,
-            client_id,
-            token_file,
-            authority,
+            Some(text) => self.file_path(&format!("{at}.token_file"), text),
+            None => {
+                self.problem(
+                    &format!("{at}.token_file"),
+                    missing("token_file", "AZURE_FEDERATED_TOKEN_FILE"),
+                );
+                None
+            }
+        };
+        Some(WorkloadIdentity {
+            endpoint: endpoint?,
+            client_id: client_id?,
+            token_file: token_file?,
         })
     }
 
@@ -743,6 +1100,22 @@ impl Validator<'_> {
             .as_ref()
             .map(|retry| self.retry_on_429(&path("retry_on_429"), retry));
 
+        let doctor_path = match &raw.doctor_path {
+            None => Some(None),
+            Some(text) => self.string(&path("doctor_path"), text).and_then(|p| {
+                let relative = p.trim_start_matches('/').to_owned();
+                if relative.contains("..") || relative.contains("://") {
+                    self.problem(
+                        &path("doctor_path"),
+                        "must be a path relative to the upstream URL, such as api/v2.0/companies",
+                    );
+                    None
+                } else {
+                    Some(Some(relative))
+                }
+            }),
+        };
+
         Some(Route {
             prefix: prefix?,
             upstream: upstream?,
@@ -756,6 +1129,7 @@ impl Validator<'_> {
             queue_timeout,
             retry_on_429: retry_on_429.flatten(),
             allow_plain_http,
+            doctor_path: doctor_path?,
         })
     }
 
@@ -1213,6 +1587,41 @@ impl Validator<'_> {
         Some(trimmed.to_owned())
     }
 
+    /// `authority`, or `cloud` as its shorthand (DYNAMICS.md §4), not both.
+    fn cloud_authority(
+        &mut self,
+        at: &str,
+        authority: Option<&String>,
+        cloud: Option<&String>,
+    ) -> Option<String> {
+        let Some(text) = cloud else {
+            return self.authority(&format!("{at}.authority"), authority);
+        };
+        let path = format!("{at}.cloud");
+        if authority.is_some() {
+            self.problem(
+                &path,
+                format!("set either {at}.cloud or {at}.authority, not both"),
+            );
+            return None;
+        }
+        let host = match self.string(&path, text)?.as_str() {
+            "public" => DEFAULT_AUTHORITY,
+            "usgov" => "https://login.microsoftonline.us",
+            "china" => "https://login.chinacloudapi.cn",
+            other => {
+                self.problem(
+                    &path,
+                    format!(
+                        "unknown cloud `{other}`; use `public` (default), `usgov` or `china`,                          or set `authority` to the authority host"
+                    ),
+                );
+                return None;
+            }
+        };
+        Some(host.to_owned())
+    }
+
     fn url(&mut self, path: &str, text: &str, usage: UrlUse) -> Option<CheckedUrl> {
         let value = self.string(path, text)?;
         self.checked_url(path, &value, usage)
@@ -1427,6 +1836,47 @@ fn parse_duration(value: &str) -> Result<Duration, String> {
 }
 
 /// `100/s`, `20/m`, `6000/5m`, `1000/h`.
+/// `YYYY-MM-DD` as 00:00 UTC of that day.
+fn parse_date(value: &str) -> Option<SystemTime> {
+    let mut parts = value.splitn(3, '-');
+    let (y, m, d) = (parts.next()?, parts.next()?, parts.next()?);
+    if y.len() != 4 || m.len() != 2 || d.len() != 2 {
+        return None;
+    }
+    let (y, m, d): (i64, i64, i64) = (y.parse().ok()?, m.parse().ok()?, d.parse().ok()?);
+    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let month_days = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    if !(1970..=9999).contains(&y)
+        || !(1..=12).contains(&m)
+        || d < 1
+        || d > month_days[(m - 1) as usize]
+    {
+        return None;
+    }
+    // Howard Hinnant's days_from_civil.
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(days).ok()? * 86_400))
+}
+
 fn parse_rate_limit(value: &str) -> Result<RateLimit, String> {
     const HINT: &str = "write requests per period, such as `100/s`, `20/m` or `6000/5m`";
     let Some((requests, per)) = value.split_once('/') else {

@@ -99,7 +99,16 @@ impl TokenCache {
         for route in &config.routes {
             cache.slot(route);
         }
+        super::warn_expiring(config, std::time::SystemTime::now());
         cache
+    }
+
+    /// Reads every credential's file-backed secrets and certificates again (`${file:…}`
+    /// secrets, certificate files), for configuration reload. Cached tokens stay.
+    pub fn reread_credential_files(&self) {
+        for source in self.inner.sources.values() {
+            source.reread_files();
+        }
     }
 
     /// A cache over the given sources (credential name → source); slots are created on

@@ -9,15 +9,16 @@
 //! properly form-encoded.
 
 use std::future::Future;
-use std::net::IpAddr;
 use std::pin::Pin;
+use std::sync::{Mutex, PoisonError};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use http::HeaderValue;
 
+use super::rotation::{self, Rotation};
 use super::{IssuedToken, TokenError, TokenHttp, TokenSource};
-use crate::config::{ClientAuthMethod, ClientSecret};
+use crate::config::{ClientAuthMethod, ClientSecret, ConfiguredSecret};
 use crate::secret::Secret;
 
 /// Form fields the grant itself sets; a `params` entry may not replace them.
@@ -34,9 +35,11 @@ pub(crate) struct ClientSecretSource {
     credential: String,
     url: reqwest::Url,
     client_id: String,
-    client_secret: Secret,
-    /// `Basic …`, built once and marked sensitive; `None` for `client_secret_post`.
-    basic: Option<HeaderValue>,
+    /// The configured secrets (rotation order) and their current values: a `${file:…}`
+    /// secret is read again after `invalid_client` and by [`TokenSource::reread_files`].
+    secrets: Vec<(ConfiguredSecret, Mutex<Secret>)>,
+    rotation: Rotation,
+    auth_method: ClientAuthMethod,
     params: Vec<(String, String)>,
     http: Result<TokenHttp, TokenError>,
 }
@@ -46,7 +49,8 @@ impl std::fmt::Debug for ClientSecretSource {
         f.debug_struct("ClientSecretSource")
             .field("credential", &self.credential)
             .field("client_id", &self.client_id)
-            .field("basic", &self.basic.is_some())
+            .field("secrets", &self.secrets.len())
+            .field("auth_method", &self.auth_method)
             .finish_non_exhaustive()
     }
 }
@@ -57,38 +61,7 @@ impl ClientSecretSource {
         settings: &ClientSecret,
         http: Result<TokenHttp, TokenError>,
     ) -> Result<Self, TokenError> {
-        let config_error =
-            |what: &str| TokenError::Config(format!("credential `{credential}`: {what}"));
-        let url = reqwest::Url::parse(&settings.endpoint.url().to_string())
-            .map_err(|_| config_error("the token endpoint is not a valid URL"))?;
-        let loopback = match url.host_str() {
-            Some(host) if host.eq_ignore_ascii_case("localhost") => true,
-            Some(host) => host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .parse::<IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback()),
-            None => false,
-        };
-        if url.scheme() != "https" && !(url.scheme() == "http" && loopback) {
-            return Err(config_error(
-                "the token endpoint must be https:// (plain http only on loopback)",
-            ));
-        }
-        let basic = match settings.auth_method {
-            ClientAuthMethod::Post => None,
-            ClientAuthMethod::Basic => {
-                let pair = format!(
-                    "{}:{}",
-                    form_encode(&settings.client_id),
-                    form_encode(settings.client_secret.expose())
-                );
-                let mut value = HeaderValue::from_str(&format!("Basic {}", STANDARD.encode(pair)))
-                    .map_err(|_| config_error("cannot build the Basic authorization header"))?;
-                value.set_sensitive(true);
-                Some(value)
-            }
-        };
+        let url = super::endpoint_url(credential, settings.endpoint.url())?;
         let params = settings
             .params
             .iter()
@@ -105,22 +78,98 @@ impl ClientSecretSource {
             credential: credential.to_owned(),
             url,
             client_id: settings.client_id.clone(),
-            client_secret: settings.client_secret.clone(),
-            basic,
+            secrets: settings
+                .client_secrets
+                .iter()
+                .map(|s| (s.clone(), Mutex::new(s.value.clone())))
+                .collect(),
+            rotation: Rotation::new(settings.client_secrets.len()),
+            auth_method: settings.auth_method,
             params,
             http,
         })
     }
 
+    fn secret(&self, index: usize) -> Secret {
+        self.secrets[index]
+            .1
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Reads secret `index` again if it came from a file; whether its value changed.
+    fn reread(&self, index: usize) -> bool {
+        let (configured, current) = &self.secrets[index];
+        let Some(file) = &configured.file else {
+            return false;
+        };
+        match ConfiguredSecret::reread(file) {
+            Ok(value) if !value.expose().trim().is_empty() => {
+                let mut current = current.lock().unwrap_or_else(PoisonError::into_inner);
+                let changed = *current != value;
+                if changed {
+                    tracing::info!(credential = %self.credential, entry = index, "Read a changed client secret from its file.");
+                    *current = value;
+                }
+                changed
+            }
+            Ok(_) => false,
+            Err(error) => {
+                tracing::warn!(credential = %self.credential, entry = index, error = %error, "Cannot read the client secret file again.");
+                false
+            }
+        }
+    }
+
+    /// One secret: a refused `${file:…}` secret is read again and, if it changed, retried.
+    async fn with_secret(
+        &self,
+        index: usize,
+        scope: Option<&str>,
+    ) -> Result<IssuedToken, TokenError> {
+        match self.send(&self.secret(index), scope).await {
+            Err(error) if rotation::is_invalid_client(&error) && self.reread(index) => {
+                self.send(&self.secret(index), scope).await
+            }
+            other => other,
+        }
+    }
+
     async fn request(&self, scope: Option<&str>) -> Result<IssuedToken, TokenError> {
+        rotation::try_in_turn(
+            &self.rotation,
+            &self.credential,
+            "client_secrets",
+            |index| self.with_secret(index, scope),
+        )
+        .await
+    }
+
+    async fn send(&self, secret: &Secret, scope: Option<&str>) -> Result<IssuedToken, TokenError> {
         let http = self.http.as_ref().map_err(Clone::clone)?;
         let mut form: Vec<(&str, &str)> = vec![("grant_type", "client_credentials")];
         let mut request = http.client().post(self.url.clone());
-        match &self.basic {
-            Some(basic) => request = request.header(http::header::AUTHORIZATION, basic.clone()),
-            None => {
+        match self.auth_method {
+            ClientAuthMethod::Basic => {
+                let pair = format!(
+                    "{}:{}",
+                    form_encode(&self.client_id),
+                    form_encode(secret.expose())
+                );
+                let mut value = HeaderValue::from_str(&format!("Basic {}", STANDARD.encode(pair)))
+                    .map_err(|_| {
+                        TokenError::Config(format!(
+                            "credential `{}`: cannot build the Basic authorization header",
+                            self.credential
+                        ))
+                    })?;
+                value.set_sensitive(true);
+                request = request.header(http::header::AUTHORIZATION, value);
+            }
+            ClientAuthMethod::Post => {
                 form.push(("client_id", &self.client_id));
-                form.push(("client_secret", self.client_secret.expose()));
+                form.push(("client_secret", secret.expose()));
             }
         }
         if let Some(scope) = scope {
@@ -132,7 +181,7 @@ impl ClientSecretSource {
             .form(&form);
         http.send(request, &self.url)
             .await?
-            .into_issued(Some(self.client_secret.expose()))
+            .into_issued(Some(secret.expose()))
     }
 }
 
@@ -142,6 +191,12 @@ impl TokenSource for ClientSecretSource {
         scope: Option<&'a str>,
     ) -> Pin<Box<dyn Future<Output = Result<IssuedToken, TokenError>> + Send + 'a>> {
         Box::pin(self.request(scope))
+    }
+
+    fn reread_files(&self) {
+        for index in 0..self.secrets.len() {
+            self.reread(index);
+        }
     }
 }
 

@@ -1,8 +1,9 @@
 //! Service-to-service tokens: obtaining them, caching them and renewing them ahead of expiry.
 //!
-//! A [`TokenSource`] is one credential type (today `client_secret`; certificate, managed
-//! identity and workload identity follow, one file each) and knows how to ask an identity
-//! provider for one token. The [`TokenCache`] keeps one [`TokenSlot`] per (credential,
+//! A [`TokenSource`] is one credential type (`client_secret`, `client_certificate` with
+//! [`assertion`] signing, `managed_identity`, `workload_identity`; one file each) and knows
+//! how to ask an identity provider for one token; [`rotation`] walks a credential's several
+//! secrets or certificates after `invalid_client`. The [`TokenCache`] keeps one [`TokenSlot`] per (credential,
 //! scope) used by the routes. A slot hands out the cached [`Token`] lock-free while it is
 //! usable, fetches at most once at a time when it is not (single-flight), backs off after
 //! failures and, once [`TokenCache::start`] runs, renews every token in the background
@@ -17,12 +18,20 @@
 //! Not here: which route uses which slot (the proxy pipeline asks [`TokenCache::slot`]),
 //! readiness and metrics (they read [`TokenCache::status`]), and config validation.
 
+mod assertion;
 mod cache;
 mod claims;
+mod client_certificate;
 mod client_secret;
+mod expiry;
+#[cfg(test)]
+pub(crate) mod fake;
+mod managed_identity;
 mod provider_error;
 mod response;
+mod rotation;
 mod transport;
+mod workload_identity;
 
 use std::fmt;
 use std::future::Future;
@@ -38,6 +47,7 @@ use crate::secret::Secret;
 
 pub use cache::{SlotStatus, TokenCache, TokenSlot};
 pub use claims::{Claims, decode_claims};
+pub use expiry::{CredentialExpiry, EXPIRY_WARNING, credential_expiries, warn_expiring};
 pub use provider_error::{ProviderError, aadsts_hint};
 
 pub(crate) use transport::TokenHttp;
@@ -49,6 +59,9 @@ pub trait TokenSource: Send + Sync + fmt::Debug {
         &'a self,
         scope: Option<&'a str>,
     ) -> Pin<Box<dyn Future<Output = Result<IssuedToken, TokenError>> + Send + 'a>>;
+
+    /// Reads file-backed secrets and certificates again (configuration reload, rotation).
+    fn reread_files(&self) {}
 }
 
 /// What a provider returned, before it becomes a cached [`Token`].
@@ -304,29 +317,70 @@ pub async fn fetch_once(
     })
 }
 
-/// The [`TokenSource`] for one configured credential. Credential types without an
-/// implementation yet get a source that always fails with a permanent error.
+/// The [`TokenSource`] for one configured credential. A credential that cannot be set up
+/// gets a source that always fails with a permanent error.
 pub(crate) fn build_source(
     credential: &Credential,
     http: &Result<TokenHttp, TokenError>,
 ) -> Arc<dyn TokenSource> {
-    match &credential.kind {
+    let name = &credential.name;
+    let http = http.clone();
+    let source: Result<Arc<dyn TokenSource>, TokenError> = match &credential.kind {
         CredentialKind::ClientSecret(settings) => {
-            match client_secret::ClientSecretSource::new(&credential.name, settings, http.clone()) {
-                Ok(source) => Arc::new(source),
-                Err(error) => Arc::new(FailingSource { error }),
-            }
+            client_secret::ClientSecretSource::new(name, settings, http).map(|s| Arc::new(s) as _)
         }
-        kind @ (CredentialKind::ClientCertificate(_)
-        | CredentialKind::ManagedIdentity(_)
-        | CredentialKind::WorkloadIdentity(_)) => Arc::new(FailingSource {
-            error: TokenError::Config(format!(
-                "credential `{}`: type `{}` is not supported yet",
-                credential.name,
-                kind.type_name()
-            )),
-        }),
+        CredentialKind::ClientCertificate(settings) => {
+            client_certificate::ClientCertificateSource::new(name, settings, http)
+                .map(|s| Arc::new(s) as _)
+        }
+        CredentialKind::ManagedIdentity(settings) => managed_identity::ManagedIdentitySource::new(
+            name,
+            settings,
+            http,
+            managed_identity::Imds::default(),
+        )
+        .map(|s| Arc::new(s) as _),
+        CredentialKind::WorkloadIdentity(settings) => {
+            workload_identity::WorkloadIdentitySource::new(name, settings, http)
+                .map(|s| Arc::new(s) as _)
+        }
+    };
+    source.unwrap_or_else(|error| Arc::new(FailingSource { error }))
+}
+
+/// A token endpoint as a `reqwest::Url`: https, or plain http on loopback only.
+pub(crate) fn endpoint_url(
+    credential: &str,
+    endpoint: &http::Uri,
+) -> Result<reqwest::Url, TokenError> {
+    let config_error =
+        |what: &str| TokenError::Config(format!("credential `{credential}`: {what}"));
+    let url = reqwest::Url::parse(&endpoint.to_string())
+        .map_err(|_| config_error("the token endpoint is not a valid URL"))?;
+    let loopback = match url.host_str() {
+        Some(host) if host.eq_ignore_ascii_case("localhost") => true,
+        Some(host) => host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback()),
+        None => false,
+    };
+    if url.scheme() != "https" && !(url.scheme() == "http" && loopback) {
+        return Err(config_error(
+            "the token endpoint must be https:// (plain http only on loopback)",
+        ));
     }
+    Ok(url)
+}
+
+/// Loads a configured certificate once, for configuration validation (`check`). The
+/// message says what is wrong with the file and how to fix it.
+pub(crate) fn check_certificate(
+    file: &crate::config::CertificateFile,
+    alg: crate::config::AssertionAlg,
+) -> Result<(), String> {
+    assertion::SigningCertificate::load(file, alg).map(|_| ())
 }
 
 /// A source that cannot work (unsupported type, unknown credential, broken setup).

@@ -12,8 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::*;
 use crate::config::{
-    Config, Credential, CredentialKind, Limits, ManagedIdentity, Route, Server, TokenEndpoint,
-    Upstream,
+    Config, Credential, CredentialKind, Limits, Route, Server, TokenEndpoint, Upstream,
 };
 use crate::token::{TokenCache, fetch_once};
 
@@ -193,7 +192,11 @@ fn settings(url: &str, auth_method: ClientAuthMethod) -> ClientSecret {
             url: url.parse().unwrap(),
         },
         client_id: "app:id".to_owned(),
-        client_secret: Secret::new(SECRET),
+        client_secrets: vec![crate::config::ConfiguredSecret {
+            value: Secret::new(SECRET),
+            file: None,
+            expires: None,
+        }],
         auth_method,
         params: vec![("audience".to_owned(), "https://api.example/x y".to_owned())],
     }
@@ -458,6 +461,7 @@ fn route(prefix: &str, credential: &str) -> Route {
         queue_timeout: None,
         retry_on_429: None,
         allow_plain_http: false,
+        doctor_path: None,
     }
 }
 
@@ -481,7 +485,18 @@ fn config(token_url: &str) -> Config {
             },
             Credential {
                 name: "pod".to_owned(),
-                kind: CredentialKind::ManagedIdentity(ManagedIdentity { client_id: None }),
+                kind: CredentialKind::ClientCertificate(crate::config::ClientCertificate {
+                    endpoint: TokenEndpoint::Generic {
+                        url: token_url.parse().unwrap(),
+                    },
+                    client_id: "app".to_owned(),
+                    certificates: vec![crate::config::CertificateFile {
+                        path: PathBuf::from("/nonexistent/s2s-proxy-test.pem"),
+                        password: None,
+                    }],
+                    assertion_alg: crate::config::AssertionAlg::Ps256,
+                    send_certificate_chain: false,
+                }),
             },
         ],
         clients: Vec::new(),
@@ -510,7 +525,7 @@ async fn cache_built_from_config_shares_one_slot_per_credential_and_scope() {
 
     let error = cache.slot(&config.routes[2]).get().await.unwrap_err();
     assert!(error.is_permanent());
-    assert!(error.public_message().contains("not supported yet"));
+    assert!(error.public_message().contains("cannot read"));
 }
 
 #[tokio::test]
@@ -534,4 +549,134 @@ async fn fetch_once_returns_the_token_and_its_claims() {
     unknown.credential = "missing".to_owned();
     let error = fetch_once(&config, &unknown, tls()).await.unwrap_err();
     assert!(matches!(error, TokenError::Config(_)));
+}
+
+// ---------------------------------------------------------------------------------------
+// Rotation
+
+/// A token endpoint that accepts only `good` as the client secret.
+async fn accepting(good: &'static str) -> crate::token::fake::FakeServer {
+    crate::token::fake::FakeServer::spawn(Arc::new(move |r: &crate::token::fake::Request| {
+        if r.field("client_secret").as_deref() == Some(good) {
+            (200, crate::token::fake::token_body("eyJ.rotated.sig"))
+        } else {
+            crate::token::fake::invalid_client(7_000_215)
+        }
+    }))
+    .await
+}
+
+fn rotation_config(dir: &std::path::Path, url: &str, secrets: &str) -> Config {
+    let yaml = format!(
+        "credentials:\n  bc:\n    type: client_secret\n    token_url: {url}\n    client_id: app\n\
+         {secrets}clients:\n  c:\n    networks: [10.0.0.0/8]\nroutes:\n  - prefix: /bc/\n    \
+         upstream: https://api.example/\n    credential: bc\n    scope: s/.default\n    clients: [c]\n"
+    );
+    let source = crate::config::Source {
+        name: "proxy.yaml".to_owned(),
+        base_dir: dir.to_path_buf(),
+        variables: crate::config::Variables::map(
+            [
+                ("OLD".to_owned(), "old-secret".to_owned()),
+                ("NEW".to_owned(), "new-secret".to_owned()),
+            ]
+            .into(),
+        ),
+    };
+    Config::from_yaml_str(&yaml, &source).unwrap()
+}
+
+fn source_of(config: &Config) -> ClientSecretSource {
+    let CredentialKind::ClientSecret(settings) = &config.credentials[0].kind else {
+        panic!("not a client secret");
+    };
+    ClientSecretSource::new("bc", settings, crate::token::fake::http()).unwrap()
+}
+
+#[tokio::test]
+async fn rotation_tries_the_next_secret_after_invalid_client_and_keeps_it() {
+    let server = accepting("new-secret").await;
+    let config = rotation_config(
+        &std::env::temp_dir(),
+        &server.url("/token"),
+        "    client_secrets:\n      - ${OLD}\n      - { value: \"${NEW}\", expires: 2030-01-31 }\n",
+    );
+    let source = source_of(&config);
+    let token = source.fetch(Some("s/.default")).await.unwrap();
+    assert_eq!(token.access_token.expose(), "eyJ.rotated.sig");
+    source.fetch(Some("s/.default")).await.unwrap();
+    let sent: Vec<String> = server
+        .requests()
+        .iter()
+        .map(|r| r.field("client_secret").unwrap())
+        .collect();
+    assert_eq!(sent, ["old-secret", "new-secret", "new-secret"]);
+    let expiries = crate::token::credential_expiries(&config);
+    assert_eq!(expiries.len(), 1);
+    assert_eq!(expiries[0].entry, "client_secrets[1]");
+    assert_eq!(
+        crate::report::utc(
+            expiries[0]
+                .expires
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs()
+        ),
+        "2030-01-31T00:00:00Z"
+    );
+}
+
+#[tokio::test]
+async fn file_secrets_are_read_again_after_invalid_client_and_on_reload() {
+    let server = accepting("rotated-in-file").await;
+    let dir = std::env::temp_dir().join(format!("s2s-proxy-rot-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("secret"), "first-value\n").unwrap();
+    let config = rotation_config(
+        &dir,
+        &server.url("/token"),
+        "    client_secret: ${file:secret}\n",
+    );
+    let source = source_of(&config);
+    // The file changes after load (a Kubernetes secret update): refused, re-read, accepted.
+    std::fs::write(dir.join("secret"), "rotated-in-file\n").unwrap();
+    source.fetch(Some("s/.default")).await.unwrap();
+    let sent: Vec<String> = server
+        .requests()
+        .iter()
+        .map(|r| r.field("client_secret").unwrap())
+        .collect();
+    assert_eq!(sent, ["first-value", "rotated-in-file"]);
+
+    // Reload: read without a failure first.
+    std::fs::write(dir.join("secret"), "third-value").unwrap();
+    source.reread_files();
+    let _ = source.fetch(Some("s/.default")).await;
+    assert_eq!(
+        server
+            .requests()
+            .last()
+            .unwrap()
+            .field("client_secret")
+            .as_deref(),
+        Some("third-value")
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn all_secrets_refused_returns_the_current_entry_error() {
+    let server = accepting("none-of-them").await;
+    let config = rotation_config(
+        &std::env::temp_dir(),
+        &server.url("/token"),
+        "    client_secrets: [\"${OLD}\", \"${NEW}\"]\n",
+    );
+    let error = source_of(&config)
+        .fetch(Some("s/.default"))
+        .await
+        .unwrap_err();
+    assert!(error.public_message().contains("AADSTS7000215"));
+    assert!(!error.to_string().contains("old-secret"));
+    assert_eq!(server.requests().len(), 2);
 }

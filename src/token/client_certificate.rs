@@ -1,0 +1,161 @@
+//! `client_certificate`: the client-credentials grant authenticated with a signed client
+//! assertion (RFC 7523 §2.2; Entra "certificate credentials", DYNAMICS.md §2).
+//!
+//! Every token request signs a fresh assertion whose `aud` is the very URL posted to. The
+//! certificates are loaded once; after `invalid_client` the refused file is loaded again on
+//! its next use (a renewed certificate written over the old file needs no restart) and the
+//! next configured certificate is tried ([`super::rotation`]).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::SystemTime;
+
+use super::assertion::SigningCertificate;
+use super::rotation::{self, Rotation};
+use super::{IssuedToken, TokenError, TokenHttp, TokenSource};
+use crate::config::{AssertionAlg, CertificateFile, ClientCertificate};
+
+/// `client_assertion_type` for a JWT (RFC 7523 §2.2).
+pub(crate) const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+
+pub(crate) struct ClientCertificateSource {
+    credential: String,
+    url: reqwest::Url,
+    client_id: String,
+    alg: AssertionAlg,
+    send_chain: bool,
+    /// Each configured file with its loaded form; `None`: load on next use.
+    certificates: Vec<(CertificateFile, Mutex<Option<Arc<SigningCertificate>>>)>,
+    rotation: Rotation,
+    http: Result<TokenHttp, TokenError>,
+}
+
+impl std::fmt::Debug for ClientCertificateSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientCertificateSource")
+            .field("credential", &self.credential)
+            .field("client_id", &self.client_id)
+            .field("alg", &self.alg)
+            .field("certificates", &self.certificates.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientCertificateSource {
+    pub(crate) fn new(
+        credential: &str,
+        settings: &ClientCertificate,
+        http: Result<TokenHttp, TokenError>,
+    ) -> Result<Self, TokenError> {
+        let url = super::endpoint_url(credential, settings.endpoint.url())?;
+        let certificates = settings
+            .certificates
+            .iter()
+            .map(|file| {
+                // Loaded now so that a broken file shows at start-up; failures retry later.
+                let loaded = SigningCertificate::load(file, settings.assertion_alg)
+                    .map(Arc::new)
+                    .ok();
+                (file.clone(), Mutex::new(loaded))
+            })
+            .collect();
+        Ok(Self {
+            credential: credential.to_owned(),
+            url,
+            client_id: settings.client_id.clone(),
+            alg: settings.assertion_alg,
+            send_chain: settings.send_certificate_chain,
+            certificates,
+            rotation: Rotation::new(settings.certificates.len()),
+            http,
+        })
+    }
+
+    fn certificate(&self, index: usize) -> Result<Arc<SigningCertificate>, TokenError> {
+        let (file, slot) = &self.certificates[index];
+        let mut slot = slot.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(loaded) = &*slot {
+            return Ok(Arc::clone(loaded));
+        }
+        let loaded = SigningCertificate::load(file, self.alg)
+            .map(Arc::new)
+            .map_err(|e| TokenError::Config(format!("credential `{}`: {e}", self.credential)))?;
+        *slot = Some(Arc::clone(&loaded));
+        Ok(loaded)
+    }
+
+    async fn with_certificate(
+        &self,
+        index: usize,
+        scope: Option<&str>,
+    ) -> Result<IssuedToken, TokenError> {
+        let http = self.http.as_ref().map_err(Clone::clone)?;
+        let certificate = self.certificate(index)?;
+        let assertion = certificate
+            .assertion(
+                self.alg,
+                &self.client_id,
+                self.url.as_str(),
+                self.send_chain,
+                SystemTime::now(),
+            )
+            .map_err(|e| TokenError::Config(format!("credential `{}`: {e}", self.credential)))?;
+        let mut form: Vec<(&str, &str)> = vec![
+            ("grant_type", "client_credentials"),
+            ("client_id", &self.client_id),
+            ("client_assertion_type", JWT_BEARER),
+            ("client_assertion", &assertion),
+        ];
+        if let Some(scope) = scope {
+            form.push(("scope", scope));
+        }
+        let request = http
+            .client()
+            .post(self.url.clone())
+            .header(http::header::ACCEPT, "application/json")
+            .form(&form);
+        let result = http
+            .send(request, &self.url)
+            .await?
+            .into_issued(Some(&assertion));
+        if let Err(error) = &result
+            && rotation::is_invalid_client(error)
+        {
+            // Load the file again next time: it may have been renewed in place.
+            *self.certificates[index]
+                .1
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = None;
+        }
+        result
+    }
+
+    async fn request(&self, scope: Option<&str>) -> Result<IssuedToken, TokenError> {
+        rotation::try_in_turn(
+            &self.rotation,
+            &self.credential,
+            "certificate_files",
+            |index| self.with_certificate(index, scope),
+        )
+        .await
+    }
+}
+
+impl TokenSource for ClientCertificateSource {
+    fn fetch<'a>(
+        &'a self,
+        scope: Option<&'a str>,
+    ) -> Pin<Box<dyn Future<Output = Result<IssuedToken, TokenError>> + Send + 'a>> {
+        Box::pin(self.request(scope))
+    }
+
+    fn reread_files(&self) {
+        for (_, slot) in &self.certificates {
+            *slot.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

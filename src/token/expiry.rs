@@ -1,0 +1,101 @@
+//! When configured secrets and certificates expire: a certificate's `notAfter`, a secret's
+//! `expires:` date. [`warn_expiring`] logs those due within [`EXPIRY_WARNING`] when the
+//! token cache is built (start-up, reload); [`credential_expiries`] is what a metric or a
+//! report reads.
+
+use std::time::{Duration, SystemTime};
+
+use super::assertion::SigningCertificate;
+use crate::config::{Config, CredentialKind};
+
+/// How far ahead an expiry is warned about.
+pub const EXPIRY_WARNING: Duration = Duration::from_secs(30 * 24 * 60 * 60);
+
+/// One secret or certificate with a known expiry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CredentialExpiry {
+    /// The credential's name.
+    pub credential: String,
+    /// Which entry: `client_secret`, `client_secrets[1]`, `certificate_file`,
+    /// `certificate_files[0]`. Never a value.
+    pub entry: String,
+    pub expires: SystemTime,
+}
+
+/// Every known expiry, in configuration order. Certificates that cannot be read are left
+/// out (token requests report them).
+pub fn credential_expiries(config: &Config) -> Vec<CredentialExpiry> {
+    let mut out = Vec::new();
+    for credential in &config.credentials {
+        let mut push = |entry: String, expires: SystemTime| {
+            out.push(CredentialExpiry {
+                credential: credential.name.clone(),
+                entry,
+                expires,
+            });
+        };
+        match &credential.kind {
+            CredentialKind::ClientSecret(settings) => {
+                let single = settings.client_secrets.len() == 1;
+                for (index, secret) in settings.client_secrets.iter().enumerate() {
+                    if let Some(expires) = secret.expires {
+                        let entry = if single {
+                            "client_secret".to_owned()
+                        } else {
+                            format!("client_secrets[{index}]")
+                        };
+                        push(entry, expires);
+                    }
+                }
+            }
+            CredentialKind::ClientCertificate(settings) => {
+                let single = settings.certificates.len() == 1;
+                for (index, file) in settings.certificates.iter().enumerate() {
+                    if let Ok(certificate) = SigningCertificate::load(file, settings.assertion_alg)
+                    {
+                        let entry = if single {
+                            "certificate_file".to_owned()
+                        } else {
+                            format!("certificate_files[{index}]")
+                        };
+                        push(entry, certificate.not_after());
+                    }
+                }
+            }
+            CredentialKind::ManagedIdentity(_) | CredentialKind::WorkloadIdentity(_) => {}
+        }
+    }
+    out
+}
+
+/// Logs a warning for each secret or certificate that expires within [`EXPIRY_WARNING`] of
+/// `now` (or has expired), and returns them.
+pub fn warn_expiring(config: &Config, now: SystemTime) -> Vec<CredentialExpiry> {
+    let due: Vec<CredentialExpiry> = credential_expiries(config)
+        .into_iter()
+        .filter(|e| e.expires <= now + EXPIRY_WARNING)
+        .collect();
+    for expiry in &due {
+        let epoch = expiry
+            .expires
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let expires = crate::report::utc(epoch);
+        match expiry.expires.duration_since(now) {
+            Ok(left) => tracing::warn!(
+                credential = %expiry.credential,
+                entry = %expiry.entry,
+                expires = %expires,
+                days_left = left.as_secs() / 86_400,
+                "Credential expires soon; add the new one (rotation) and upload it to the app registration."
+            ),
+            Err(_) => tracing::warn!(
+                credential = %expiry.credential,
+                entry = %expiry.entry,
+                expires = %expires,
+                "Credential has expired; token requests with it will fail."
+            ),
+        }
+    }
+    due
+}
