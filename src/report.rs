@@ -60,6 +60,14 @@ pub fn route_table(config: &Config) -> String {
     for row in &rows {
         line(&row.each_ref().map(String::as_str));
     }
+    let details: Vec<String> = config.routes.iter().filter_map(route_details).collect();
+    if !details.is_empty() {
+        out.push('\n');
+        for detail in details {
+            out.push_str(&detail);
+            out.push('\n');
+        }
+    }
     let _ = writeln!(
         out,
         "\n{} route{}, {} credential{}, {} client{}; listening on {}",
@@ -72,6 +80,42 @@ pub fn route_table(config: &Config) -> String {
         config.server.listen
     );
     out
+}
+
+/// A route's Dynamics settings on one line, with what its preset expanded to; `None` for a
+/// route that uses none of them.
+fn route_details(route: &Route) -> Option<String> {
+    let mut parts = Vec::new();
+    if let Some(preset) = route.preset {
+        parts.push(format!(
+            "{} preset: upstream {}, scope {}, timeout {}",
+            preset.name(),
+            route.upstream.url,
+            route.scope.as_deref().unwrap_or("-"),
+            duration(route.timeout)
+        ));
+    }
+    if route.rewrite_links {
+        parts.push("rewrite_links".to_owned());
+    }
+    if let Some(n) = route.max_concurrent {
+        parts.push(format!("max_concurrent {n}"));
+    }
+    if let Some(n) = route.max_queue {
+        parts.push(format!("max_queue {n}"));
+    }
+    if let Some(wait) = route.queue_timeout {
+        parts.push(format!("queue_timeout {}", duration(wait)));
+    }
+    if let Some(retry) = route.retry_on_429 {
+        parts.push(format!(
+            "retry_on_429 {} attempt{} up to {}",
+            retry.attempts,
+            plural(retry.attempts as usize),
+            duration(retry.max_wait)
+        ));
+    }
+    (!parts.is_empty()).then(|| format!("{}  {}", route.prefix, parts.join(", ")))
 }
 
 fn plural(n: usize) -> &'static str {

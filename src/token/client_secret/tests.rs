@@ -458,6 +458,7 @@ fn route(prefix: &str, credential: &str) -> Route {
         queue_timeout: None,
         retry_on_429: None,
         allow_plain_http: false,
+        preset: None,
     }
 }
 
