@@ -317,6 +317,51 @@ mod tests {
     }
 
     #[test]
+    fn route_table_shows_what_a_preset_expanded_to() {
+        let yaml = r#"
+credentials:
+  bc:
+    type: client_secret
+    tenant_id: 72f988bf-86f1-41af-91ab-2d7cd011db47
+    client_id: app
+    client_secret: ${SECRET}
+clients:
+  erp:
+    networks: [10.0.0.0/8]
+routes:
+  - prefix: /bc/
+    upstream: { businesscentral: { tenant: 72f988bf-86f1-41af-91ab-2d7cd011db47, environment: Sandbox } }
+    credential: bc
+    clients: [erp]
+  - prefix: /plain/
+    upstream: https://example.com/
+    credential: bc
+    clients: [erp]
+"#;
+        let source = crate::config::Source::inline(
+            "proxy.yaml",
+            [("SECRET".to_owned(), "s".to_owned())].into(),
+        );
+        let config = Config::from_yaml_str(yaml, &source).unwrap();
+        let table = route_table(&config);
+        assert!(
+            table.contains(
+                "/bc/  businesscentral preset: upstream https://api.businesscentral.dynamics.com\
+                 /v2.0/72f988bf-86f1-41af-91ab-2d7cd011db47/Sandbox/, scope \
+                 https://api.businesscentral.dynamics.com/.default, timeout 9m, rewrite_links, \
+                 max_concurrent 5, max_queue 95, queue_timeout 1m, retry_on_429 3 attempts up \
+                 to 30s\n"
+            ),
+            "{table}"
+        );
+        let details = table.split("\n\n").nth(1).unwrap_or_default();
+        assert!(
+            details.starts_with("/bc/") && !details.contains("/plain/"),
+            "{table}"
+        );
+    }
+
+    #[test]
     fn epoch_seconds_print_as_utc() {
         assert_eq!(utc(0), "1970-01-01T00:00:00Z");
         assert_eq!(utc(951_782_400), "2000-02-29T00:00:00Z");
