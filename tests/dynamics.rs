@@ -372,12 +372,12 @@ async fn fifty_parallel_requests_never_exceed_max_concurrent_upstream() {
 #[tokio::test]
 async fn a_full_queue_or_a_long_wait_is_503_with_retry_after() {
     let idp = FakeIdp::start().await;
-    let upstream = CountingUpstream::start(Duration::from_millis(1500)).await;
+    let upstream = CountingUpstream::start(Duration::from_millis(2000)).await;
     let proxy = spawn_with(
         &idp,
         &upstream.base(),
         "",
-        "    max_concurrent: 1\n    max_queue: 1\n    queue_timeout: 700ms\n",
+        "    max_concurrent: 1\n    max_queue: 1\n    queue_timeout: 1s\n",
     )
     .await;
     let (name, value) = erp();
@@ -391,7 +391,7 @@ async fn a_full_queue_or_a_long_wait_is_503_with_retry_after() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let second = request("/bc/2");
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let third = send(proxy.addr, "GET", "/bc/3", &[(name, &value)], "").await;
     assert_eq!(third.status, 503);
     assert_eq!(third.json()["error"], "queue_full");
