@@ -7,6 +7,7 @@
 //! - `proxy`: the request pipeline — check, authenticate, route, token, forward.
 //! - `inbound`: who the caller is and whether a route admits it; inbound TLS.
 //! - `routing`: prefix table, path safety, upstream URIs.
+//! - `rewrite`: streaming link rewriting of responses (`rewrite_links`).
 //! - [`token`]: token sources per credential type and the single-flight cache.
 //! - `upstream`: rustls client configuration and the pooled upstream client.
 //! - [`secret`]: redacting wrappers for secrets.
@@ -29,6 +30,7 @@ mod hardening;
 mod inbound;
 mod proxy;
 pub mod report;
+mod rewrite;
 mod routing;
 pub mod secret;
 mod server;

@@ -60,6 +60,14 @@ pub fn route_table(config: &Config) -> String {
     for row in &rows {
         line(&row.each_ref().map(String::as_str));
     }
+    let details: Vec<String> = config.routes.iter().filter_map(route_details).collect();
+    if !details.is_empty() {
+        out.push('\n');
+        for detail in details {
+            out.push_str(&detail);
+            out.push('\n');
+        }
+    }
     let _ = writeln!(
         out,
         "\n{} route{}, {} credential{}, {} client{}; listening on {}",
@@ -72,6 +80,42 @@ pub fn route_table(config: &Config) -> String {
         config.server.listen
     );
     out
+}
+
+/// A route's Dynamics settings on one line, with what its preset expanded to; `None` for a
+/// route that uses none of them.
+fn route_details(route: &Route) -> Option<String> {
+    let mut parts = Vec::new();
+    if let Some(preset) = route.preset {
+        parts.push(format!(
+            "{} preset: upstream {}, scope {}, timeout {}",
+            preset.name(),
+            route.upstream.url,
+            route.scope.as_deref().unwrap_or("-"),
+            duration(route.timeout)
+        ));
+    }
+    if route.rewrite_links {
+        parts.push("rewrite_links".to_owned());
+    }
+    if let Some(n) = route.max_concurrent {
+        parts.push(format!("max_concurrent {n}"));
+    }
+    if let Some(n) = route.max_queue {
+        parts.push(format!("max_queue {n}"));
+    }
+    if let Some(wait) = route.queue_timeout {
+        parts.push(format!("queue_timeout {}", duration(wait)));
+    }
+    if let Some(retry) = route.retry_on_429 {
+        parts.push(format!(
+            "retry_on_429 {} attempt{} up to {}",
+            retry.attempts,
+            plural(retry.attempts as usize),
+            duration(retry.max_wait)
+        ));
+    }
+    (!parts.is_empty()).then(|| format!("{}  {}", route.prefix, parts.join(", ")))
 }
 
 fn plural(n: usize) -> &'static str {
@@ -270,6 +314,51 @@ mod tests {
         assert_eq!(duration(Duration::from_secs(30)), "30s");
         assert_eq!(duration(Duration::from_millis(1500)), "1500ms");
         assert_eq!(duration(Duration::from_secs(7200)), "2h");
+    }
+
+    #[test]
+    fn route_table_shows_what_a_preset_expanded_to() {
+        let yaml = r#"
+credentials:
+  bc:
+    type: client_secret
+    tenant_id: 72f988bf-86f1-41af-91ab-2d7cd011db47
+    client_id: app
+    client_secret: ${SECRET}
+clients:
+  erp:
+    networks: [10.0.0.0/8]
+routes:
+  - prefix: /bc/
+    upstream: { businesscentral: { tenant: 72f988bf-86f1-41af-91ab-2d7cd011db47, environment: Sandbox } }
+    credential: bc
+    clients: [erp]
+  - prefix: /plain/
+    upstream: https://example.com/
+    credential: bc
+    clients: [erp]
+"#;
+        let source = crate::config::Source::inline(
+            "proxy.yaml",
+            [("SECRET".to_owned(), "s".to_owned())].into(),
+        );
+        let config = Config::from_yaml_str(yaml, &source).unwrap();
+        let table = route_table(&config);
+        assert!(
+            table.contains(
+                "/bc/  businesscentral preset: upstream https://api.businesscentral.dynamics.com\
+                 /v2.0/72f988bf-86f1-41af-91ab-2d7cd011db47/Sandbox/, scope \
+                 https://api.businesscentral.dynamics.com/.default, timeout 9m, rewrite_links, \
+                 max_concurrent 5, max_queue 95, queue_timeout 1m, retry_on_429 3 attempts up \
+                 to 30s\n"
+            ),
+            "{table}"
+        );
+        let details = table.split("\n\n").nth(1).unwrap_or_default();
+        assert!(
+            details.starts_with("/bc/") && !details.contains("/plain/"),
+            "{table}"
+        );
     }
 
     #[test]

@@ -325,6 +325,83 @@ pub struct Route {
     /// What `s2s-proxy doctor` requests, relative to the upstream base; `None`: derived
     /// from the service (BC `companies`, Dataverse `WhoAmI`, F&O `$metadata`).
     pub doctor_path: Option<String>,
+    /// The service preset `upstream:` was written as, if any; its defaults are applied.
+    pub preset: Option<Preset>,
+}
+
+/// Longest wait in a route's queue when `queue_timeout` is not set.
+pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Queue size of a route with `max_concurrent` but no `max_queue` (and no preset).
+pub const DEFAULT_MAX_QUEUE: usize = 100;
+
+/// `upstream: { businesscentral | dataverse | finance_operations: … }`: the URL and scope
+/// are derived, and these defaults apply to whatever the route leaves unset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preset {
+    BusinessCentral,
+    Dataverse,
+    FinanceOperations,
+}
+
+/// What a preset sets unless the route says otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PresetDefaults {
+    pub timeout: Option<Duration>,
+    pub max_concurrent: Option<usize>,
+    pub max_queue: Option<usize>,
+    pub retry_on_429: Option<RetryOn429>,
+    pub rewrite_links: bool,
+}
+
+impl Preset {
+    /// The key written in the YAML.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::BusinessCentral => "businesscentral",
+            Self::Dataverse => "dataverse",
+            Self::FinanceOperations => "finance_operations",
+        }
+    }
+
+    /// Defaults from the services' documented limits (DYNAMICS.md §6.3, §7, §8).
+    pub fn defaults(self) -> PresetDefaults {
+        // All three answer throttling with 429 + Retry-After (F&O's samples fall back to
+        // 30 s); waiting it out in the proxy is what Microsoft asks clients to do.
+        let retry = Some(RetryOn429 {
+            attempts: 3,
+            max_wait: Duration::from_secs(30),
+        });
+        match self {
+            // 5 requests processed per user (app) at once, 95 queued, then 429; BC cancels
+            // an operation after 8 min (408), its gateway after 10 min (504): 9 min lets
+            // BC's own 408 through and still ends before its gateway does.
+            Self::BusinessCentral => PresetDefaults {
+                timeout: Some(Duration::from_secs(9 * 60)),
+                max_concurrent: Some(5),
+                max_queue: Some(95),
+                retry_on_429: retry,
+                rewrite_links: true,
+            },
+            // 52 concurrent requests per user per web server; beyond that Dataverse fails
+            // at once with 429, so the proxy queues instead.
+            Self::Dataverse => PresetDefaults {
+                timeout: None,
+                max_concurrent: Some(52),
+                max_queue: Some(DEFAULT_MAX_QUEUE),
+                retry_on_429: retry,
+                rewrite_links: true,
+            },
+            // User-based concurrency limits were removed in 10.0.36; throttling is
+            // resource-based (429 + Retry-After) only.
+            Self::FinanceOperations => PresetDefaults {
+                timeout: None,
+                max_concurrent: None,
+                max_queue: None,
+                retry_on_429: retry,
+                rewrite_links: true,
+            },
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

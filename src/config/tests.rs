@@ -242,7 +242,6 @@ fn design_example_supported() -> String {
         }
         let key = line.trim_start().trim_start_matches("- ");
         let drop_block = [
-            "public_url:",
             "tls:",
             "admin:",
             "fo-cert:",
@@ -250,19 +249,9 @@ fn design_example_supported() -> String {
             "aks:",
             "rate_limit:",
             "edi:",
-            "rewrite_links:",
-            "max_concurrent:",
-            "max_queue:",
-            "queue_timeout:",
-            "retry_on_429:",
         ];
         if drop_block.iter().any(|k| key.starts_with(k)) {
             skip_indent = Some(indent);
-            continue;
-        }
-        if key.starts_with("prefix: /bc-sandbox/") {
-            // The whole preset route: its list item and the three lines after it.
-            skip_indent = Some(indent + 1);
             continue;
         }
         kept.push(line.replace(
@@ -283,7 +272,14 @@ fn design_example_loads_without_the_parts_of_later_releases() {
 
     let server = &config.server;
     assert_eq!(server.listen, "0.0.0.0:8080".parse().unwrap());
-    assert_eq!(server.public_url, None);
+    assert_eq!(
+        server
+            .public_url
+            .as_ref()
+            .map(ToString::to_string)
+            .as_deref(),
+        Some("https://erp-proxy.contoso.com/")
+    );
     assert_eq!(
         server.trusted_proxies,
         ["10.0.0.0/8".parse::<IpNet>().unwrap()]
@@ -347,7 +343,7 @@ fn design_example_loads_without_the_parts_of_later_releases() {
         ["10.20.0.0/16".parse::<IpNet>().unwrap()]
     );
 
-    assert_eq!(config.routes.len(), 2);
+    assert_eq!(config.routes.len(), 3);
     let bc_route = config.route("/bc/").expect("/bc/");
     assert_eq!(
         bc_route.upstream.url.to_string(),
@@ -360,7 +356,39 @@ fn design_example_loads_without_the_parts_of_later_releases() {
     );
     assert_eq!(bc_route.clients, ["erp-sync", "warehouse"]);
     assert_eq!(bc_route.timeout, Duration::from_secs(540));
-    assert!(!bc_route.rewrite_links && bc_route.max_concurrent.is_none());
+    assert!(bc_route.rewrite_links);
+    assert_eq!(bc_route.max_concurrent, Some(5));
+    assert_eq!(bc_route.max_queue, Some(95));
+    assert_eq!(bc_route.queue_timeout, Some(Duration::from_secs(60)));
+    assert_eq!(
+        bc_route.retry_on_429,
+        Some(RetryOn429 {
+            attempts: 3,
+            max_wait: Duration::from_secs(30)
+        })
+    );
+    assert_eq!(bc_route.preset, None);
+    let sandbox = config.route("/bc-sandbox/").expect("/bc-sandbox/");
+    assert_eq!(sandbox.preset, Some(Preset::BusinessCentral));
+    assert_eq!(
+        sandbox.upstream.url.to_string(),
+        format!("https://api.businesscentral.dynamics.com/v2.0/{TENANT}/Sandbox/")
+    );
+    assert_eq!(
+        sandbox.scope.as_deref(),
+        Some("https://api.businesscentral.dynamics.com/.default")
+    );
+    assert_eq!(sandbox.timeout, Duration::from_secs(540));
+    assert!(sandbox.rewrite_links);
+    assert_eq!(
+        (
+            sandbox.max_concurrent,
+            sandbox.max_queue,
+            sandbox.queue_timeout
+        ),
+        (Some(5), Some(95), Some(Duration::from_secs(60)))
+    );
+    assert_eq!(sandbox.retry_on_429, bc_route.retry_on_429);
     let crm = config.route("/crm/").expect("/crm/");
     assert_eq!(crm.upstream.base_path, "/api/data/v9.2/");
     assert_eq!(crm.upstream.scheme, http::uri::Scheme::HTTPS);
@@ -391,16 +419,9 @@ fn design_example_as_written_reports_every_problem() {
     assert_eq!(
         text,
         concat!(
-            "proxy.yaml: 9 problems:\n",
+            "proxy.yaml: 2 problems:\n",
             "  - clients.erp-sync.basic.password: a `sha256:` value needs exactly 64 hex digits; get it from `s2s-proxy hash-secret`\n",
-            "  - server.public_url: not supported yet; remove it for this release\n",
-            "  - admin: not supported yet (metrics and health listener); remove it for this release\n",
-            "  - routes[0].rewrite_links: not supported yet; remove it for this release\n",
-            "  - routes[0].max_concurrent: not supported yet; remove it for this release\n",
-            "  - routes[0].max_queue: not supported yet; remove it for this release\n",
-            "  - routes[0].queue_timeout: not supported yet; remove it for this release\n",
-            "  - routes[0].retry_on_429: not supported yet; remove it for this release\n",
-            "  - routes[1].upstream: not supported yet (service presets); write the upstream URL instead",
+            "  - admin: not supported yet (metrics and health listener); remove it for this release",
         )
     );
 }
@@ -1046,7 +1067,6 @@ fn later_release_settings_are_validated_then_refused() {
              certificates; set server.tls.client_ca_file or remove this certificate",
             "routes[0].max_queue: applies only with routes[0].max_concurrent; set \
              routes[0].max_concurrent or remove routes[0].max_queue",
-            "routes[0].max_queue: not supported yet; remove it for this release",
         ]
     );
 }
@@ -1147,4 +1167,90 @@ fn sizes_have_sane_bounds() {
             "server.limits.max_connections: must be at most 1000000",
         ]
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// Service presets and queue defaults
+
+#[test]
+fn presets_derive_url_scope_and_defaults() {
+    let config = load(&with_routes(
+        "  - prefix: /crm/\n    upstream: { dataverse: { url: \"https://contoso.crm4.dynamics.com/\" } }\n    \
+         credential: bc\n    clients: [erp]\n  \
+         - prefix: /fo/\n    upstream: { finance_operations: { url: https://contoso.operations.dynamics.com } }\n    \
+         credential: bc\n    clients: [erp]\n",
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let crm = config.route("/crm/").expect("/crm/");
+    assert_eq!(crm.preset, Some(Preset::Dataverse));
+    assert_eq!(
+        crm.upstream.url.to_string(),
+        "https://contoso.crm4.dynamics.com/api/data/v9.2/"
+    );
+    assert_eq!(
+        crm.scope.as_deref(),
+        Some("https://contoso.crm4.dynamics.com/.default")
+    );
+    assert_eq!(crm.max_concurrent, Some(52));
+    assert_eq!(crm.max_queue, Some(DEFAULT_MAX_QUEUE));
+    assert_eq!(crm.timeout, Duration::from_secs(600));
+    assert!(crm.rewrite_links);
+
+    let fo = config.route("/fo/").expect("/fo/");
+    assert_eq!(fo.preset, Some(Preset::FinanceOperations));
+    assert_eq!(
+        fo.upstream.url.to_string(),
+        "https://contoso.operations.dynamics.com/data/"
+    );
+    assert_eq!(
+        fo.scope.as_deref(),
+        Some("https://contoso.operations.dynamics.com/.default")
+    );
+    assert_eq!(
+        (fo.max_concurrent, fo.max_queue, fo.queue_timeout),
+        (None, None, None)
+    );
+    assert_eq!(fo.retry_on_429.map(|r| r.attempts), Some(3));
+}
+
+#[test]
+fn route_settings_override_preset_defaults() {
+    let config = load(&one_route(
+        "{ businesscentral: { tenant: 72f988bf-86f1-41af-91ab-2d7cd011db47, environment: Production } }",
+        "    timeout: 2m\n    max_concurrent: 2\n    max_queue: 0\n    queue_timeout: 5s\n    \
+         rewrite_links: false\n    retry_on_429: { attempts: 1, max_wait: 2s }\n    \
+         scope: https://api.businesscentral.dynamics.com/user_impersonation\n",
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let route = &config.routes[0];
+    assert_eq!(route.timeout, Duration::from_secs(120));
+    assert_eq!(
+        (route.max_concurrent, route.max_queue, route.queue_timeout),
+        (Some(2), Some(0), Some(Duration::from_secs(5)))
+    );
+    assert!(!route.rewrite_links);
+    assert_eq!(
+        route.retry_on_429,
+        Some(RetryOn429 {
+            attempts: 1,
+            max_wait: Duration::from_secs(2)
+        })
+    );
+    assert_eq!(
+        route.scope.as_deref(),
+        Some("https://api.businesscentral.dynamics.com/user_impersonation")
+    );
+}
+
+#[test]
+fn max_concurrent_alone_gets_the_default_queue() {
+    let config = load(&one_route(
+        "https://example.com/",
+        "    max_concurrent: 3\n",
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let route = &config.routes[0];
+    assert_eq!(route.max_queue, Some(DEFAULT_MAX_QUEUE));
+    assert_eq!(route.queue_timeout, Some(DEFAULT_QUEUE_TIMEOUT));
+    assert!(!route.rewrite_links && route.retry_on_429.is_none());
 }

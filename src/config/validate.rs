@@ -24,9 +24,9 @@ use super::raw::{
 use super::{
     Admin, AssertionAlg, BasicCredential, CertificateFile, CertificateMatch, Client,
     ClientAuthMethod, ClientCertificate, ClientSecret, Config, ConfiguredSecret, Credential,
-    CredentialKind, DEFAULT_AUTHORITY, DEFAULT_LISTEN, IdentitySelector, Limits, ManagedIdentity,
-    ManagedIdentityEndpoint, Problem, RateLimit, RetryOn429, Route, Server, ServerTls, Source,
-    TokenEndpoint, Upstream, WorkloadIdentity,
+    CredentialKind, DEFAULT_AUTHORITY, DEFAULT_LISTEN, DEFAULT_MAX_QUEUE, DEFAULT_QUEUE_TIMEOUT,
+    IdentitySelector, Limits, ManagedIdentity, ManagedIdentityEndpoint, Preset, Problem, RateLimit,
+    RetryOn429, Route, Server, ServerTls, Source, TokenEndpoint, Upstream, WorkloadIdentity,
 };
 use crate::secret::{Secret, SecretDigest};
 
@@ -98,43 +98,8 @@ fn refuse_unsupported(raw: &RawConfig, problems: &mut Vec<Problem>) {
             message: format!("not supported yet{what}; {fix}"),
         });
     };
-    if let Some(server) = &raw.server
-        && server.public_url.is_some()
-    {
-        refuse("server.public_url".to_owned(), "", REMOVE);
-    }
     if raw.admin.is_some() {
         refuse("admin".to_owned(), " (metrics and health listener)", REMOVE);
-    }
-    for (index, route) in raw.routes.iter().flatten().enumerate() {
-        let at = |field: &str| format!("routes[{index}].{field}");
-        if matches!(
-            route.upstream,
-            Some(
-                RawUpstream::BusinessCentral(_)
-                    | RawUpstream::Dataverse(_)
-                    | RawUpstream::FinanceOperations(_)
-            )
-        ) {
-            refuse(
-                at("upstream"),
-                " (service presets)",
-                "write the upstream URL instead",
-            );
-        }
-        if route.rewrite_links == Some(true) {
-            refuse(at("rewrite_links"), "", REMOVE);
-        }
-        for (field, set) in [
-            ("max_concurrent", route.max_concurrent.is_some()),
-            ("max_queue", route.max_queue.is_some()),
-            ("queue_timeout", route.queue_timeout.is_some()),
-            ("retry_on_429", route.retry_on_429.is_some()),
-        ] {
-            if set {
-                refuse(at(field), "", REMOVE);
-            }
-        }
     }
 }
 
@@ -1064,22 +1029,40 @@ impl Validator<'_> {
             },
         };
 
+        let preset = match &raw.upstream {
+            Some(RawUpstream::BusinessCentral(_)) => Some(Preset::BusinessCentral),
+            Some(RawUpstream::Dataverse(_)) => Some(Preset::Dataverse),
+            Some(RawUpstream::FinanceOperations(_)) => Some(Preset::FinanceOperations),
+            Some(RawUpstream::Url(_)) | None => None,
+        };
+        let defaults = preset.map(Preset::defaults);
+
         let timeout = match &raw.timeout {
             Some(text) => self.duration(&path("timeout"), text),
-            None => Some(server.limits.request_timeout),
+            None => Some(
+                defaults
+                    .and_then(|d| d.timeout)
+                    .unwrap_or(server.limits.request_timeout),
+            ),
         };
 
-        let max_concurrent = raw
-            .max_concurrent
-            .and_then(|n| self.count(&path("max_concurrent"), n, 1, 100_000));
-        let max_queue = raw
-            .max_queue
-            .and_then(|n| self.count(&path("max_queue"), n, 0, 1_000_000));
-        let queue_timeout = raw
-            .queue_timeout
-            .as_ref()
-            .and_then(|text| self.duration(&path("queue_timeout"), text));
-        if raw.max_concurrent.is_none() {
+        let max_concurrent = match raw.max_concurrent {
+            Some(n) => self.count(&path("max_concurrent"), n, 1, 100_000),
+            None => defaults.and_then(|d| d.max_concurrent),
+        };
+        let max_queue = match raw.max_queue {
+            Some(n) => self.count(&path("max_queue"), n, 0, 1_000_000),
+            None => max_concurrent.map(|_| {
+                defaults
+                    .and_then(|d| d.max_queue)
+                    .unwrap_or(DEFAULT_MAX_QUEUE)
+            }),
+        };
+        let queue_timeout = match &raw.queue_timeout {
+            Some(text) => self.duration(&path("queue_timeout"), text),
+            None => max_concurrent.map(|_| DEFAULT_QUEUE_TIMEOUT),
+        };
+        if raw.max_concurrent.is_none() && defaults.is_none_or(|d| d.max_concurrent.is_none()) {
             for (field, set) in [
                 ("max_queue", raw.max_queue.is_some()),
                 ("queue_timeout", raw.queue_timeout.is_some()),
@@ -1095,10 +1078,10 @@ impl Validator<'_> {
                 }
             }
         }
-        let retry_on_429 = raw
-            .retry_on_429
-            .as_ref()
-            .map(|retry| self.retry_on_429(&path("retry_on_429"), retry));
+        let retry_on_429 = match &raw.retry_on_429 {
+            Some(retry) => self.retry_on_429(&path("retry_on_429"), retry),
+            None => defaults.and_then(|d| d.retry_on_429),
+        };
 
         let doctor_path = match &raw.doctor_path {
             None => Some(None),
@@ -1123,13 +1106,16 @@ impl Validator<'_> {
             scope: scope?,
             clients: clients?,
             timeout: timeout?,
-            rewrite_links: raw.rewrite_links.unwrap_or(false),
+            rewrite_links: raw
+                .rewrite_links
+                .unwrap_or(defaults.is_some_and(|d| d.rewrite_links)),
             max_concurrent,
             max_queue,
             queue_timeout,
-            retry_on_429: retry_on_429.flatten(),
+            retry_on_429,
             allow_plain_http,
             doctor_path: doctor_path?,
+            preset,
         })
     }
 
@@ -1696,7 +1682,7 @@ impl Validator<'_> {
                     &format!("{path}.finance_operations.url"),
                     service.url.as_ref(),
                 )?;
-                format!("{base}/")
+                format!("{base}/data/")
             }
         };
         let url = self.checked_url(path, &url, UrlUse::Upstream { allow_plain_http })?;

@@ -4,8 +4,9 @@
 //! small enough to keep for a retry, or the inbound stream (behind whatever prefix was
 //! read while finding that out), counted against `server.limits.max_body_bytes`.
 //! [`ProxyBody`] is what the caller receives: a proxy-made JSON body or the upstream's
-//! stream, cut off at the route deadline; when it is done (or dropped) it writes the
-//! access-log line, so the line carries the real byte count.
+//! stream, cut off at the route deadline and, on `rewrite_links` routes, passed through the
+//! link rewriter; when it is done (or dropped) it releases the route's queue slot and
+//! writes the access-log line, so the line carries the real byte count.
 
 use std::future::Future as _;
 use std::pin::Pin;
@@ -20,6 +21,8 @@ use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 use super::access_log::AccessLog;
+use super::queue::Permit;
+use crate::rewrite::BodyRewriter;
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -265,6 +268,8 @@ pub(crate) struct ProxyBody {
     kind: Kind,
     sent: u64,
     log: Option<AccessLog>,
+    /// The route's queue slot, held until the upstream's body has been read.
+    slot: Option<Permit>,
 }
 
 #[derive(Debug)]
@@ -273,6 +278,7 @@ enum Kind {
     Upstream {
         body: Incoming,
         deadline: Pin<Box<Sleep>>,
+        rewriter: Option<Box<BodyRewriter>>,
     },
 }
 
@@ -283,18 +289,31 @@ impl ProxyBody {
             kind: Kind::Full((!body.is_empty()).then_some(body)),
             sent: 0,
             log: None,
+            slot: None,
         }
     }
 
-    pub(crate) fn upstream(body: Incoming, deadline: Instant) -> Self {
+    /// The upstream's body, rewritten on the way when `rewriter` is set.
+    pub(crate) fn upstream(
+        body: Incoming,
+        deadline: Instant,
+        rewriter: Option<BodyRewriter>,
+    ) -> Self {
         Self {
             kind: Kind::Upstream {
                 body,
                 deadline: Box::pin(tokio::time::sleep_until(deadline)),
+                rewriter: rewriter.map(Box::new),
             },
             sent: 0,
             log: None,
+            slot: None,
         }
+    }
+
+    /// Keeps the route's queue slot until the body has been read.
+    pub(crate) fn hold(&mut self, slot: Option<Permit>) {
+        self.slot = slot;
     }
 
     /// Writes `log` once this body is finished or dropped.
@@ -323,17 +342,30 @@ impl Body for ProxyBody {
         let this = self.get_mut();
         let frame = match &mut this.kind {
             Kind::Full(body) => body.take().map(|b| Ok(Frame::data(b))),
-            Kind::Upstream { body, deadline } => {
+            Kind::Upstream {
+                body,
+                deadline,
+                rewriter,
+            } => {
                 if deadline.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Some(Err(DeadlineReached.into())));
                 }
-                ready!(Pin::new(body).poll_frame(cx)).map(|r| r.map_err(BoxError::from))
+                match rewriter {
+                    None => {
+                        ready!(Pin::new(body).poll_frame(cx)).map(|r| r.map_err(BoxError::from))
+                    }
+                    Some(rewriter) => ready!(poll_rewritten(body, rewriter, cx)),
+                }
             }
         };
-        if let Some(Ok(frame)) = &frame
-            && let Some(data) = frame.data_ref()
-        {
-            this.sent += data.len() as u64;
+        match &frame {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    this.sent += data.len() as u64;
+                }
+            }
+            // The upstream is done with this request: free its slot for the next one.
+            None | Some(Err(_)) => this.slot = None,
         }
         Poll::Ready(frame)
     }
@@ -341,14 +373,57 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Full(body) => body.is_none(),
-            Kind::Upstream { body, .. } => body.is_end_stream(),
+            Kind::Upstream {
+                body,
+                rewriter: None,
+                ..
+            } => body.is_end_stream(),
+            Kind::Upstream {
+                rewriter: Some(rewriter),
+                ..
+            } => rewriter.is_done(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Full(body) => SizeHint::with_exact(body.as_ref().map_or(0, |b| b.len() as u64)),
-            Kind::Upstream { body, .. } => body.size_hint(),
+            Kind::Upstream {
+                body,
+                rewriter: None,
+                ..
+            } => body.size_hint(),
+            Kind::Upstream {
+                rewriter: Some(_), ..
+            } => SizeHint::default(),
+        }
+    }
+}
+
+/// The next rewritten frame: output the rewriter has ready, else the upstream's next
+/// chunk fed to it. Empty output is skipped rather than sent as an empty frame.
+fn poll_rewritten(
+    body: &mut Incoming,
+    rewriter: &mut BodyRewriter,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    loop {
+        match rewriter.next() {
+            Err(error) => return Poll::Ready(Some(Err(error.into()))),
+            Ok(Some(data)) if data.is_empty() => continue,
+            Ok(Some(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+            Ok(None) if rewriter.is_done() => return Poll::Ready(None),
+            Ok(None) => {}
+        }
+        match ready!(Pin::new(&mut *body).poll_frame(cx)) {
+            None => rewriter.end_input(),
+            Some(Err(error)) => return Poll::Ready(Some(Err(error.into()))),
+            // Trailers are not forwarded.
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    rewriter.push(data);
+                }
+            }
         }
     }
 }

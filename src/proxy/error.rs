@@ -9,6 +9,7 @@ use std::time::Duration;
 use http::{HeaderValue, Response, StatusCode, header};
 
 use super::body::ProxyBody;
+use super::queue::QueueError;
 use crate::inbound::AuthError;
 use crate::routing::PathError;
 use crate::token::TokenError;
@@ -45,6 +46,10 @@ pub(crate) enum ProxyError {
     UpstreamTimeout,
     #[error("the proxy is shutting down")]
     ShuttingDown,
+    #[error("{0}")]
+    QueueFull(QueueError),
+    #[error("{0}")]
+    QueueTimeout(QueueError),
 }
 
 impl From<AuthError> for ProxyError {
@@ -61,6 +66,18 @@ impl From<AuthError> for ProxyError {
     }
 }
 
+impl From<QueueError> for ProxyError {
+    fn from(error: QueueError) -> Self {
+        match error {
+            QueueError::Full(_) => Self::QueueFull(error),
+            QueueError::TimedOut(_) => Self::QueueTimeout(error),
+        }
+    }
+}
+
+/// What a caller turned away by a route's queue is told to wait.
+const QUEUE_RETRY_AFTER: Duration = Duration::from_secs(5);
+
 impl ProxyError {
     pub(crate) fn status(&self) -> StatusCode {
         match self {
@@ -73,7 +90,10 @@ impl ProxyError {
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
-            Self::TokenUnavailable(_) | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::TokenUnavailable(_)
+            | Self::ShuttingDown
+            | Self::QueueFull(_)
+            | Self::QueueTimeout(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamFailed(_) | Self::UpstreamRejectedToken => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -96,6 +116,8 @@ impl ProxyError {
             Self::UpstreamRejectedToken => "upstream_rejected_token",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::ShuttingDown => "shutting_down",
+            Self::QueueFull(_) => "queue_full",
+            Self::QueueTimeout(_) => "queue_timeout",
         }
     }
 
@@ -127,6 +149,12 @@ impl ProxyError {
                 .to_owned(),
             Self::UpstreamTimeout => "the upstream did not answer in time".to_owned(),
             Self::ShuttingDown => "the proxy is shutting down; retry".to_owned(),
+            Self::QueueFull(_) => {
+                "too many requests are waiting for this route's upstream; retry later".to_owned()
+            }
+            Self::QueueTimeout(_) => {
+                "this route's upstream stayed busy for too long; retry later".to_owned()
+            }
         }
     }
 
@@ -137,6 +165,7 @@ impl ProxyError {
             }
             Self::ShuttingDown => Some(Duration::from_secs(1)),
             Self::TooManyRequests(retry_after) => Some(*retry_after),
+            Self::QueueFull(_) | Self::QueueTimeout(_) => Some(QUEUE_RETRY_AFTER),
             Self::BadRequest(_)
             | Self::BadPath(_)
             | Self::MethodNotAllowed
@@ -204,7 +233,9 @@ impl ProxyError {
             | Self::TokenUnavailable(_)
             | Self::UpstreamFailed(_)
             | Self::UpstreamRejectedToken
-            | Self::UpstreamTimeout => {}
+            | Self::UpstreamTimeout
+            | Self::QueueFull(_)
+            | Self::QueueTimeout(_) => {}
         }
         response
     }

@@ -9,15 +9,20 @@
 //!    client over its `rate_limit`);
 //! 3. **route** by the longest prefix — 404 — and **authorize** the client for it — 403;
 //! 4. **token**: the route's cached bearer token — 503 when none is valid;
-//! 5. **forward** with the token injected, streaming both bodies; an upstream 401 to the
-//!    token we sent renews it and replays the request once when the body was small
-//!    enough to keep — 502 / 504 on upstream failure.
+//! 5. **forward**: wait for a slot in the route's queue (`max_concurrent`) — 503 when
+//!    full or too slow — then send with the token injected, streaming both bodies. An
+//!    upstream 401 to the token we sent renews it and replays the request once, a 429
+//!    (`retry_on_429`) waits out `Retry-After` and replays it, both only when the body was
+//!    small enough to keep — 502 / 504 on upstream failure. On `rewrite_links` routes the
+//!    response's upstream links are rewritten to proxy links as it streams back.
 
 pub(crate) mod access_log;
 pub(crate) mod body;
 mod checks;
 mod error;
 mod headers;
+pub(crate) mod queue;
+mod retry;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -31,9 +36,11 @@ use self::access_log::AccessLog;
 use self::body::{BodyLimits, InboundStats, ProxyBody, ProxyBodyError, UpstreamBody};
 use self::error::ProxyError;
 use self::headers::{Forwarding, X_REQUEST_ID};
-use crate::config::{Config, Limits, Route};
+use self::queue::RouteQueue;
+use crate::config::{Config, DEFAULT_MAX_QUEUE, DEFAULT_QUEUE_TIMEOUT, Limits, Route};
 use crate::inbound::tls::TlsSession;
 use crate::inbound::{Authenticator, ClientSet};
+use crate::rewrite::{self, LinkMap};
 use crate::routing::{self, RouteTable};
 use crate::token::{Token, TokenCache, TokenSlot};
 use crate::upstream::UpstreamClient;
@@ -45,6 +52,10 @@ struct RouteState {
     config: Route,
     clients: ClientSet,
     tokens: Arc<TokenSlot>,
+    /// `max_concurrent` and its queue, when set.
+    queue: Option<RouteQueue>,
+    /// The upstream URL as links in responses start with it (`rewrite_links`).
+    upstream_url: String,
 }
 
 /// Shared state of the request pipeline for one configuration.
@@ -56,6 +67,7 @@ pub(crate) struct Pipeline {
     routes: Vec<RouteState>,
     upstream: UpstreamClient<UpstreamBody>,
     limits: Limits,
+    public_url: Option<Uri>,
     draining: AtomicBool,
 }
 
@@ -78,6 +90,14 @@ impl Pipeline {
                         .filter_map(|name| authenticator.client_id(name)),
                 ),
                 tokens: tokens.slot(route),
+                queue: route.max_concurrent.map(|n| {
+                    RouteQueue::new(
+                        n,
+                        route.max_queue.unwrap_or(DEFAULT_MAX_QUEUE),
+                        route.queue_timeout.unwrap_or(DEFAULT_QUEUE_TIMEOUT),
+                    )
+                }),
+                upstream_url: route.upstream.url.to_string(),
                 config: route.clone(),
             })
             .collect();
@@ -92,8 +112,18 @@ impl Pipeline {
             routes,
             upstream,
             limits: config.server.limits.clone(),
+            public_url: config.server.public_url.clone(),
             draining: AtomicBool::new(false),
         }
+    }
+
+    /// Requests waiting in each queued route's queue, by route prefix.
+    #[allow(dead_code)] // Read by the metrics (`s2s_proxy_queued{route}`).
+    pub(crate) fn queue_depths(&self) -> impl Iterator<Item = (&str, usize)> {
+        self.routes.iter().filter_map(|route| {
+            let queue = route.queue.as_ref()?;
+            Some((&*route.prefix, queue.queued()))
+        })
     }
 
     /// From now on, new requests get 503 `shutting_down`.
@@ -126,7 +156,11 @@ impl Pipeline {
                 match &error {
                     // Each failed token fetch is logged once by the token cache; the
                     // requests that find no token are not worth a warning each.
-                    ProxyError::TokenUnavailable(_) | ProxyError::ShuttingDown => {
+                    // Queue refusals come in bursts under load; the access log has each.
+                    ProxyError::TokenUnavailable(_)
+                    | ProxyError::ShuttingDown
+                    | ProxyError::QueueFull(_)
+                    | ProxyError::QueueTimeout(_) => {
                         tracing::debug!(
                             request_id = request_id.to_str().unwrap_or("-"),
                             route = log.route.as_deref().unwrap_or("-"),
@@ -208,21 +242,23 @@ impl Pipeline {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let deadline = log.started + route.config.timeout;
         let (parts, inbound) = request.into_parts();
-        let headers = headers::to_upstream(
-            parts.headers,
-            &Forwarding {
-                peer,
-                peer_is_trusted_proxy: self.authenticator.is_trusted_proxy(peer),
-                proto: if parts.extensions.get::<Arc<TlsSession>>().is_some() {
-                    "https"
-                } else {
-                    "http"
-                },
-                api_key_header: self.authenticator.api_key_header(),
-                request_id: &log.request_id,
-                authority: parts.uri.authority(),
+        let forwarding = Forwarding {
+            peer,
+            peer_is_trusted_proxy: self.authenticator.is_trusted_proxy(peer),
+            proto: if parts.extensions.get::<Arc<TlsSession>>().is_some() {
+                "https"
+            } else {
+                "http"
             },
-        );
+            api_key_header: self.authenticator.api_key_header(),
+            request_id: &log.request_id,
+            authority: parts.uri.authority(),
+        };
+        let links = self.link_map(route, &parts.headers, &forwarding);
+        let mut headers = headers::to_upstream(parts.headers, &forwarding);
+        if links.is_some() {
+            rewrite::narrow_accept_encoding(&mut headers);
+        }
         let stats = Arc::new(InboundStats::default());
         let body = timeout_at(
             deadline,
@@ -245,13 +281,23 @@ impl Pipeline {
             }
         })?;
 
-        // Taken only now, after waiting for a small body, so that the token is fresh when
-        // the request leaves.
+        let slot = match &route.queue {
+            Some(queue) => Some(queue.acquire(deadline).await?),
+            None => None,
+        };
+
+        // Taken only now, after waiting for a small body and a slot, so that the token is
+        // fresh when the request leaves.
         let mut token = route.tokens.get().await?;
-        // A small body is kept (with the headers) so the request can be sent again once.
-        let mut replay = body.replay().map(|body| (body, headers.clone()));
+        // A small body is kept (with the headers) so the request can be sent again.
+        let kept = body.replay().map(|body| (body, headers.clone()));
+        let again = || {
+            let (body, headers) = kept.as_ref()?;
+            Some((body.replay()?, headers.clone()))
+        };
         let mut next = (body, headers);
         let mut renewed = false;
+        let mut throttled = 0;
         let upstream_started = Instant::now();
         loop {
             let (body, headers) = next;
@@ -271,9 +317,8 @@ impl Pipeline {
                 if renewed {
                     return Err(ProxyError::UpstreamRejectedToken);
                 }
-                let again = replay.take();
                 match route.tokens.renew_rejected(&token).await {
-                    Ok(Some(fresh)) if let Some(again) = again => {
+                    Ok(Some(fresh)) if let Some(again) = again() => {
                         tracing::info!(
                             route = %route.prefix,
                             request_id = log.request_id.to_str().unwrap_or("-"),
@@ -289,15 +334,70 @@ impl Pipeline {
                     Err(error) => return Err(ProxyError::TokenUnavailable(error)),
                 }
             }
+            let wait = retry::throttled_wait(
+                route.config.retry_on_429,
+                response.status(),
+                response.headers(),
+                throttled,
+                deadline.saturating_duration_since(Instant::now()),
+            );
+            if let Some(wait) = wait
+                && let Some(again) = again()
+            {
+                tracing::info!(
+                    route = %route.prefix,
+                    request_id = log.request_id.to_str().unwrap_or("-"),
+                    status = response.status().as_u16(),
+                    wait_ms = wait.as_millis() as u64,
+                    "Upstream throttled the request; retrying after Retry-After."
+                );
+                drop(response);
+                tokio::time::sleep(wait).await;
+                token = route.tokens.get().await?;
+                next = again;
+                throttled += 1;
+                continue;
+            }
             log.upstream_ms = Some(upstream_started.elapsed().as_millis() as u64);
-            let (mut parts, body) = response.into_parts();
-            headers::to_client(&mut parts.headers);
-            parts.version = Version::default();
-            return Ok(Response::from_parts(
-                parts,
-                ProxyBody::upstream(body, deadline),
-            ));
+            let (mut parts_out, body) = response.into_parts();
+            headers::to_client(&mut parts_out.headers);
+            parts_out.version = Version::default();
+            let rewriter = links.and_then(|links| {
+                let has_body = parts.method != Method::HEAD
+                    && !matches!(
+                        parts_out.status,
+                        StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED
+                    );
+                rewrite::prepare(links, &mut parts_out.headers, has_body)
+            });
+            let mut body = ProxyBody::upstream(body, deadline, rewriter);
+            body.hold(slot);
+            return Ok(Response::from_parts(parts_out, body));
         }
+    }
+
+    /// What the route's upstream links become, when the route rewrites them and the
+    /// public base is known.
+    fn link_map(
+        &self,
+        route: &RouteState,
+        headers: &HeaderMap,
+        forwarding: &Forwarding<'_>,
+    ) -> Option<LinkMap> {
+        if !route.config.rewrite_links {
+            return None;
+        }
+        let base = rewrite::public_base(
+            self.public_url.as_ref(),
+            headers,
+            forwarding.authority,
+            forwarding.proto,
+            forwarding.peer_is_trusted_proxy,
+        )?;
+        Some(LinkMap::new(
+            &route.upstream_url,
+            &format!("{base}{}", route.prefix),
+        ))
     }
 }
 

@@ -462,6 +462,7 @@ fn route(prefix: &str, credential: &str) -> Route {
         retry_on_429: None,
         allow_plain_http: false,
         doctor_path: None,
+        preset: None,
     }
 }
 

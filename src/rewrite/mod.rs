@@ -1,0 +1,525 @@
+//! Link rewriting (`rewrite_links`): absolute upstream URLs in responses become proxy URLs.
+//!
+//! Dynamics answers with absolute links (`@odata.context`, `@odata.nextLink`,
+//! `picture@odata.mediaReadLink`, `Location`, `OData-EntityId`, the same inside `$batch`
+//! parts). A link that starts with the route's upstream URL gets that prefix replaced by
+//! the public base plus the route prefix; the rest stays byte for byte (`$skiptoken`
+//! carries encoded paging cookies), so following the link through the proxy reaches the
+//! very same upstream URL. Nothing else is touched: not `ETag`, not `@odata.etag`, not a
+//! link to another host or environment.
+//!
+//! Bodies are rewritten as they stream, by a scanner that never holds more than a few
+//! hundred bytes (see [`json`] and [`multipart`]). Compressed bodies (`gzip`, `deflate`,
+//! `br`) are decoded and sent on uncompressed, with `Content-Encoding` removed: the
+//! compressed hop is the one over the internet to Microsoft, while the proxy's callers sit
+//! next to it, and re-compressing would cost CPU on every byte for little gain. What the
+//! proxy cannot decode it does not ask for: on rewrite routes the caller's
+//! `Accept-Encoding` is narrowed to these three codings.
+//!
+//! This module does not decide which routes rewrite, nor when (see `proxy`).
+
+mod decode;
+mod json;
+mod multipart;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderName};
+use http::{HeaderMap, HeaderValue, Uri};
+
+pub(crate) use self::decode::Coding;
+use self::decode::Decoder;
+use self::json::JsonRewriter;
+use self::multipart::MultipartRewriter;
+
+const ODATA_ENTITYID: HeaderName = HeaderName::from_static("odata-entityid");
+
+/// Response headers that carry links.
+fn is_link_header(name: &[u8]) -> bool {
+    [&b"location"[..], b"content-location", b"odata-entityid"]
+        .iter()
+        .any(|h| name.eq_ignore_ascii_case(h))
+}
+
+/// The upstream prefix of one route and what replaces it.
+#[derive(Debug, Clone)]
+pub(crate) struct LinkMap {
+    from: Vec<u8>,
+    to: Vec<u8>,
+    /// Length of `scheme://authority` in `from`: compared without regard to case.
+    authority_end: usize,
+}
+
+impl LinkMap {
+    /// `from` is the route's upstream URL (ends with `/`), `to` the public base plus the
+    /// route prefix (ends with `/`).
+    pub(crate) fn new(from: &str, to: &str) -> Self {
+        let after_scheme = from.find("://").map_or(0, |i| i + 3);
+        let authority_end = from[after_scheme..]
+            .find('/')
+            .map_or(from.len(), |i| after_scheme + i);
+        Self {
+            from: from.as_bytes().to_vec(),
+            to: to.as_bytes().to_vec(),
+            authority_end,
+        }
+    }
+
+    fn from(&self) -> &[u8] {
+        &self.from
+    }
+
+    fn to(&self) -> &[u8] {
+        &self.to
+    }
+
+    fn byte_matches(&self, index: usize, byte: u8) -> bool {
+        let expected = self.from[index];
+        if index < self.authority_end {
+            expected.eq_ignore_ascii_case(&byte)
+        } else {
+            expected == byte
+        }
+    }
+
+    /// The rewritten value, if it starts with the upstream prefix.
+    pub(crate) fn rewrite(&self, value: &[u8]) -> Option<Vec<u8>> {
+        let prefix = value.get(..self.from.len())?;
+        if !prefix
+            .iter()
+            .enumerate()
+            .all(|(i, &b)| self.byte_matches(i, b))
+        {
+            return None;
+        }
+        let mut out = self.to.clone();
+        out.extend_from_slice(&value[self.from.len()..]);
+        Some(out)
+    }
+
+    /// Rewrites `Location`, `Content-Location` and `OData-EntityId` in place.
+    pub(crate) fn rewrite_headers(&self, headers: &mut HeaderMap) {
+        for name in [header::LOCATION, header::CONTENT_LOCATION, ODATA_ENTITYID] {
+            if let header::Entry::Occupied(mut entry) = headers.entry(name) {
+                for value in entry.iter_mut() {
+                    if let Some(new) = self.rewrite(value.as_bytes())
+                        && let Ok(new) = HeaderValue::from_bytes(&new)
+                    {
+                        *value = new;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The base URL callers reach the proxy at, without a trailing `/`: `server.public_url`
+/// when set, else taken from the request: `X-Forwarded-Proto` and `X-Forwarded-Host` when
+/// the peer is a trusted proxy, then `Host` (or the HTTP/2 `:authority`) and the scheme
+/// the caller used. `None` when no sane host is known.
+pub(crate) fn public_base(
+    public_url: Option<&Uri>,
+    headers: &HeaderMap,
+    authority: Option<&http::uri::Authority>,
+    proto: &str,
+    trusted_peer: bool,
+) -> Option<String> {
+    if let Some(url) = public_url {
+        let scheme = url.scheme_str()?;
+        let authority = url.authority()?;
+        let path = url.path().trim_end_matches('/');
+        return Some(format!("{scheme}://{authority}{path}"));
+    }
+    // The first value of a forwarded list is the one the original caller used.
+    let first = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(',').next())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+    };
+    let (forwarded_proto, forwarded_host) = if trusted_peer {
+        (first("x-forwarded-proto"), first("x-forwarded-host"))
+    } else {
+        (None, None)
+    };
+    let scheme = match forwarded_proto.map(str::to_ascii_lowercase).as_deref() {
+        Some("https") => "https",
+        Some("http") => "http",
+        _ => proto,
+    };
+    let host = forwarded_host
+        .or_else(|| headers.get(header::HOST).and_then(|v| v.to_str().ok()))
+        .map(str::to_owned)
+        .or_else(|| authority.map(|a| a.as_str().to_owned()))?;
+    // Only a plain host[:port]: this text goes into response bodies.
+    let parsed: http::uri::Authority = host.parse().ok()?;
+    if parsed.as_str().contains('@') {
+        return None;
+    }
+    Some(format!("{scheme}://{parsed}"))
+}
+
+/// On a rewrite route, keeps only the codings the proxy can decode in the caller's
+/// `Accept-Encoding` (`identity` when none is left), so the upstream never compresses a
+/// body in a way that would stop its links from being rewritten.
+pub(crate) fn narrow_accept_encoding(headers: &mut HeaderMap) {
+    if !headers.contains_key(header::ACCEPT_ENCODING) {
+        return;
+    }
+    let kept: Vec<String> = headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|item| {
+            let coding = item.split(';').next().unwrap_or_default().trim();
+            ["gzip", "x-gzip", "deflate", "br", "identity"]
+                .iter()
+                .any(|known| coding.eq_ignore_ascii_case(known))
+        })
+        .map(str::to_owned)
+        .collect();
+    let value = if kept.is_empty() {
+        "identity".to_owned()
+    } else {
+        kept.join(", ")
+    };
+    if let Ok(value) = HeaderValue::try_from(value) {
+        headers.insert(header::ACCEPT_ENCODING, value);
+    }
+}
+
+/// What kind of body a response has, for rewriting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Content {
+    Json,
+    Multipart(Vec<u8>),
+}
+
+fn content(headers: &HeaderMap) -> Option<Content> {
+    let value = headers.get(header::CONTENT_TYPE)?.as_bytes();
+    match multipart::classify(value) {
+        (_, true, _) => Some(Content::Json),
+        (_, _, Some(boundary)) => Some(Content::Multipart(boundary)),
+        _ => None,
+    }
+}
+
+/// `Ok(None)` for an identity body, `Err` for a coding the proxy cannot undo.
+fn coding(headers: &HeaderMap) -> Result<Option<Coding>, ()> {
+    let mut codings = headers
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|c| !c.is_empty() && !c.eq_ignore_ascii_case(b"identity"));
+    let Some(first) = codings.next() else {
+        return Ok(None);
+    };
+    if codings.next().is_some() {
+        return Err(());
+    }
+    let lower = first.to_ascii_lowercase();
+    match lower.as_slice() {
+        b"gzip" | b"x-gzip" => Ok(Some(Coding::Gzip)),
+        b"deflate" => Ok(Some(Coding::Deflate)),
+        b"br" => Ok(Some(Coding::Brotli)),
+        _ => Err(()),
+    }
+}
+
+/// Prepares a response for rewriting: rewrites its link headers and, when its body is
+/// JSON or a multipart batch in a coding the proxy can decode, returns the body rewriter
+/// and adjusts the headers to what will be sent (`Content-Length` and `Content-Encoding`
+/// removed). `has_body` is false for HEAD requests and 204/304 answers.
+pub(crate) fn prepare(
+    links: LinkMap,
+    headers: &mut HeaderMap,
+    has_body: bool,
+) -> Option<BodyRewriter> {
+    links.rewrite_headers(headers);
+    let content = content(headers)?;
+    let coding = match coding(headers) {
+        Ok(coding) => coding,
+        Err(()) => {
+            tracing::debug!("Response body in an unknown content coding; links not rewritten.");
+            return None;
+        }
+    };
+    // The length changes with the rewrite (and would describe a GET's body on HEAD).
+    headers.remove(header::CONTENT_LENGTH);
+    if coding.is_some() {
+        headers.remove(header::CONTENT_ENCODING);
+    }
+    has_body.then(|| BodyRewriter::new(links, content, coding))
+}
+
+#[derive(Debug)]
+enum Scanner {
+    Json(JsonRewriter),
+    Multipart(Box<MultipartRewriter>),
+}
+
+/// Why a body could not be rewritten to its end.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot decode the upstream response body: {0}")]
+pub(crate) struct RewriteError(#[from] std::io::Error);
+
+/// Size of the pieces decoded output is produced in.
+const DECODE_CHUNK: usize = 32 * 1024;
+
+/// One response body being rewritten: push the upstream's chunks, pull rewritten output.
+#[derive(Debug)]
+pub(crate) struct BodyRewriter {
+    links: LinkMap,
+    scanner: Scanner,
+    decoder: Option<Decoder>,
+    /// Identity input not yet rewritten.
+    pending: Option<Bytes>,
+    input_ended: bool,
+    done: bool,
+}
+
+impl BodyRewriter {
+    fn new(links: LinkMap, content: Content, coding: Option<Coding>) -> Self {
+        let scanner = match content {
+            Content::Json => Scanner::Json(JsonRewriter::new()),
+            Content::Multipart(boundary) => {
+                Scanner::Multipart(Box::new(MultipartRewriter::new(&boundary)))
+            }
+        };
+        Self {
+            links,
+            scanner,
+            decoder: coding.map(Decoder::new),
+            pending: None,
+            input_ended: false,
+            done: false,
+        }
+    }
+
+    /// Hands over the next chunk of the upstream body. Call only after [`next`](Self::next)
+    /// returned `Ok(None)`.
+    pub(crate) fn push(&mut self, data: Bytes) {
+        match &mut self.decoder {
+            Some(decoder) => decoder.push(data),
+            None => self.pending = Some(data),
+        }
+    }
+
+    /// The upstream body has ended.
+    pub(crate) fn end_input(&mut self) {
+        self.input_ended = true;
+        if let Some(decoder) = &mut self.decoder {
+            decoder.end();
+        }
+    }
+
+    /// Everything has been produced.
+    pub(crate) fn is_done(&self) -> bool {
+        self.done
+    }
+
+    #[cfg(test)]
+    /// Bytes held between calls: bounded whatever the body size.
+    pub(crate) fn buffered(&mut self) -> usize {
+        let scanner = match &self.scanner {
+            Scanner::Json(json) => json.buffered(),
+            Scanner::Multipart(multipart) => multipart.buffered(),
+        };
+        scanner
+            + self.pending.as_ref().map_or(0, Bytes::len)
+            + self.decoder.as_mut().map_or(0, Decoder::buffered)
+    }
+
+    /// The next rewritten output (possibly empty), or `Ok(None)` when more input is
+    /// needed or, once [`is_done`](Self::is_done), at the end.
+    pub(crate) fn next(&mut self) -> Result<Option<Bytes>, RewriteError> {
+        if self.done {
+            return Ok(None);
+        }
+        let mut out = BytesMut::new();
+        match &mut self.decoder {
+            None => match self.pending.take() {
+                Some(data) => self.scan(&data, &mut out),
+                None if self.input_ended => self.finish(&mut out),
+                None => return Ok(None),
+            },
+            Some(decoder) => {
+                let mut buffer = vec![0u8; DECODE_CHUNK];
+                match decoder.read(&mut buffer)? {
+                    None => return Ok(None),
+                    Some(0) => self.finish(&mut out),
+                    Some(n) => self.scan(&buffer[..n], &mut out),
+                }
+            }
+        }
+        Ok(Some(out.freeze()))
+    }
+
+    fn scan(&mut self, input: &[u8], out: &mut BytesMut) {
+        match &mut self.scanner {
+            Scanner::Json(json) => json.push(&self.links, input, out),
+            Scanner::Multipart(multipart) => multipart.push(&self.links, input, out),
+        }
+    }
+
+    fn finish(&mut self, out: &mut BytesMut) {
+        match &mut self.scanner {
+            Scanner::Json(json) => json.finish(out),
+            Scanner::Multipart(multipart) => multipart.finish(out),
+        }
+        self.done = true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn links() -> LinkMap {
+        LinkMap::new(
+            "https://api.bc.test/v2.0/t1/Production/",
+            "https://proxy.test/bc/",
+        )
+    }
+
+    #[test]
+    fn link_headers_are_rewritten_and_others_kept() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::LOCATION,
+            HeaderValue::from_static(
+                "https://api.bc.test/v2.0/t1/Production/api/v2.0/customers(1)",
+            ),
+        );
+        headers.insert(
+            ODATA_ENTITYID,
+            HeaderValue::from_static("https://API.bc.test/v2.0/t1/Production/c(1)"),
+        );
+        headers.insert(
+            header::CONTENT_LOCATION,
+            HeaderValue::from_static("https://elsewhere.test/v2.0/t1/Production/c(1)"),
+        );
+        headers.insert(header::ETAG, HeaderValue::from_static("W/\"JzQ0OzE7MDsn\""));
+        links().rewrite_headers(&mut headers);
+        assert_eq!(
+            headers[header::LOCATION],
+            "https://proxy.test/bc/api/v2.0/customers(1)"
+        );
+        assert_eq!(headers[ODATA_ENTITYID], "https://proxy.test/bc/c(1)");
+        assert_eq!(
+            headers[header::CONTENT_LOCATION],
+            "https://elsewhere.test/v2.0/t1/Production/c(1)"
+        );
+        assert_eq!(headers[header::ETAG], "W/\"JzQ0OzE7MDsn\"");
+    }
+
+    #[test]
+    fn public_base_prefers_config_then_trusted_forwarded_headers_then_host() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, HeaderValue::from_static("proxy.lan:8080"));
+        headers.insert(
+            "x-forwarded-host",
+            HeaderValue::from_static("erp.contoso.com, x"),
+        );
+        headers.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        let configured: Uri = "https://erp-proxy.contoso.com/gw".parse().unwrap();
+        assert_eq!(
+            public_base(Some(&configured), &headers, None, "http", false).as_deref(),
+            Some("https://erp-proxy.contoso.com/gw")
+        );
+        assert_eq!(
+            public_base(None, &headers, None, "http", true).as_deref(),
+            Some("https://erp.contoso.com")
+        );
+        assert_eq!(
+            public_base(None, &headers, None, "http", false).as_deref(),
+            Some("http://proxy.lan:8080")
+        );
+        headers.insert(header::HOST, HeaderValue::from_static("a\"b"));
+        assert_eq!(public_base(None, &headers, None, "http", false), None);
+    }
+
+    #[test]
+    fn accept_encoding_is_narrowed_to_decodable_codings() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("zstd, gzip;q=0.8, br, *;q=0.1"),
+        );
+        narrow_accept_encoding(&mut headers);
+        assert_eq!(headers[header::ACCEPT_ENCODING], "gzip;q=0.8, br");
+        headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("zstd"));
+        narrow_accept_encoding(&mut headers);
+        assert_eq!(headers[header::ACCEPT_ENCODING], "identity");
+    }
+
+    #[test]
+    fn only_json_and_multipart_in_known_codings_are_rewritten() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("10"));
+        assert!(prepare(links(), &mut headers, true).is_none());
+        assert!(headers.contains_key(header::CONTENT_LENGTH));
+
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("zstd"));
+        assert!(prepare(links(), &mut headers, true).is_none());
+        assert!(headers.contains_key(header::CONTENT_ENCODING));
+
+        headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        assert!(prepare(links(), &mut headers, true).is_some());
+        assert!(!headers.contains_key(header::CONTENT_ENCODING));
+        assert!(!headers.contains_key(header::CONTENT_LENGTH));
+    }
+
+    #[test]
+    fn gzip_bodies_are_decoded_and_rewritten_in_bounded_pieces() {
+        use std::io::Write;
+        let page = r#"{"@odata.context":"https://api.bc.test/v2.0/t1/Production/$metadata#items","value":[],"x":""#;
+        let mut body = page.as_bytes().to_vec();
+        body.extend(std::iter::repeat_n(b'a', 5_000_000));
+        body.extend_from_slice(b"\"}");
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        encoder.write_all(&body).unwrap();
+        let compressed = encoder.finish().unwrap();
+        assert!(compressed.len() < 20_000);
+
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        let mut rewriter = prepare(links(), &mut headers, true).unwrap();
+        let mut input = compressed.chunks(4096);
+        let mut out = Vec::new();
+        while !rewriter.is_done() {
+            match rewriter.next().unwrap() {
+                Some(piece) => {
+                    assert!(piece.len() <= DECODE_CHUNK + 64);
+                    out.extend_from_slice(&piece);
+                }
+                None => match input.next() {
+                    Some(chunk) => rewriter.push(Bytes::copy_from_slice(chunk)),
+                    None => rewriter.end_input(),
+                },
+            }
+            assert!(rewriter.buffered() <= 4096 + 256);
+        }
+        let expected = String::from_utf8(body).unwrap().replace(
+            "https://api.bc.test/v2.0/t1/Production/",
+            "https://proxy.test/bc/",
+        );
+        assert_eq!(String::from_utf8(out).unwrap(), expected);
+    }
+}
