@@ -54,14 +54,14 @@ pub struct Server {
     pub limits: Limits,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerTls {
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
     pub client_ca_file: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
     pub max_header_bytes: usize,
     pub max_body_bytes: u64,
@@ -82,18 +82,18 @@ impl Default for Limits {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Admin {
     pub listen: SocketAddr,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Credential {
     pub name: String,
     pub kind: CredentialKind,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CredentialKind {
     ClientSecret(ClientSecret),
     ClientCertificate(ClientCertificate),
@@ -123,7 +123,7 @@ impl CredentialKind {
 }
 
 /// OAuth 2.0 client-credentials grant with a shared secret (RFC 6749 §4.4).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientSecret {
     pub endpoint: TokenEndpoint,
     pub client_id: String,
@@ -134,7 +134,7 @@ pub struct ClientSecret {
 }
 
 /// Where tokens are requested.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenEndpoint {
     /// `{authority}/{tenant_id}/oauth2/v2.0/token`.
     Entra {
@@ -167,7 +167,7 @@ pub enum ClientAuthMethod {
     Basic,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientCertificate {
     pub authority: String,
     pub tenant_id: String,
@@ -175,12 +175,12 @@ pub struct ClientCertificate {
     pub certificate_file: PathBuf,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ManagedIdentity {
     pub client_id: Option<String>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkloadIdentity {
     pub tenant_id: Option<String>,
     pub client_id: Option<String>,

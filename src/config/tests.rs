@@ -235,7 +235,6 @@ fn design_example_supported() -> String {
         let drop_block = [
             "public_url:",
             "tls:",
-            "admin:",
             "fo-cert:",
             "pod:",
             "aks:",
@@ -285,7 +284,10 @@ fn design_example_loads_without_the_parts_of_later_releases() {
     assert!(server.tls.is_none());
     assert_eq!(server.limits.max_body_bytes, 367_001_600);
     assert_eq!(server.limits.request_timeout, Duration::from_secs(600));
-    assert!(config.admin.is_none());
+    assert_eq!(
+        config.admin.as_ref().map(|a| a.listen),
+        Some("127.0.0.1:9090".parse().unwrap())
+    );
 
     let names: Vec<&str> = config.credentials.iter().map(|c| c.name.as_str()).collect();
     assert_eq!(names, ["bc", "partner"]);
@@ -387,11 +389,10 @@ fn design_example_as_written_reports_every_problem() {
     assert_eq!(
         text,
         concat!(
-            "proxy.yaml: 15 problems:\n",
+            "proxy.yaml: 14 problems:\n",
             "  - clients.erp-sync.basic.password: a `sha256:` value needs exactly 64 hex digits; get it from `s2s-proxy hash-secret`\n",
             "  - server.tls: not supported yet (inbound TLS); remove it for this release\n",
             "  - server.public_url: not supported yet; remove it for this release\n",
-            "  - admin: not supported yet (metrics and health listener); remove it for this release\n",
             "  - credentials.fo-cert.type: not supported yet (client_certificate); only `client_secret` works in this release\n",
             "  - credentials.pod.type: not supported yet (managed_identity); only `client_secret` works in this release\n",
             "  - credentials.aks.type: not supported yet (workload_identity); only `client_secret` works in this release\n",

@@ -105,9 +105,6 @@ fn refuse_unsupported(raw: &RawConfig, problems: &mut Vec<Problem>) {
             refuse("server.public_url".to_owned(), "", REMOVE);
         }
     }
-    if raw.admin.is_some() {
-        refuse("admin".to_owned(), " (metrics and health listener)", REMOVE);
-    }
     for (name, credential) in raw.credentials.iter().flat_map(|c| &c.0) {
         if !matches!(credential, RawCredential::ClientSecret(_)) {
             refuse(
@@ -282,7 +279,8 @@ impl Validator<'_> {
             "an address such as 127.0.0.1:9090",
         )?;
         let listen = self.socket_addr("admin.listen", text)?;
-        if listen == server.listen {
+        // Port 0 (any free port, as in tests) cannot clash.
+        if listen == server.listen && listen.port() != 0 {
             self.problem(
                 "admin.listen",
                 format!(
