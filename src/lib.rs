@@ -12,16 +12,23 @@
 //! - [`secret`]: redacting wrappers for secrets.
 //! - [`dev`]: the self-contained demo behind `s2s-proxy dev`.
 //! - [`report`]: what `check` and `token` print.
+//! - `admin`: the admin listener (`/healthz`, `/readyz`, `/metrics`) and `healthcheck`.
+//! - `metrics`: the Prometheus registry and metric names.
+//! - `reload`: the running configuration, swapped whole on SIGHUP or a changed file.
 //!
 //! Request lifecycle: a connection is accepted by `server`, each request runs through
 //! `proxy::Pipeline::handle`, which authenticates it with `inbound`, picks the route with
 //! `routing`, takes the route's token from the [`token`] cache (renewed in the background
-//! long before expiry) and streams the exchange through the `upstream` client.
+//! long before expiry) and streams the exchange through the `upstream` client. A reload
+//! swaps the pipeline; each request finishes on the one it started with.
 
+mod admin;
 pub mod config;
 pub mod dev;
 mod inbound;
+mod metrics;
 mod proxy;
+mod reload;
 pub mod report;
 mod routing;
 pub mod secret;
@@ -31,15 +38,17 @@ mod upstream;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
+pub use admin::{DEFAULT_HEALTHCHECK_URL, HealthcheckError, healthcheck};
 pub use config::{Config, ConfigError, Source};
+pub use reload::{ReloadError, ReloadHandle, ReloadReport};
 pub use upstream::TlsSetupError;
 
-use crate::proxy::Pipeline;
-use crate::token::TokenCache;
+use crate::reload::Runtime;
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -54,85 +63,113 @@ pub enum StartError {
     },
 }
 
-/// A proxy bound to its listening address, fetching its tokens, ready to serve.
+/// A proxy bound to its listening address (and its admin address, if configured),
+/// fetching its tokens, ready to serve.
 #[derive(Debug)]
 pub struct Proxy {
     listener: TcpListener,
-    pipeline: Arc<Pipeline>,
-    /// Keeps the background renewal tasks alive while the proxy runs.
-    tokens: TokenCache,
-    config: Config,
+    admin: Option<TcpListener>,
+    runtime: Arc<Runtime>,
 }
 
 impl Proxy {
     /// Builds the runtime pieces (TLS roots, token cache, upstream pool), binds
-    /// `server.listen` and starts fetching every route's token.
+    /// `server.listen` (and `admin.listen`) and starts fetching every route's token.
+    /// Without a file to re-read, SIGHUP only logs; see [`Proxy::bind_with_path`].
     pub async fn bind(config: Config) -> Result<Proxy, StartError> {
+        Self::bind_inner(config, None).await
+    }
+
+    /// Like [`Proxy::bind`] for a configuration loaded from `path`: SIGHUP and changes
+    /// of that file reload it.
+    pub async fn bind_with_path(
+        config: Config,
+        path: impl Into<PathBuf>,
+    ) -> Result<Proxy, StartError> {
+        Self::bind_inner(config, Some(path.into())).await
+    }
+
+    async fn bind_inner(config: Config, path: Option<PathBuf>) -> Result<Proxy, StartError> {
         let tls = upstream::client_tls_config(config.server.upstream_ca_file.as_deref())?;
-        let tokens = TokenCache::new(&config, Arc::new(tls.clone()));
-        let pipeline = Arc::new(Pipeline::new(&config, &tokens, upstream::client(tls)));
-        let addr = config.server.listen;
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Bind { addr, source })?;
-        tokens.start();
+        let listen = config.server.listen;
+        let admin_listen = config.admin.as_ref().map(|admin| admin.listen);
+        let runtime = Arc::new(Runtime::new(config, tls, path));
+        let listener = bind(listen).await?;
+        let admin = match admin_listen {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
+        runtime.start();
         Ok(Proxy {
             listener,
-            pipeline,
-            tokens,
-            config,
+            admin,
+            runtime,
         })
     }
 
     /// The state of every (credential, scope) token: for readiness reports and tests.
     pub fn token_status(&self) -> Vec<token::SlotStatus> {
-        self.tokens.status()
+        self.runtime.token_status()
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         server::local_addr(&self.listener)
     }
 
+    /// Where the admin endpoints listen, when `admin.listen` is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(server::local_addr)
+    }
+
+    /// A handle to reload the configuration while the proxy runs.
+    pub fn reload_handle(&self) -> ReloadHandle {
+        ReloadHandle {
+            runtime: self.runtime.clone(),
+        }
+    }
+
     /// Serves until `shutdown` completes, then stops accepting and drains in-flight
-    /// requests (at most 30 s).
+    /// requests (at most 30 s). Reloads on SIGHUP and on changes of the configuration
+    /// file meanwhile.
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), StartError> {
+        let runtime = self.runtime;
+        // Registered before anything else: an unhandled SIGHUP would end the process.
+        let hangups = reload::hangups();
+        let generation = runtime.current();
         tracing::info!(
-            listen = %self.local_addr(),
-            routes = self.config.routes.len(),
+            listen = %server::local_addr(&self.listener),
+            admin = self.admin.as_ref().map(|l| server::local_addr(l).to_string()),
+            routes = generation.config.routes.len(),
             "Listening."
         );
-        // SIGHUP would terminate the process by default; until reload exists, say so.
-        #[cfg(unix)]
-        let hangups = tokio::spawn(report_hangups());
-        server::serve(
-            self.listener,
-            self.pipeline,
-            &self.config.server.limits,
-            shutdown,
-        )
-        .await;
-        #[cfg(unix)]
-        hangups.abort();
+        let limits = generation.config.server.limits.clone();
+        drop(generation);
+        let watcher = tokio::spawn(reload::watch(runtime.clone(), hangups));
+        let admin = self
+            .admin
+            .map(|listener| tokio::spawn(admin::serve(listener, runtime.clone())));
+        let stopping = runtime.clone();
+        let shutdown = async move {
+            shutdown.await;
+            // No reload may swap the pipeline once draining starts; readiness fails now.
+            watcher.abort();
+            stopping.set_draining();
+        };
+        server::serve(self.listener, runtime.pipelines.clone(), &limits, shutdown).await;
+        if let Some(admin) = admin {
+            admin.abort();
+        }
         Ok(())
     }
 }
 
-/// Logs each SIGHUP: configuration reload is not implemented yet, and SIGHUP must not
-/// stop the proxy.
-#[cfg(unix)]
-async fn report_hangups() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
-        return;
-    };
-    while hangups.recv().await.is_some() {
-        tracing::warn!(
-            "SIGHUP received: configuration reload is not supported yet; restart to apply changes."
-        );
-    }
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -32,6 +32,7 @@ use self::error::ProxyError;
 use self::headers::{Forwarding, X_REQUEST_ID};
 use crate::config::{Config, Limits, Route};
 use crate::inbound::{Authenticator, ClientSet};
+use crate::metrics::Metrics;
 use crate::routing::{self, RouteTable};
 use crate::token::{Token, TokenCache, TokenSlot};
 use crate::upstream::UpstreamClient;
@@ -55,6 +56,7 @@ pub(crate) struct Pipeline {
     upstream: UpstreamClient<UpstreamBody>,
     limits: Limits,
     draining: AtomicBool,
+    metrics: Metrics,
 }
 
 impl Pipeline {
@@ -62,6 +64,7 @@ impl Pipeline {
         config: &Config,
         tokens: &TokenCache,
         upstream: UpstreamClient<UpstreamBody>,
+        metrics: &Metrics,
     ) -> Self {
         let authenticator = Authenticator::new(config);
         let routes = config
@@ -91,6 +94,7 @@ impl Pipeline {
             upstream,
             limits: config.server.limits.clone(),
             draining: AtomicBool::new(false),
+            metrics: metrics.clone(),
         }
     }
 
@@ -117,6 +121,8 @@ impl Pipeline {
             started: Instant::now(),
             upstream_ms: None,
             bytes_in: 0,
+            metrics: self.metrics.clone(),
+            in_flight: None,
         };
         let mut response = match self.pipeline(request, peer, &mut log).await {
             Ok(response) => response,
@@ -177,6 +183,7 @@ impl Pipeline {
             .ok_or(ProxyError::NotFound)?;
         let route = &self.routes[index];
         log.route = Some(route.prefix.clone());
+        log.in_flight = Some(self.metrics.in_flight(&route.prefix));
         if !route.clients.admits(client) {
             return Err(ProxyError::Forbidden);
         }

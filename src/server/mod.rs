@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -47,10 +48,12 @@ fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-/// Serves `listener` until `shutdown` completes, then stops accepting and drains.
+/// Serves `listener` until `shutdown` completes, then stops accepting and drains. Each
+/// request runs on the pipeline current when it arrives (a reload swaps it), and finishes
+/// on that one.
 pub(crate) async fn serve(
     listener: TcpListener,
-    pipeline: Arc<Pipeline>,
+    pipelines: Arc<ArcSwap<Pipeline>>,
     limits: &Limits,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -79,14 +82,14 @@ pub(crate) async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let builder = builder.clone();
-        let pipeline = pipeline.clone();
+        let pipelines = pipelines.clone();
         let header_read_timeout = limits.header_read_timeout;
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let (stream, framing) = AuditedStream::new(stream, header_read_timeout);
             let service = service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
                 request.extensions_mut().insert(framing.next());
-                let pipeline = pipeline.clone();
+                let pipeline = pipelines.load_full();
                 async move { Ok::<_, Infallible>(pipeline.handle(request, peer.ip()).await) }
             });
             let connection = builder.serve_connection(TokioIo::new(stream), service);
@@ -97,7 +100,7 @@ pub(crate) async fn serve(
         });
     }
     drop(listener);
-    pipeline.start_draining();
+    pipelines.load().start_draining();
     tracing::info!("Shutting down: no new connections; draining in-flight requests.");
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("All connections drained."),
