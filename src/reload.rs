@@ -86,6 +86,8 @@ pub(crate) struct Runtime {
     upstream: UpstreamClient<UpstreamBody>,
     tls: Arc<rustls::ClientConfig>,
     config_path: Option<PathBuf>,
+    /// The file's stamp when the proxy was built: later changes are changes.
+    initial_stamp: Option<Stamp>,
     /// One reload at a time (SIGHUP and the file poll may coincide).
     reloading: Mutex<()>,
     draining: AtomicBool,
@@ -107,6 +109,7 @@ impl Runtime {
             metrics,
             upstream,
             tls,
+            initial_stamp: path.as_deref().and_then(file_stamp),
             config_path: path,
             reloading: Mutex::new(()),
             draining: AtomicBool::new(false),
@@ -241,7 +244,7 @@ fn keep_restart_settings(running: &Config, next: &mut Config) -> Vec<&'static st
 /// Reloads on SIGHUP and when the configuration file changes, until aborted.
 pub(crate) async fn watch(runtime: Arc<Runtime>, mut hangups: Hangups) {
     let path = runtime.config_path().map(Path::to_path_buf);
-    let mut stamp = path.as_deref().and_then(file_stamp);
+    let mut stamp = runtime.initial_stamp;
     let mut poll = tokio::time::interval(POLL_INTERVAL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -269,8 +272,11 @@ pub(crate) async fn watch(runtime: Arc<Runtime>, mut hangups: Hangups) {
     }
 }
 
-/// Modification time and length: what the poll compares. Follows symlinks.
-fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {
+/// Modification time and length: what the poll compares.
+type Stamp = (SystemTime, u64);
+
+/// The file's [`Stamp`], following symlinks.
+fn file_stamp(path: &Path) -> Option<Stamp> {
     let metadata = std::fs::metadata(path).ok()?;
     Some((metadata.modified().ok()?, metadata.len()))
 }
