@@ -306,6 +306,6 @@ async fn next_hangup(hangups: &mut Hangups) {
         return;
     }
     #[cfg(not(unix))]
-    let () = hangups;
+    let _ = hangups;
     std::future::pending::<()>().await;
 }
