@@ -10,17 +10,22 @@
 //! - `rewrite`: streaming link rewriting of responses (`rewrite_links`).
 //! - [`token`]: token sources per credential type and the single-flight cache.
 //! - `upstream`: rustls client configuration and the pooled upstream client.
+//! - `admin`: the admin listener (`/healthz`, `/readyz`, `/metrics`) and `healthcheck`.
+//! - `metrics`: the Prometheus registry and metric names.
+//! - `reload`: the running configuration, swapped whole on SIGHUP or a changed file.
 //! - [`secret`]: redacting wrappers for secrets.
-//! - [`dev`]: the self-contained demo behind `s2s-proxy dev`.
 //! - `hardening`: no core dumps, not dumpable.
+//! - [`dev`]: the self-contained demo behind `s2s-proxy dev`.
 //! - [`report`]: what `check` and `token` print.
 //! - [`doctor`]: `s2s-proxy doctor`, a token and one upstream call per route, explained.
 //!
 //! Request lifecycle: a connection is accepted by `server`, each request runs through
 //! `proxy::Pipeline::handle`, which authenticates it with `inbound`, picks the route with
 //! `routing`, takes the route's token from the [`token`] cache (renewed in the background
-//! long before expiry) and streams the exchange through the `upstream` client.
+//! long before expiry) and streams the exchange through the `upstream` client. A reload
+//! swaps the pipeline; each request finishes on the one it started with.
 
+mod admin;
 pub mod config;
 pub mod dev;
 pub mod doctor;
@@ -28,7 +33,9 @@ pub mod doctor;
 pub mod fuzzing;
 mod hardening;
 mod inbound;
+mod metrics;
 mod proxy;
+mod reload;
 pub mod report;
 mod rewrite;
 mod routing;
@@ -39,18 +46,20 @@ mod upstream;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
+pub use admin::{DEFAULT_HEALTHCHECK_URL, HealthcheckError, healthcheck};
 pub use config::{Config, ConfigError, Source};
 pub use hardening::harden_process;
 pub use inbound::tls::{InboundTlsError, TlsReloader};
+pub use reload::{ReloadError, ReloadHandle, ReloadReport};
 pub use upstream::TlsSetupError;
 
 use crate::inbound::tls::InboundTls;
-use crate::proxy::Pipeline;
-use crate::token::TokenCache;
+use crate::reload::Runtime;
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -67,22 +76,35 @@ pub enum StartError {
     },
 }
 
-/// A proxy bound to its listening address, fetching its tokens, ready to serve.
+/// A proxy bound to its listening address (and its admin address, if configured),
+/// fetching its tokens, ready to serve.
 #[derive(Debug)]
 pub struct Proxy {
     listener: TcpListener,
-    pipeline: Arc<Pipeline>,
-    /// Keeps the background renewal tasks alive while the proxy runs.
-    tokens: TokenCache,
+    admin: Option<TcpListener>,
+    runtime: Arc<Runtime>,
     /// `server.tls`: the listener's rustls configuration and its certificate reloader.
     inbound_tls: Option<InboundTls>,
-    config: Config,
 }
 
 impl Proxy {
     /// Builds the runtime pieces (TLS roots, token cache, upstream pool), binds
-    /// `server.listen` and starts fetching every route's token.
+    /// `server.listen` (and `admin.listen`) and starts fetching every route's token.
+    /// Without a file to re-read, SIGHUP only logs; see [`Proxy::bind_with_path`].
     pub async fn bind(config: Config) -> Result<Proxy, StartError> {
+        Self::bind_inner(config, None).await
+    }
+
+    /// Like [`Proxy::bind`] for a configuration loaded from `path`: SIGHUP and changes
+    /// of that file reload it.
+    pub async fn bind_with_path(
+        config: Config,
+        path: impl Into<PathBuf>,
+    ) -> Result<Proxy, StartError> {
+        Self::bind_inner(config, Some(path.into())).await
+    }
+
+    async fn bind_inner(config: Config, path: Option<PathBuf>) -> Result<Proxy, StartError> {
         let inbound_tls = config
             .server
             .tls
@@ -90,24 +112,40 @@ impl Proxy {
             .map(InboundTls::new)
             .transpose()?;
         let tls = upstream::client_tls_config(config.server.upstream_ca_file.as_deref())?;
-        let tokens = TokenCache::new(&config, Arc::new(tls.clone()));
-        let pipeline = Arc::new(Pipeline::new(&config, &tokens, upstream::client(tls)));
-        let addr = config.server.listen;
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Bind { addr, source })?;
-        tokens.start();
+        let listen = config.server.listen;
+        let admin_listen = config.admin.as_ref().map(|admin| admin.listen);
+        let runtime = Arc::new(Runtime::new(config, tls, path));
+        let listener = bind(listen).await?;
+        let admin = match admin_listen {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
+        runtime.start();
         Ok(Proxy {
             listener,
-            pipeline,
-            tokens,
+            admin,
+            runtime,
             inbound_tls,
-            config,
         })
+    }
+
+    /// The state of every (credential, scope) token: for readiness reports and tests.
+    pub fn token_status(&self) -> Vec<token::SlotStatus> {
+        self.runtime.token_status()
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        server::local_addr(&self.listener)
+    }
+
+    /// Where the admin endpoints listen, when `admin.listen` is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(server::local_addr)
     }
 
     /// Re-reads `server.tls.cert_file` and `key_file`; new handshakes get the new pair.
     /// Nothing to do without `server.tls`. On error the running certificate stays.
+    /// SIGHUP does this too while the proxy runs.
     pub fn reload_tls(&self) -> Result<(), InboundTlsError> {
         match &self.inbound_tls {
             Some(tls) => tls.reloader.reload(),
@@ -115,63 +153,70 @@ impl Proxy {
         }
     }
 
-    /// A handle for [`Proxy::reload_tls`] that outlives `run_until` taking the proxy:
-    /// what the SIGHUP handler keeps. `None` without `server.tls`.
+    /// A handle for [`Proxy::reload_tls`] that outlives `run_until` taking the proxy.
+    /// `None` without `server.tls`.
     pub fn tls_reloader(&self) -> Option<TlsReloader> {
         self.inbound_tls.as_ref().map(|tls| tls.reloader.clone())
     }
 
-    /// The state of every (credential, scope) token: for readiness reports and tests.
-    pub fn token_status(&self) -> Vec<token::SlotStatus> {
-        self.tokens.status()
-    }
-
-    pub fn local_addr(&self) -> SocketAddr {
-        server::local_addr(&self.listener)
+    /// A handle to reload the configuration while the proxy runs.
+    pub fn reload_handle(&self) -> ReloadHandle {
+        ReloadHandle {
+            runtime: self.runtime.clone(),
+        }
     }
 
     /// Serves until `shutdown` completes, then stops accepting and drains in-flight
-    /// requests (at most 30 s).
+    /// requests (at most 30 s). Reloads on SIGHUP and on changes of the configuration
+    /// file meanwhile.
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), StartError> {
+        let runtime = self.runtime;
+        // Registered before anything else: an unhandled SIGHUP would end the process.
+        let hangups = reload::hangups();
+        let generation = runtime.current();
         tracing::info!(
-            listen = %self.local_addr(),
+            listen = %server::local_addr(&self.listener),
+            admin = self.admin.as_ref().map(|l| server::local_addr(l).to_string()),
             tls = self.inbound_tls.is_some(),
-            routes = self.config.routes.len(),
+            routes = generation.config.routes.len(),
             "Listening."
         );
-        // SIGHUP would terminate the process by default; until reload exists, say so.
-        #[cfg(unix)]
-        let hangups = tokio::spawn(report_hangups());
+        let limits = generation.config.server.limits.clone();
+        drop(generation);
+        let certificates = self.inbound_tls.as_ref().map(|tls| tls.reloader.clone());
+        let watcher = tokio::spawn(reload::watch(runtime.clone(), hangups, certificates));
+        let admin = self
+            .admin
+            .map(|listener| tokio::spawn(admin::serve(listener, runtime.clone())));
+        let stopping = runtime.clone();
+        let shutdown = async move {
+            shutdown.await;
+            // No reload may swap the pipeline once draining starts; readiness fails now.
+            watcher.abort();
+            stopping.set_draining();
+        };
         server::serve(
             self.listener,
-            self.pipeline,
-            &self.config.server.limits,
+            runtime.pipelines.clone(),
+            &limits,
             self.inbound_tls.map(|tls| tls.config),
             shutdown,
         )
         .await;
-        #[cfg(unix)]
-        hangups.abort();
+        if let Some(admin) = admin {
+            admin.abort();
+        }
         Ok(())
     }
 }
 
-/// Logs each SIGHUP: configuration reload is not implemented yet, and SIGHUP must not
-/// stop the proxy.
-#[cfg(unix)]
-async fn report_hangups() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
-        return;
-    };
-    while hangups.recv().await.is_some() {
-        tracing::warn!(
-            "SIGHUP received: configuration reload is not supported yet; restart to apply changes."
-        );
-    }
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -5,6 +5,7 @@ use std::io::{IsTerminal as _, Read as _};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -64,6 +65,11 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
     },
+    /// GET an admin endpoint; exit 0 on a 2xx answer (container HEALTHCHECK).
+    Healthcheck {
+        #[arg(long, default_value = s2s_proxy::DEFAULT_HEALTHCHECK_URL)]
+        url: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -86,7 +92,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
         Command::Run(args) => {
             let config = load(&args.config)?;
             runtime(config.server.workers)?.block_on(async {
-                let proxy = Proxy::bind(config).await?;
+                let proxy = Proxy::bind_with_path(config, &args.config).await?;
                 proxy.run_until(s2s_proxy::shutdown_signal()).await?;
                 anyhow::Ok(ExitCode::SUCCESS)
             })
@@ -139,6 +145,11 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Dev { listen } => {
             runtime(None)?.block_on(s2s_proxy::dev::run(listen))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Healthcheck { url } => {
+            s2s_proxy::healthcheck(&url, Duration::from_secs(3))
+                .with_context(|| format!("health check of {url}"))?;
             Ok(ExitCode::SUCCESS)
         }
     }

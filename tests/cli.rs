@@ -730,6 +730,17 @@ async fn run_forwards_with_the_token_and_logs_json_access_lines() {
         Some(200),
         "{access:?}"
     );
+    for number in ["total_ms", "upstream_ms", "bytes_in", "bytes_out"] {
+        assert!(
+            access.get(number).and_then(Value::as_u64).is_some(),
+            "{number}: {access:?}"
+        );
+    }
+    assert_eq!(
+        access.get("bytes_out").and_then(Value::as_u64),
+        Some(12),
+        "{access:?}"
+    );
     for secret in [PASSWORD, CLIENT_SECRET, "tok-1"] {
         assert!(!stderr.contains(secret), "{secret} logged:\n{stderr}");
     }

@@ -56,14 +56,14 @@ pub struct Server {
     pub limits: Limits,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerTls {
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
     pub client_ca_file: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
     pub max_header_bytes: usize,
     pub max_body_bytes: u64,
@@ -87,18 +87,18 @@ impl Default for Limits {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Admin {
     pub listen: SocketAddr,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Credential {
     pub name: String,
     pub kind: CredentialKind,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CredentialKind {
     ClientSecret(ClientSecret),
     ClientCertificate(ClientCertificate),
@@ -127,7 +127,7 @@ impl CredentialKind {
 }
 
 /// OAuth 2.0 client-credentials grant with a shared secret (RFC 6749 §4.4).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientSecret {
     pub endpoint: TokenEndpoint,
     pub client_id: String,
@@ -140,7 +140,7 @@ pub struct ClientSecret {
 }
 
 /// Where tokens are requested.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenEndpoint {
     /// `{authority}/{tenant_id}/oauth2/v2.0/token`.
     Entra {
@@ -174,7 +174,7 @@ pub enum ClientAuthMethod {
 }
 
 /// A secret sent to an identity provider, with where it came from.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfiguredSecret {
     pub value: Secret,
     /// The file when the value was written wholly as `${file:PATH}`: it is read again after
@@ -193,7 +193,7 @@ impl ConfiguredSecret {
 
 /// `client_certificate`: a signed client assertion (RFC 7523, Entra "certificate
 /// credentials").
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientCertificate {
     /// Entra (`tenant_id`) or any RFC 7523 server (`token_url`). The assertion's `aud` is
     /// this URL.
@@ -208,7 +208,7 @@ pub struct ClientCertificate {
 }
 
 /// A PEM file (certificate and key) or a PKCS#12 / .pfx file with its password.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertificateFile {
     pub path: PathBuf,
     /// PKCS#12 only; PEM keys must be unencrypted.
@@ -238,7 +238,7 @@ impl AssertionAlg {
 }
 
 /// `managed_identity`: the platform's token service.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ManagedIdentity {
     /// A user-assigned identity; `None`: the system-assigned one.
     pub selector: Option<IdentitySelector>,
@@ -254,7 +254,7 @@ pub enum IdentitySelector {
 }
 
 /// Where a managed identity gets its tokens, decided from the environment at load time.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ManagedIdentityEndpoint {
     /// App Service, Functions, Container Apps: `IDENTITY_ENDPOINT` + `IDENTITY_HEADER`.
     AppService { url: http::Uri, header: Secret },
@@ -265,7 +265,7 @@ pub enum ManagedIdentityEndpoint {
 /// `workload_identity`: the projected Kubernetes token as a client assertion. Resolved from
 /// the YAML fields, else `AZURE_TENANT_ID`, `AZURE_CLIENT_ID`, `AZURE_FEDERATED_TOKEN_FILE`
 /// and `AZURE_AUTHORITY_HOST`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkloadIdentity {
     pub endpoint: TokenEndpoint,
     pub client_id: String,

@@ -241,15 +241,7 @@ fn design_example_supported() -> String {
             skip_indent = None;
         }
         let key = line.trim_start().trim_start_matches("- ");
-        let drop_block = [
-            "tls:",
-            "admin:",
-            "fo-cert:",
-            "pod:",
-            "aks:",
-            "rate_limit:",
-            "edi:",
-        ];
+        let drop_block = ["tls:", "fo-cert:", "pod:", "aks:", "rate_limit:", "edi:"];
         if drop_block.iter().any(|k| key.starts_with(k)) {
             skip_indent = Some(indent);
             continue;
@@ -290,7 +282,10 @@ fn design_example_loads_without_the_parts_of_later_releases() {
     assert!(server.tls.is_none());
     assert_eq!(server.limits.max_body_bytes, 367_001_600);
     assert_eq!(server.limits.request_timeout, Duration::from_secs(600));
-    assert!(config.admin.is_none());
+    assert_eq!(
+        config.admin.as_ref().map(|a| a.listen),
+        Some("127.0.0.1:9090".parse().unwrap())
+    );
 
     let names: Vec<&str> = config.credentials.iter().map(|c| c.name.as_str()).collect();
     assert_eq!(names, ["bc", "partner"]);
@@ -419,9 +414,8 @@ fn design_example_as_written_reports_every_problem() {
     assert_eq!(
         text,
         concat!(
-            "proxy.yaml: 2 problems:\n",
-            "  - clients.erp-sync.basic.password: a `sha256:` value needs exactly 64 hex digits; get it from `s2s-proxy hash-secret`\n",
-            "  - admin: not supported yet (metrics and health listener); remove it for this release",
+            "proxy.yaml: 1 problem:\n",
+            "  - clients.erp-sync.basic.password: a `sha256:` value needs exactly 64 hex digits; get it from `s2s-proxy hash-secret`",
         )
     );
 }

@@ -3,8 +3,7 @@
 //!
 //! Every problem is collected, none stops the walk; each carries the YAML path of the field
 //! and says how to fix it. Messages never contain a secret value: they name variables,
-//! files and fields instead. Settings that belong to later releases are validated like the
-//! rest and then refused in one place, [`refuse_unsupported`].
+//! files and fields instead.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
@@ -73,8 +72,6 @@ pub(super) fn validate(raw: &RawConfig, source: &Source) -> Result<Config, Vec<P
         routes.push(v.route(index, route, prefix, &server, &names, &credentials));
     }
 
-    refuse_unsupported(raw, &mut v.problems);
-
     if v.problems.is_empty() {
         Ok(Config {
             server,
@@ -85,21 +82,6 @@ pub(super) fn validate(raw: &RawConfig, source: &Source) -> Result<Config, Vec<P
         })
     } else {
         Err(v.problems)
-    }
-}
-
-/// Refuses settings whose behaviour belongs to later releases. They were validated in full
-/// above; supporting one is deleting its refusal here.
-fn refuse_unsupported(raw: &RawConfig, problems: &mut Vec<Problem>) {
-    const REMOVE: &str = "remove it for this release";
-    let mut refuse = |path: String, what: &str, fix: &str| {
-        problems.push(Problem {
-            path,
-            message: format!("not supported yet{what}; {fix}"),
-        });
-    };
-    if raw.admin.is_some() {
-        refuse("admin".to_owned(), " (metrics and health listener)", REMOVE);
     }
 }
 
@@ -233,7 +215,8 @@ impl Validator<'_> {
             "an address such as 127.0.0.1:9090",
         )?;
         let listen = self.socket_addr("admin.listen", text)?;
-        if listen == server.listen {
+        // Port 0 (any free port, as in tests) cannot clash.
+        if listen == server.listen && listen.port() != 0 {
             self.problem(
                 "admin.listen",
                 format!(

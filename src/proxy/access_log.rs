@@ -1,13 +1,17 @@
 //! The access log: one line per request, written when the response body is finished.
+//! Writing it also records the request's metrics, so both count the same requests.
 //!
 //! Fields are structured (so `--log-format json` gives one JSON object per request) and
 //! come from configuration or from the request line only: never header values, never the
 //! query string (it can carry `$filter` values and keys), never credentials.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::{HeaderValue, Method};
 use tokio::time::Instant;
+
+use crate::metrics::{InFlight, Metrics};
 
 /// Target of access-log events, to filter them with `RUST_LOG=s2s_proxy::access=off`.
 pub(crate) const TARGET: &str = "s2s_proxy::access";
@@ -24,11 +28,22 @@ pub(crate) struct AccessLog {
     pub(crate) started: Instant,
     pub(crate) upstream_ms: Option<u64>,
     pub(crate) bytes_in: u64,
+    pub(crate) metrics: Metrics,
+    /// Held from routing until the line is written: `s2s_proxy_in_flight{route}`.
+    pub(crate) in_flight: Option<InFlight>,
 }
 
 impl AccessLog {
     pub(crate) fn write(self, bytes_out: u64, complete: bool) {
-        let total_ms = self.started.elapsed().as_millis() as u64;
+        let total = self.started.elapsed();
+        let total_ms = total.as_millis() as u64;
+        self.metrics.record_request(
+            self.route.as_deref(),
+            &self.method,
+            self.status,
+            total,
+            self.upstream_ms.map(Duration::from_millis),
+        );
         tracing::info!(
             target: TARGET,
             request_id = self.request_id.to_str().unwrap_or("-"),

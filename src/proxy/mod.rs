@@ -40,6 +40,7 @@ use self::queue::RouteQueue;
 use crate::config::{Config, DEFAULT_MAX_QUEUE, DEFAULT_QUEUE_TIMEOUT, Limits, Route};
 use crate::inbound::tls::TlsSession;
 use crate::inbound::{Authenticator, ClientSet};
+use crate::metrics::Metrics;
 use crate::rewrite::{self, LinkMap};
 use crate::routing::{self, RouteTable};
 use crate::token::{Token, TokenCache, TokenSlot};
@@ -69,6 +70,7 @@ pub(crate) struct Pipeline {
     limits: Limits,
     public_url: Option<Uri>,
     draining: AtomicBool,
+    metrics: Metrics,
 }
 
 impl Pipeline {
@@ -76,6 +78,7 @@ impl Pipeline {
         config: &Config,
         tokens: &TokenCache,
         upstream: UpstreamClient<UpstreamBody>,
+        metrics: &Metrics,
     ) -> Self {
         let authenticator = Authenticator::new(config);
         let routes = config
@@ -114,6 +117,7 @@ impl Pipeline {
             limits: config.server.limits.clone(),
             public_url: config.server.public_url.clone(),
             draining: AtomicBool::new(false),
+            metrics: metrics.clone(),
         }
     }
 
@@ -149,6 +153,8 @@ impl Pipeline {
             started: Instant::now(),
             upstream_ms: None,
             bytes_in: 0,
+            metrics: self.metrics.clone(),
+            in_flight: None,
         };
         let mut response = match self.pipeline(request, peer, &mut log).await {
             Ok(response) => response,
@@ -220,6 +226,7 @@ impl Pipeline {
             .ok_or(ProxyError::NotFound)?;
         let route = &self.routes[index];
         log.route = Some(route.prefix.clone());
+        log.in_flight = Some(self.metrics.in_flight(&route.prefix));
         if !route.clients.admits(client) {
             return Err(ProxyError::Forbidden);
         }

@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -53,10 +54,11 @@ fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
 }
 
 /// Serves `listener` until `shutdown` completes, then stops accepting and drains. With
-/// `tls`, every connection starts with a TLS handshake.
+/// `tls`, every connection starts with a TLS handshake. Each request runs on the pipeline
+/// current when it arrives (a reload swaps it), and finishes on that one.
 pub(crate) async fn serve(
     listener: TcpListener,
-    pipeline: Arc<Pipeline>,
+    pipelines: Arc<ArcSwap<Pipeline>>,
     limits: &Limits,
     tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: impl Future<Output = ()>,
@@ -87,14 +89,14 @@ pub(crate) async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let builder = builder.clone();
-        let pipeline = pipeline.clone();
+        let pipelines = pipelines.clone();
         let header_read_timeout = limits.header_read_timeout;
         let watcher = graceful.watcher();
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
             let connection = Connection {
                 builder,
-                pipeline,
+                pipelines,
                 header_read_timeout,
                 watcher,
                 peer,
@@ -120,7 +122,7 @@ pub(crate) async fn serve(
         });
     }
     drop(listener);
-    pipeline.start_draining();
+    pipelines.load().start_draining();
     tracing::info!("Shutting down: no new connections; draining in-flight requests.");
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("All connections drained."),
@@ -133,7 +135,7 @@ pub(crate) async fn serve(
 /// One accepted connection, ready to serve HTTP once its stream (TLS or not) is ready.
 struct Connection {
     builder: auto::Builder<TokioExecutor>,
-    pipeline: Arc<Pipeline>,
+    pipelines: Arc<ArcSwap<Pipeline>>,
     header_read_timeout: Duration,
     watcher: Watcher,
     peer: SocketAddr,
@@ -147,7 +149,7 @@ impl Connection {
     {
         let Self {
             builder,
-            pipeline,
+            pipelines,
             header_read_timeout,
             watcher,
             peer,
@@ -158,7 +160,7 @@ impl Connection {
             if let Some(tls) = &tls {
                 request.extensions_mut().insert(tls.clone());
             }
-            let pipeline = pipeline.clone();
+            let pipeline = pipelines.load_full();
             async move { Ok::<_, Infallible>(pipeline.handle(request, peer.ip()).await) }
         });
         let connection = builder.serve_connection(TokioIo::new(stream), service);

@@ -19,7 +19,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -30,6 +30,7 @@ use tracing::{debug, error, info, warn};
 
 use super::{FailingSource, Token, TokenError, TokenHttp, TokenSource, build_source, claims};
 use crate::config::{Config, Route};
+use crate::metrics::Metrics;
 
 /// First retry delay after a failure (SECURITY-CASES F1: ≥ 1–2 s, like Envoy).
 const BACKOFF_INITIAL: Duration = Duration::from_secs(2);
@@ -54,6 +55,8 @@ struct CacheInner {
     sources: HashMap<String, Arc<dyn TokenSource>>,
     started: AtomicBool,
     tasks: Mutex<Vec<AbortHandle>>,
+    /// Where slots count their fetches, once [`TokenCache::count_fetches`] was called.
+    metrics: OnceLock<Metrics>,
 }
 
 impl Drop for CacheInner {
@@ -120,6 +123,7 @@ impl TokenCache {
                 sources,
                 started: AtomicBool::new(false),
                 tasks: Mutex::new(Vec::new()),
+                metrics: OnceLock::new(),
             }),
         }
     }
@@ -164,6 +168,9 @@ impl TokenCache {
                 })
             });
         let slot = TokenSlot::new(credential, scope_key.clone(), source);
+        if let Some(metrics) = self.inner.metrics.get() {
+            let _ = slot.metrics.set(metrics.clone());
+        }
         by_scope.insert(scope_key, Arc::clone(&slot));
         drop(slots);
         if self.inner.started.load(Ordering::Acquire) {
@@ -194,6 +201,65 @@ impl TokenCache {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push(task.abort_handle());
+    }
+
+    /// Counts every slot's provider calls in `s2s_proxy_token_fetches_total`, from now on.
+    pub(crate) fn count_fetches(&self, metrics: &Metrics) {
+        let _ = self.inner.metrics.set(metrics.clone());
+        for slot in self.all_slots() {
+            let _ = slot.metrics.set(metrics.clone());
+        }
+    }
+
+    /// The cache for a reloaded `config`: every (credential, scope) whose credential
+    /// `unchanged` accepts keeps its slot — cached token, backoff, counters — and source;
+    /// the others start empty. Call [`TokenCache::start`] on the result; this cache's
+    /// renewal tasks end when it is dropped.
+    pub(crate) fn reload(
+        &self,
+        config: &Config,
+        tls: &Arc<rustls::ClientConfig>,
+        unchanged: impl Fn(&str) -> bool,
+    ) -> Self {
+        let http = TokenHttp::new(tls);
+        let sources = config
+            .credentials
+            .iter()
+            .map(|credential| {
+                let source = match self.inner.sources.get(&credential.name) {
+                    Some(source) if unchanged(&credential.name) => Arc::clone(source),
+                    _ => build_source(credential, &http),
+                };
+                (credential.name.clone(), source)
+            })
+            .collect();
+        let next = Self::with_sources(sources);
+        if let Some(metrics) = self.inner.metrics.get() {
+            next.count_fetches(metrics);
+        }
+        let old = self
+            .inner
+            .slots
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        for route in config.routes.iter().filter(|r| unchanged(&r.credential)) {
+            if let Some(slot) = old.get(&route.credential).and_then(|s| s.get(&route.scope)) {
+                let mut slots = next
+                    .inner
+                    .slots
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner);
+                slots
+                    .entry(route.credential.clone())
+                    .or_default()
+                    .insert(route.scope.clone(), Arc::clone(slot));
+            }
+        }
+        drop(old);
+        for route in &config.routes {
+            next.slot(route);
+        }
+        next
     }
 
     /// Every slot's state, sorted by credential and scope.
@@ -230,6 +296,7 @@ pub struct TokenSlot {
     changed: Notify,
     fetches_ok: AtomicU64,
     fetches_failed: AtomicU64,
+    metrics: OnceLock<Metrics>,
 }
 
 #[derive(Debug, Default)]
@@ -268,6 +335,7 @@ impl TokenSlot {
             changed: Notify::new(),
             fetches_ok: AtomicU64::new(0),
             fetches_failed: AtomicU64::new(0),
+            metrics: OnceLock::new(),
         })
     }
 
@@ -411,6 +479,9 @@ impl TokenSlot {
                     state.failures = 0;
                 }
                 self.fetches_ok.fetch_add(1, Ordering::Relaxed);
+                if let Some(metrics) = self.metrics.get() {
+                    metrics.record_token_fetch(&self.credential, "ok");
+                }
                 info!(
                     credential = %self.credential,
                     scope = self.scope.as_deref().unwrap_or("-"),
@@ -434,6 +505,9 @@ impl TokenSlot {
                     delay
                 };
                 self.fetches_failed.fetch_add(1, Ordering::Relaxed);
+                if let Some(metrics) = self.metrics.get() {
+                    metrics.record_token_fetch(&self.credential, err.kind());
+                }
                 self.log_failure(&err, reason, delay, now);
                 Err(TokenError::Backoff {
                     error: Box::new(err),

@@ -556,3 +556,77 @@ pub fn raw_status(response: &str) -> u16 {
 }
 
 pub mod dynamics;
+
+// ---------------------------------------------------------------------------------------
+// Operations: admin listener, reload
+
+/// [`standard_yaml`] with the admin listener on a free loopback port.
+pub fn admin_yaml(idp: &FakeIdp, upstream: &FakeUpstream) -> String {
+    standard_yaml(idp, upstream).replacen(
+        "credentials:",
+        "admin:\n  listen: 127.0.0.1:0\ncredentials:",
+        1,
+    )
+}
+
+/// A running proxy with its admin address and a handle to reload it.
+pub struct OpsProxy {
+    pub handle: ProxyHandle,
+    pub admin: SocketAddr,
+    pub reload: s2s_proxy::ReloadHandle,
+}
+
+/// Starts the proxy for `config` (which must configure `admin:`); with `path`, SIGHUP and
+/// changes of that file reload it.
+pub async fn spawn_ops_proxy(config: Config, path: Option<&std::path::Path>) -> OpsProxy {
+    let proxy = match path {
+        Some(path) => Proxy::bind_with_path(config, path).await,
+        None => Proxy::bind(config).await,
+    }
+    .expect("proxy binds");
+    let addr = proxy.local_addr();
+    let admin = proxy.admin_addr().expect("admin listener configured");
+    let reload = proxy.reload_handle();
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        proxy
+            .run_until(async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+    });
+    OpsProxy {
+        handle: ProxyHandle {
+            addr,
+            shutdown: Some(tx),
+            task,
+        },
+        admin,
+        reload,
+    }
+}
+
+/// A plain GET without credentials (admin endpoints).
+pub async fn get(addr: SocketAddr, path: &str) -> Answer {
+    send(addr, "GET", path, &[], "").await
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, at most `limit`.
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

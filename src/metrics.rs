@@ -1,0 +1,377 @@
+//! Prometheus metrics (DESIGN.md "Operations"), rendered by the admin listener's `/metrics`.
+//!
+//! Owns the registry and the names. Every label value comes from configuration or from a
+//! fixed set — route prefixes (`none` when no route matched), the allowed methods (`other`
+//! for the rest), three-digit status codes, credential names, token error kinds — never
+//! from request data, so the number of series stays bounded whatever callers send.
+//!
+//! Not here: where requests are counted (the access log, when a response is finished),
+//! where token fetches are counted (the token cache), the HTTP side (`admin`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Method;
+use prometheus_client::encoding::{EncodeLabelSet, prometheus_text};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::config::Config;
+use crate::token::SlotStatus;
+
+/// `Content-Type` of `/metrics`: the Prometheus text format 0.0.4.
+pub(crate) const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
+
+/// Route label of requests that matched no route.
+const NO_ROUTE: &str = "none";
+/// Scope label of a credential that sends no scope (generic token endpoints).
+const NO_SCOPE: &str = "none";
+
+/// Seconds; from a quick metadata read to Business Central's 10-minute ceiling.
+const DURATION_BUCKETS: [f64; 16] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: String,
+    method: &'static str,
+    status: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FetchLabels {
+    credential: String,
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ExpiryLabels {
+    credential: String,
+    scope: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+type HistogramFamily = Family<RouteLabels, Histogram, fn() -> Histogram>;
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(DURATION_BUCKETS)
+}
+
+/// The proxy's metrics. Cheap to clone; clones share the series.
+#[derive(Debug, Clone)]
+pub(crate) struct Metrics {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    request_duration: HistogramFamily,
+    upstream_duration: HistogramFamily,
+    token_fetches: Family<FetchLabels, Counter>,
+    in_flight: Family<RouteLabels, Gauge>,
+    queued: Family<RouteLabels, Gauge>,
+    reloads: Family<OutcomeLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub(crate) fn new() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::default();
+        let request_duration = HistogramFamily::new_with_constructor(duration_histogram);
+        let upstream_duration = HistogramFamily::new_with_constructor(duration_histogram);
+        let token_fetches = Family::default();
+        let in_flight = Family::default();
+        let queued = Family::default();
+        let reloads = Family::default();
+        // Counters are registered without `_total`: the encoder appends it.
+        registry.register(
+            "s2s_proxy_requests",
+            "Requests answered, by route, method and status code",
+            requests.clone(),
+        );
+        registry.register(
+            "s2s_proxy_request_duration_seconds",
+            "Time from request received to response body finished",
+            request_duration.clone(),
+        );
+        registry.register(
+            "s2s_proxy_upstream_duration_seconds",
+            "Time from sending to the upstream to its response headers",
+            upstream_duration.clone(),
+        );
+        registry.register(
+            "s2s_proxy_token_fetches",
+            "Token requests to identity providers, by credential and outcome",
+            token_fetches.clone(),
+        );
+        registry.register(
+            "s2s_proxy_in_flight",
+            "Requests being answered, by route",
+            in_flight.clone(),
+        );
+        registry.register(
+            "s2s_proxy_queued",
+            "Requests waiting for a route's concurrency limit, by route",
+            queued.clone(),
+        );
+        registry.register(
+            "s2s_proxy_config_reloads",
+            "Configuration reloads, by outcome",
+            reloads.clone(),
+        );
+        Self {
+            inner: Arc::new(Inner {
+                registry,
+                requests,
+                request_duration,
+                upstream_duration,
+                token_fetches,
+                in_flight,
+                queued,
+                reloads,
+            }),
+        }
+    }
+
+    /// Creates the per-route gauges at 0, so every configured route shows up before its
+    /// first request.
+    pub(crate) fn prepare(&self, config: &Config) {
+        for route in &config.routes {
+            let labels = route_labels(Some(&route.prefix));
+            let _ = self.inner.in_flight.get_or_create(&labels);
+            let _ = self.inner.queued.get_or_create(&labels);
+        }
+    }
+
+    /// Counts one finished request.
+    pub(crate) fn record_request(
+        &self,
+        route: Option<&str>,
+        method: &Method,
+        status: u16,
+        total: Duration,
+        upstream: Option<Duration>,
+    ) {
+        let labels = route_labels(route);
+        self.inner
+            .requests
+            .get_or_create(&RequestLabels {
+                route: labels.route.clone(),
+                method: method_label(method),
+                status: status_label(status),
+            })
+            .inc();
+        self.inner
+            .request_duration
+            .get_or_create(&labels)
+            .observe(total.as_secs_f64());
+        if let Some(upstream) = upstream {
+            self.inner
+                .upstream_duration
+                .get_or_create(&labels)
+                .observe(upstream.as_secs_f64());
+        }
+    }
+
+    /// Counts the request in `s2s_proxy_in_flight{route}` until the guard is dropped.
+    pub(crate) fn in_flight(&self, route: &str) -> InFlight {
+        let gauge = self
+            .inner
+            .in_flight
+            .get_or_create_owned(&route_labels(Some(route)));
+        gauge.inc();
+        InFlight { gauge }
+    }
+
+    /// The `s2s_proxy_queued{route}` gauge, for the route's queue to `inc`/`dec`. The same
+    /// series for the same prefix, across reloads.
+    #[allow(
+        dead_code,
+        reason = "route queues (max_concurrent) are built separately"
+    )]
+    pub(crate) fn queued(&self, route: &str) -> Gauge {
+        self.inner
+            .queued
+            .get_or_create_owned(&route_labels(Some(route)))
+    }
+
+    /// Counts one token request; `outcome` is `ok` or [`crate::token::TokenError::kind`].
+    pub(crate) fn record_token_fetch(&self, credential: &str, outcome: &'static str) {
+        self.inner
+            .token_fetches
+            .get_or_create(&FetchLabels {
+                credential: credential.to_owned(),
+                outcome,
+            })
+            .inc();
+    }
+
+    /// Counts one reload attempt (`ok` or `error`).
+    pub(crate) fn record_reload(&self, outcome: &'static str) {
+        self.inner
+            .reloads
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    /// Everything in the Prometheus text format. Token expiry is computed now, from
+    /// `tokens`, so it is exact at scrape time (0 when no valid token is held).
+    pub(crate) fn render(&self, tokens: &[SlotStatus]) -> String {
+        let mut text = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_text::encode(&mut text, &self.inner.registry);
+
+        let mut scrape = Registry::default();
+        let expiry = Family::<ExpiryLabels, Gauge>::default();
+        scrape.register(
+            "s2s_proxy_token_expiry_seconds",
+            "Seconds until the cached token of a credential and scope expires (0: none held)",
+            expiry.clone(),
+        );
+        for slot in tokens {
+            let seconds = slot.expires_in.map_or(0, |d| d.as_secs());
+            expiry
+                .get_or_create(&ExpiryLabels {
+                    credential: slot.credential.clone(),
+                    scope: slot.scope.clone().unwrap_or_else(|| NO_SCOPE.to_owned()),
+                })
+                .set(i64::try_from(seconds).unwrap_or(i64::MAX));
+        }
+        let _ = prometheus_text::encode(&mut text, &scrape);
+        text
+    }
+}
+
+/// Decrements `s2s_proxy_in_flight{route}` when dropped.
+#[derive(Debug)]
+pub(crate) struct InFlight {
+    gauge: Gauge,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+fn route_labels(route: Option<&str>) -> RouteLabels {
+    RouteLabels {
+        route: route.unwrap_or(NO_ROUTE).to_owned(),
+    }
+}
+
+/// The methods the proxy forwards keep their name; anything else is `other`.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+/// Three digits, 100–599 (what HTTP defines); anything else would be a bug, counted as
+/// `other` rather than as a new series.
+fn status_label(status: u16) -> String {
+    if (100..=599).contains(&status) {
+        status.to_string()
+    } else {
+        "other".to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_labels_follow_the_design() {
+        let metrics = Metrics::new();
+        metrics.record_request(
+            Some("/bc/"),
+            &Method::GET,
+            200,
+            Duration::from_millis(30),
+            Some(Duration::from_millis(20)),
+        );
+        metrics.record_request(
+            None,
+            &Method::from_bytes(b"PROPFIND").unwrap(),
+            405,
+            Duration::ZERO,
+            None,
+        );
+        metrics.record_token_fetch("bc", "ok");
+        metrics.record_reload("error");
+        let guard = metrics.in_flight("/bc/");
+        metrics.queued("/bc/").set(3);
+        let slot = SlotStatus {
+            credential: "bc".to_owned(),
+            scope: Some("https://api.businesscentral.dynamics.com/.default".to_owned()),
+            has_valid_token: true,
+            expires_in: Some(Duration::from_millis(3_599_500)),
+            last_error: None,
+            last_error_permanent: false,
+            fetches_ok: 1,
+            fetches_failed: 0,
+        };
+        let text = metrics.render(&[slot]);
+        for line in [
+            r#"s2s_proxy_requests_total{route="/bc/",method="GET",status="200"} 1"#,
+            r#"s2s_proxy_requests_total{route="none",method="other",status="405"} 1"#,
+            r#"s2s_proxy_request_duration_seconds_count{route="/bc/"} 1"#,
+            r#"s2s_proxy_upstream_duration_seconds_bucket{route="/bc/",le="0.025"} 1"#,
+            r#"s2s_proxy_token_fetches_total{credential="bc",outcome="ok"} 1"#,
+            r#"s2s_proxy_config_reloads_total{outcome="error"} 1"#,
+            r#"s2s_proxy_in_flight{route="/bc/"} 1"#,
+            r#"s2s_proxy_queued{route="/bc/"} 3"#,
+            "# TYPE s2s_proxy_token_expiry_seconds gauge",
+            r#"s2s_proxy_token_expiry_seconds{credential="bc",scope="https://api.businesscentral.dynamics.com/.default"} 3599"#,
+        ] {
+            assert!(text.contains(line), "{line} missing in:\n{text}");
+        }
+        assert!(
+            !text.contains(r#"s2s_proxy_upstream_duration_seconds_count{route="none"}"#),
+            "{text}"
+        );
+        drop(guard);
+        assert!(
+            metrics
+                .render(&[])
+                .contains(r#"s2s_proxy_in_flight{route="/bc/"} 0"#)
+        );
+    }
+
+    #[test]
+    fn status_and_method_labels_are_bounded() {
+        assert_eq!(status_label(204), "204");
+        assert_eq!(status_label(999), "other");
+        assert_eq!(method_label(&Method::CONNECT), "other");
+        assert_eq!(method_label(&Method::PATCH), "PATCH");
+    }
+}

@@ -1,0 +1,322 @@
+//! The running configuration and its hot reload (DESIGN.md "Operations").
+//!
+//! A [`Runtime`] holds what one configuration builds — the validated [`Config`], its
+//! [`TokenCache`] and the request [`Pipeline`] — behind `ArcSwap`s, plus what outlives
+//! configurations: the upstream connection pool, the TLS roots, the metrics. A reload
+//! validates the new file first and changes nothing when it is invalid. Otherwise it builds
+//! a new cache that keeps the slots (and cached tokens) of every credential whose settings
+//! are equal, a new pipeline over the same upstream client, and swaps both. Requests
+//! already running keep the pipeline they started on.
+//!
+//! Settings bound to the listener or the runtime (`server.listen`, `server.workers`,
+//! `server.limits`, `server.tls`, `server.upstream_ca_file`, `admin.listen`) keep their
+//! running values until a restart; a reload that changes them says so in a warning.
+//!
+//! Triggers: SIGHUP, and a change of the file's modification time or length, polled
+//! every [`POLL_INTERVAL`] (no file-system notification crate: ConfigMap volumes swap a
+//! symlink, which polling sees as well).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use tracing::{error, info, warn};
+
+use crate::config::{Config, ConfigError};
+use crate::metrics::Metrics;
+use crate::proxy::Pipeline;
+use crate::proxy::body::UpstreamBody;
+use crate::token::{SlotStatus, TokenCache};
+use crate::upstream::{self, UpstreamClient};
+
+/// How often the configuration file is checked for changes.
+pub(crate) const POLL_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Why a reload did not happen. The running configuration is unchanged.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("the proxy was started without a configuration file; there is nothing to reload")]
+    NoConfigFile,
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
+
+/// What a successful reload did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// Changed settings that only a restart applies; their running values were kept.
+    pub restart_required: Vec<&'static str>,
+    /// Credentials whose settings did not change: their cached tokens were kept.
+    pub kept_credentials: Vec<String>,
+}
+
+/// Reloads the configuration of a running [`crate::Proxy`]. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ReloadHandle {
+    pub(crate) runtime: Arc<Runtime>,
+}
+
+impl ReloadHandle {
+    /// Re-reads the configuration file, as SIGHUP does.
+    pub fn reload(&self) -> Result<ReloadReport, ReloadError> {
+        self.runtime.reload_file()
+    }
+
+    /// Switches to an already validated configuration.
+    pub fn apply(&self, config: Config) -> ReloadReport {
+        self.runtime.apply(config)
+    }
+}
+
+/// One configuration's state: swapped whole by a reload.
+#[derive(Debug)]
+pub(crate) struct Generation {
+    pub(crate) config: Config,
+    pub(crate) tokens: TokenCache,
+}
+
+/// Everything a running proxy shares between its listener, its admin listener and reloads.
+#[derive(Debug)]
+pub(crate) struct Runtime {
+    pub(crate) pipelines: Arc<ArcSwap<Pipeline>>,
+    current: ArcSwap<Generation>,
+    pub(crate) metrics: Metrics,
+    upstream: UpstreamClient<UpstreamBody>,
+    tls: Arc<rustls::ClientConfig>,
+    config_path: Option<PathBuf>,
+    /// The file's stamp when the proxy was built: later changes are changes.
+    initial_stamp: Option<Stamp>,
+    /// One reload at a time (SIGHUP and the file poll may coincide).
+    reloading: Mutex<()>,
+    draining: AtomicBool,
+}
+
+impl Runtime {
+    /// Builds the token cache and pipeline for `config`; fetches nothing yet.
+    pub(crate) fn new(config: Config, tls: rustls::ClientConfig, path: Option<PathBuf>) -> Self {
+        let tls = Arc::new(tls);
+        let metrics = Metrics::new();
+        let tokens = TokenCache::new(&config, Arc::clone(&tls));
+        tokens.count_fetches(&metrics);
+        let upstream = upstream::client((*tls).clone());
+        let pipeline = Pipeline::new(&config, &tokens, upstream.clone(), &metrics);
+        metrics.prepare(&config);
+        Self {
+            pipelines: Arc::new(ArcSwap::from_pointee(pipeline)),
+            current: ArcSwap::from_pointee(Generation { config, tokens }),
+            metrics,
+            upstream,
+            tls,
+            initial_stamp: path.as_deref().and_then(file_stamp),
+            config_path: path,
+            reloading: Mutex::new(()),
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    /// Starts fetching and renewing the tokens. Needs a tokio runtime.
+    pub(crate) fn start(&self) {
+        self.current.load().tokens.start();
+    }
+
+    pub(crate) fn current(&self) -> Arc<Generation> {
+        self.current.load_full()
+    }
+
+    pub(crate) fn token_status(&self) -> Vec<SlotStatus> {
+        self.current.load().tokens.status()
+    }
+
+    pub(crate) fn set_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn config_path(&self) -> Option<&Path> {
+        self.config_path.as_deref()
+    }
+
+    /// Loads and validates the configuration file, then applies it. On error, logs every
+    /// problem and keeps the running configuration.
+    pub(crate) fn reload_file(&self) -> Result<ReloadReport, ReloadError> {
+        let Some(path) = self.config_path.as_deref() else {
+            return Err(ReloadError::NoConfigFile);
+        };
+        match Config::load(path) {
+            Ok(config) => Ok(self.apply(config)),
+            Err(error) => {
+                self.metrics.record_reload("error");
+                let file = path.display().to_string();
+                for problem in error.problems() {
+                    error!(file, problem = %problem, "Configuration problem.");
+                }
+                error!(
+                    file,
+                    "Configuration reload failed; keeping the running configuration."
+                );
+                Err(error.into())
+            }
+        }
+    }
+
+    /// Switches to `config`: keeps the tokens of unchanged credentials and the running
+    /// values of settings that need a restart, then swaps the pipeline.
+    pub(crate) fn apply(&self, mut config: Config) -> ReloadReport {
+        let _one_at_a_time = self
+            .reloading
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let old = self.current.load_full();
+        let restart_required = keep_restart_settings(&old.config, &mut config);
+        for field in &restart_required {
+            warn!(
+                field,
+                "Configuration change needs a restart; keeping the running value."
+            );
+        }
+        let unchanged = |name: &str| {
+            let new = config.credential(name);
+            new.is_some() && new == old.config.credential(name)
+        };
+        let kept_credentials: Vec<String> = config
+            .credentials
+            .iter()
+            .map(|c| c.name.clone())
+            .filter(|name| unchanged(name))
+            .collect();
+        let tokens = old.tokens.reload(&config, &self.tls, unchanged);
+        let pipeline = Pipeline::new(&config, &tokens, self.upstream.clone(), &self.metrics);
+        self.metrics.prepare(&config);
+        tokens.start();
+        info!(
+            routes = config.routes.len(),
+            credentials = config.credentials.len(),
+            kept_tokens = ?kept_credentials,
+            "Configuration reloaded."
+        );
+        self.current.store(Arc::new(Generation { config, tokens }));
+        self.pipelines.store(Arc::new(pipeline));
+        self.metrics.record_reload("ok");
+        ReloadReport {
+            restart_required,
+            kept_credentials,
+        }
+    }
+}
+
+/// Puts the running values of restart-only settings back into `next`; returns the names
+/// of those that differed.
+fn keep_restart_settings(running: &Config, next: &mut Config) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    let (old, new) = (&running.server, &mut next.server);
+    if new.listen != old.listen {
+        changed.push("server.listen");
+        new.listen = old.listen;
+    }
+    if new.workers != old.workers {
+        changed.push("server.workers");
+        new.workers = old.workers;
+    }
+    if new.limits != old.limits {
+        changed.push("server.limits");
+        new.limits = old.limits.clone();
+    }
+    if new.tls != old.tls {
+        changed.push("server.tls");
+        new.tls = old.tls.clone();
+    }
+    if new.upstream_ca_file != old.upstream_ca_file {
+        changed.push("server.upstream_ca_file");
+        new.upstream_ca_file = old.upstream_ca_file.clone();
+    }
+    if next.admin != running.admin {
+        changed.push("admin.listen");
+        next.admin = running.admin.clone();
+    }
+    changed
+}
+
+/// Reloads on SIGHUP and when the configuration file changes, until aborted.
+/// On SIGHUP the inbound TLS certificate (`certificates`) is re-read too.
+pub(crate) async fn watch(
+    runtime: Arc<Runtime>,
+    mut hangups: Hangups,
+    certificates: Option<crate::TlsReloader>,
+) {
+    let path = runtime.config_path().map(Path::to_path_buf);
+    let mut stamp = runtime.initial_stamp;
+    let mut poll = tokio::time::interval(POLL_INTERVAL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = next_hangup(&mut hangups) => {
+                if let Some(certificates) = &certificates {
+                    match certificates.reload() {
+                        Ok(()) => info!("SIGHUP received; inbound TLS certificate re-read."),
+                        Err(error) => warn!(error = %error, "Inbound TLS certificate reload failed; keeping the running one."),
+                    }
+                }
+                let Some(path) = path.as_deref() else {
+                    warn!("SIGHUP received, but the proxy was started without a configuration file; nothing to reload.");
+                    continue;
+                };
+                info!(file = %path.display(), "SIGHUP received; reloading the configuration.");
+                stamp = file_stamp(path);
+                let _ = runtime.reload_file();
+            }
+            _ = poll.tick(), if path.is_some() => {
+                let Some(path) = path.as_deref() else { continue };
+                let now = file_stamp(path);
+                // A file missing for a moment (replaced by rename) is not a change yet.
+                if now.is_some() && now != stamp {
+                    stamp = now;
+                    info!(file = %path.display(), "Configuration file changed; reloading.");
+                    let _ = runtime.reload_file();
+                }
+            }
+        }
+    }
+}
+
+/// Modification time and length: what the poll compares.
+type Stamp = (SystemTime, u64);
+
+/// The file's [`Stamp`], following symlinks.
+fn file_stamp(path: &Path) -> Option<Stamp> {
+    let metadata = std::fs::metadata(path).ok()?;
+    Some((metadata.modified().ok()?, metadata.len()))
+}
+
+/// The SIGHUP stream, registered before serving so that a hangup can never take the
+/// default action (terminating the process).
+#[cfg(unix)]
+pub(crate) type Hangups = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+pub(crate) type Hangups = ();
+
+pub(crate) fn hangups() -> Hangups {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        signal(SignalKind::hangup())
+            .inspect_err(|error| warn!(error = %error, "Cannot listen for SIGHUP."))
+            .ok()
+    }
+}
+
+async fn next_hangup(hangups: &mut Hangups) {
+    #[cfg(unix)]
+    if let Some(signal) = hangups
+        && signal.recv().await.is_some()
+    {
+        return;
+    }
+    #[cfg(not(unix))]
+    let _ = hangups;
+    std::future::pending::<()>().await;
+}
