@@ -89,11 +89,20 @@ fn answer(runtime: &Runtime, method: &Method, path: &str) -> Response<Full<Bytes
             };
             respond(status, "application/json", format!("{body:#}\n"))
         }
-        "/metrics" => respond(
-            StatusCode::OK,
-            metrics::CONTENT_TYPE,
-            runtime.metrics.render(&runtime.token_status()),
-        ),
+        "/metrics" => {
+            // Queue depths are read at scrape time from the current pipeline.
+            for (route, depth) in runtime.pipelines.load().queue_depths() {
+                runtime
+                    .metrics
+                    .queued(route)
+                    .set(i64::try_from(depth).unwrap_or(i64::MAX));
+            }
+            respond(
+                StatusCode::OK,
+                metrics::CONTENT_TYPE,
+                runtime.metrics.render(&runtime.token_status()),
+            )
+        }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }

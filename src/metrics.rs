@@ -206,10 +206,6 @@ impl Metrics {
 
     /// The `s2s_proxy_queued{route}` gauge, for the route's queue to `inc`/`dec`. The same
     /// series for the same prefix, across reloads.
-    #[allow(
-        dead_code,
-        reason = "route queues (max_concurrent) are built separately"
-    )]
     pub(crate) fn queued(&self, route: &str) -> Gauge {
         self.inner
             .queued

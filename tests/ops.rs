@@ -554,3 +554,36 @@ async fn sighup_reloads_the_running_binary_and_healthcheck_probes_it() {
         assert!(!stderr.contains(secret), "{secret} logged:\n{stderr}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn queued_requests_show_in_the_queue_gauge() {
+    let idp = FakeIdp::start().await;
+    let upstream = FakeUpstream::start().await;
+    upstream.set_delay(Duration::from_millis(600));
+    let yaml = admin_yaml(&idp, &upstream).replacen(
+        "    clients: [erp, scanner]\n",
+        "    clients: [erp, scanner]\n    max_concurrent: 1\n",
+        1,
+    );
+    let proxy = spawn_ops_proxy(config(&yaml, standard_vars()), None).await;
+    let addr = proxy.handle.addr;
+    let requests: Vec<_> = (0..3)
+        .map(|i| tokio::spawn(async move { erp_get(addr, &format!("/bc/q{i}")).await.status }))
+        .collect();
+    // One at the upstream, two waiting in the route's queue.
+    let queued = eventually(LIMIT, "two queued requests", || async {
+        let text = metrics(proxy.admin).await;
+        sample(&text, r#"s2s_proxy_queued{route="/bc/"}"#).filter(|n| *n == 2.0)
+    })
+    .await;
+    assert_eq!(queued, 2.0);
+    for request in requests {
+        assert_eq!(request.await.unwrap(), 200);
+    }
+    let text = metrics(proxy.admin).await;
+    assert_eq!(
+        sample(&text, r#"s2s_proxy_queued{route="/bc/"}"#),
+        Some(0.0)
+    );
+    proxy.handle.shutdown().await;
+}

@@ -122,7 +122,7 @@ impl Pipeline {
     }
 
     /// Requests waiting in each queued route's queue, by route prefix.
-    #[allow(dead_code)] // Read by the metrics (`s2s_proxy_queued{route}`).
+    /// Read by the metrics at scrape time (`s2s_proxy_queued{route}`).
     pub(crate) fn queue_depths(&self) -> impl Iterator<Item = (&str, usize)> {
         self.routes.iter().filter_map(|route| {
             let queue = route.queue.as_ref()?;
