@@ -34,7 +34,7 @@ const HOP_BY_HOP: [HeaderName; 10] = [
 /// Request headers never passed upstream besides the hop-by-hop ones: the caller's
 /// credentials, values the proxy computes, and overrides some backends honour for routing
 /// or method decisions (the proxy decided on the request line alone).
-const REQUEST_DROP: [HeaderName; 14] = [
+const REQUEST_DROP: [HeaderName; 16] = [
     header::AUTHORIZATION,
     header::HOST,
     header::EXPECT,
@@ -46,6 +46,8 @@ const REQUEST_DROP: [HeaderName; 14] = [
     HeaderName::from_static("x-real-ip"),
     HeaderName::from_static("x-original-url"),
     HeaderName::from_static("x-rewrite-url"),
+    HeaderName::from_static("x-forwarded-uri"),
+    HeaderName::from_static("x-forwarded-prefix"),
     HeaderName::from_static("x-http-method-override"),
     HeaderName::from_static("x-http-method"),
     HeaderName::from_static("x-method-override"),
@@ -202,6 +204,8 @@ mod tests {
             ("transfer-encoding", "chunked"),
             ("x-foo", "1"),
             ("x-original-url", "/crm/x"),
+            ("x-forwarded-uri", "/public"),
+            ("x-forwarded-prefix", "/crm"),
             ("x-http-method-override", "DELETE"),
             ("x-forwarded-for", "6.6.6.6"),
             ("x-forwarded-host", "evil.test"),

@@ -408,6 +408,18 @@ impl Pipeline {
     }
 }
 
+/// The answer when the pipeline itself panicked: a generic 500, nothing about the cause.
+pub(crate) fn panic_response() -> Response<ProxyBody> {
+    let body = r#"{"error":"internal_error","message":"the proxy failed to handle this request","route":null,"request_id":null}"#;
+    let mut response = Response::new(ProxyBody::full(body));
+    *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
 fn upstream_request(
     method: &Method,
     uri: &Uri,

@@ -10,10 +10,12 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use futures_util::FutureExt as _;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -161,7 +163,18 @@ impl Connection {
                 request.extensions_mut().insert(tls.clone());
             }
             let pipeline = pipelines.load_full();
-            async move { Ok::<_, Infallible>(pipeline.handle(request, peer.ip()).await) }
+            async move {
+                // A bug must cost one request a 500, not the connection (and with HTTP/2
+                // every other stream on it) an abrupt close (SECURITY-CASES H5).
+                let response = AssertUnwindSafe(pipeline.handle(request, peer.ip()))
+                    .catch_unwind()
+                    .await
+                    .unwrap_or_else(|_| {
+                        tracing::error!(peer = %peer, "Request handler panicked; answered 500.");
+                        crate::proxy::panic_response()
+                    });
+                Ok::<_, Infallible>(response)
+            }
         });
         let connection = builder.serve_connection(TokioIo::new(stream), service);
         if let Err(error) = watcher.watch(connection).await {
