@@ -917,3 +917,34 @@ async fn a_stalled_request_body_is_408_and_the_upstream_request_is_aborted() {
     assert!(seen.len() <= 1);
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn idle_http2_connections_are_closed_after_the_idle_timeout() {
+    let idp = FakeIdp::start().await;
+    let upstream = FakeUpstream::start().await;
+    let yaml = standard_yaml(&idp, &upstream).replace(
+        "  listen: 127.0.0.1:0\n",
+        "  listen: 127.0.0.1:0\n  limits: { idle_timeout: 300ms }\n",
+    );
+    let proxy = spawn_proxy(config(&yaml, standard_vars())).await;
+    let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    let connection = tokio::spawn(connection);
+    let request = http::Request::get(format!("http://{}/bc/x", proxy.addr))
+        .header("authorization", basic("erp", PASSWORD))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(sender.send_request(request).await.unwrap().status(), 200);
+    // The client keeps the connection open (it answers pings); the proxy closes it.
+    let ended = tokio::time::timeout(Duration::from_secs(5), connection).await;
+    assert!(
+        ended.is_ok(),
+        "the idle HTTP/2 connection must be closed by the proxy"
+    );
+    proxy.shutdown().await;
+}

@@ -70,6 +70,8 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     /// Longest pause between two pieces of a request body (a slow-POST guard).
     pub body_idle_timeout: Duration,
+    /// A connection with no request in flight for this long is closed (gracefully).
+    pub idle_timeout: Duration,
     pub request_timeout: Duration,
     pub max_connections: usize,
 }
@@ -81,6 +83,7 @@ impl Default for Limits {
             max_body_bytes: 350 * 1024 * 1024,
             header_read_timeout: Duration::from_secs(10),
             body_idle_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(75),
             request_timeout: Duration::from_secs(600),
             max_connections: 10_000,
         }

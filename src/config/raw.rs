@@ -153,6 +153,7 @@ pub(super) struct RawLimits {
     pub(super) max_body_bytes: Option<u64>,
     pub(super) header_read_timeout: Option<String>,
     pub(super) body_idle_timeout: Option<String>,
+    pub(super) idle_timeout: Option<String>,
     pub(super) request_timeout: Option<String>,
     pub(super) max_connections: Option<u64>,
 }

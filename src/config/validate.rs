@@ -196,6 +196,11 @@ impl Validator<'_> {
                 .as_ref()
                 .and_then(|t| self.duration("server.limits.body_idle_timeout", t))
                 .unwrap_or(default.body_idle_timeout),
+            idle_timeout: raw
+                .idle_timeout
+                .as_ref()
+                .and_then(|t| self.duration("server.limits.idle_timeout", t))
+                .unwrap_or(default.idle_timeout),
             request_timeout: raw
                 .request_timeout
                 .as_ref()

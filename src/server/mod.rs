@@ -12,6 +12,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -19,10 +20,10 @@ use futures_util::FutureExt as _;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
 use self::framing::AuditedStream;
@@ -67,8 +68,10 @@ pub(crate) async fn serve(
 ) {
     let acceptor = tls.map(TlsAcceptor::from);
     let builder = connection_builder(limits);
-    let graceful = GracefulShutdown::new();
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    // Every connection holds a permit; draining is done when all are back.
+    let max_connections = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    let permits = Arc::new(Semaphore::new(max_connections as usize));
+    let (stop, stopping) = watch::channel(false);
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -90,25 +93,23 @@ pub(crate) async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
-        let builder = builder.clone();
-        let pipelines = pipelines.clone();
-        let header_read_timeout = limits.header_read_timeout;
-        let watcher = graceful.watcher();
+        let connection = Connection {
+            builder: builder.clone(),
+            pipelines: pipelines.clone(),
+            header_read_timeout: limits.header_read_timeout,
+            idle_timeout: limits.idle_timeout,
+            stopping: stopping.clone(),
+            peer,
+        };
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
-            let connection = Connection {
-                builder,
-                pipelines,
-                header_read_timeout,
-                watcher,
-                peer,
-            };
             match acceptor {
                 None => connection.serve(stream, None).await,
                 // SECURITY-CASES 2.2: a TLS handshake timeout (10 s by default); a
                 // ClientHello that never comes or never finishes frees its slot then.
                 Some(acceptor) => {
-                    match tokio::time::timeout(header_read_timeout, acceptor.accept(stream)).await {
+                    let handshake = acceptor.accept(stream);
+                    match tokio::time::timeout(connection.header_read_timeout, handshake).await {
                         Ok(Ok(stream)) => {
                             let session = Arc::new(TlsSession::of(stream.get_ref().1));
                             connection.serve(stream, Some(session)).await;
@@ -126,11 +127,60 @@ pub(crate) async fn serve(
     drop(listener);
     pipelines.load().start_draining();
     tracing::info!("Shutting down: no new connections; draining in-flight requests.");
+    let _ = stop.send(true);
     tokio::select! {
-        () = graceful.shutdown() => tracing::info!("All connections drained."),
+        _ = permits.acquire_many(max_connections) => tracing::info!("All connections drained."),
         () = tokio::time::sleep(DRAIN_TIMEOUT) => {
             tracing::warn!(timeout_s = DRAIN_TIMEOUT.as_secs(), "Drain timed out; closing the remaining connections.");
         }
+    }
+}
+
+/// When a connection last started a request, and how many it is answering.
+#[derive(Debug)]
+struct Activity {
+    epoch: Instant,
+    /// Milliseconds after `epoch`.
+    last_request_ms: AtomicU64,
+    in_flight: AtomicUsize,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            epoch: Instant::now(),
+            last_request_ms: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+        }
+    }
+
+    fn started(&self) {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        self.last_request_ms.store(now, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn finished(&self) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// When the connection counts as idle, unless a request starts before then; `None`
+    /// while one is being answered.
+    fn idle_at(&self, idle_timeout: Duration) -> Option<Instant> {
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            return None;
+        }
+        let last = Duration::from_millis(self.last_request_ms.load(Ordering::Relaxed));
+        Some(self.epoch + last + idle_timeout)
+    }
+}
+
+/// Counts a request as in flight until its handler returns, panics included.
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.finished();
     }
 }
 
@@ -139,12 +189,17 @@ struct Connection {
     builder: auto::Builder<TokioExecutor>,
     pipelines: Arc<ArcSwap<Pipeline>>,
     header_read_timeout: Duration,
-    watcher: Watcher,
+    idle_timeout: Duration,
+    stopping: watch::Receiver<bool>,
     peer: SocketAddr,
 }
 
 impl Connection {
-    /// Serves requests until the connection ends; each request carries `tls`.
+    /// Serves requests until the connection ends; each request carries `tls`. The
+    /// connection is shut down gracefully (in-flight requests finish, HTTP/2 gets a
+    /// GOAWAY) when the proxy drains, or after `idle_timeout` without a request: hyper
+    /// closes idle HTTP/1 connections itself, but an HTTP/2 client that answers pings
+    /// would otherwise hold its slot forever.
     async fn serve<S>(self, stream: S, tls: Option<Arc<TlsSession>>)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -153,16 +208,21 @@ impl Connection {
             builder,
             pipelines,
             header_read_timeout,
-            watcher,
+            idle_timeout,
+            mut stopping,
             peer,
         } = self;
         let (stream, framing) = AuditedStream::new(stream, header_read_timeout);
+        let activity = Arc::new(Activity::new());
+        let requests = activity.clone();
         let service = service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
             request.extensions_mut().insert(framing.next());
             if let Some(tls) = &tls {
                 request.extensions_mut().insert(tls.clone());
             }
             let pipeline = pipelines.load_full();
+            requests.started();
+            let in_flight = InFlight(requests.clone());
             async move {
                 // A bug must cost one request a 500, not the connection (and with HTTP/2
                 // every other stream on it) an abrupt close (SECURITY-CASES H5).
@@ -173,12 +233,45 @@ impl Connection {
                         tracing::error!(peer = %peer, "Request handler panicked; answered 500.");
                         crate::proxy::panic_response()
                     });
+                drop(in_flight);
                 Ok::<_, Infallible>(response)
             }
         });
         let connection = builder.serve_connection(TokioIo::new(stream), service);
-        if let Err(error) = watcher.watch(connection).await {
-            tracing::debug!(peer = %peer, error = %error, "Connection ended with an error.");
+        tokio::pin!(connection);
+        let mut closing = false;
+        loop {
+            let idle_at = activity.idle_at(idle_timeout);
+            tokio::select! {
+                result = connection.as_mut() => {
+                    if let Err(error) = result {
+                        tracing::debug!(peer = %peer, error = %error, "Connection ended with an error.");
+                    }
+                    break;
+                }
+                _ = stopping.wait_for(|stop| *stop), if !closing => {
+                    connection.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+                () = sleep_until_or_forever(idle_at), if !closing => {
+                    if activity.idle_at(idle_timeout).is_some_and(|at| at <= Instant::now()) {
+                        tracing::debug!(peer = %peer, "Idle connection closed.");
+                        connection.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Sleeps until `at`, or forever without one; re-evaluated on every loop turn.
+async fn sleep_until_or_forever(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => {
+            // Re-check now and then: the in-flight request may have finished.
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
 }
