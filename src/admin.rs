@@ -100,7 +100,10 @@ fn answer(runtime: &Runtime, method: &Method, path: &str) -> Response<Full<Bytes
             respond(
                 StatusCode::OK,
                 metrics::CONTENT_TYPE,
-                runtime.metrics.render(&runtime.token_status()),
+                runtime.metrics.render(
+                    &runtime.token_status(),
+                    &runtime.current().credential_expiries,
+                ),
             )
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),

@@ -20,7 +20,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::config::Config;
-use crate::token::SlotStatus;
+use crate::token::{CredentialExpiry, SlotStatus};
 
 /// `Content-Type` of `/metrics`: the Prometheus text format 0.0.4.
 pub(crate) const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
@@ -57,6 +57,13 @@ struct FetchLabels {
 struct ExpiryLabels {
     credential: String,
     scope: String,
+}
+
+/// A credential entry: `client_secret`, `client_secrets[1]`, `certificate_file`, ….
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CredentialLabels {
+    credential: String,
+    entry: String,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -233,7 +240,7 @@ impl Metrics {
 
     /// Everything in the Prometheus text format. Token expiry is computed now, from
     /// `tokens`, so it is exact at scrape time (0 when no valid token is held).
-    pub(crate) fn render(&self, tokens: &[SlotStatus]) -> String {
+    pub(crate) fn render(&self, tokens: &[SlotStatus], credentials: &[CredentialExpiry]) -> String {
         let mut text = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_text::encode(&mut text, &self.inner.registry);
@@ -251,6 +258,24 @@ impl Metrics {
                 .get_or_create(&ExpiryLabels {
                     credential: slot.credential.clone(),
                     scope: slot.scope.clone().unwrap_or_else(|| NO_SCOPE.to_owned()),
+                })
+                .set(i64::try_from(seconds).unwrap_or(i64::MAX));
+        }
+        let credential_expiry = Family::<CredentialLabels, Gauge>::default();
+        scrape.register(
+            "s2s_proxy_credential_expiry_timestamp_seconds",
+            "When a configured secret (expires:) or certificate (notAfter) expires, Unix time",
+            credential_expiry.clone(),
+        );
+        for expiry in credentials {
+            let seconds = expiry
+                .expires
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            credential_expiry
+                .get_or_create(&CredentialLabels {
+                    credential: expiry.credential.clone(),
+                    entry: expiry.entry.clone(),
                 })
                 .set(i64::try_from(seconds).unwrap_or(i64::MAX));
         }
@@ -336,7 +361,12 @@ mod tests {
             fetches_ok: 1,
             fetches_failed: 0,
         };
-        let text = metrics.render(&[slot]);
+        let secret = CredentialExpiry {
+            credential: "bc".to_owned(),
+            entry: "client_secrets[1]".to_owned(),
+            expires: std::time::UNIX_EPOCH + Duration::from_secs(1_798_675_200),
+        };
+        let text = metrics.render(&[slot], &[secret]);
         for line in [
             r#"s2s_proxy_requests_total{route="/bc/",method="GET",status="200"} 1"#,
             r#"s2s_proxy_requests_total{route="none",method="other",status="405"} 1"#,
@@ -348,6 +378,7 @@ mod tests {
             r#"s2s_proxy_queued{route="/bc/"} 3"#,
             "# TYPE s2s_proxy_token_expiry_seconds gauge",
             r#"s2s_proxy_token_expiry_seconds{credential="bc",scope="https://api.businesscentral.dynamics.com/.default"} 3599"#,
+            r#"s2s_proxy_credential_expiry_timestamp_seconds{credential="bc",entry="client_secrets[1]"} 1798675200"#,
         ] {
             assert!(text.contains(line), "{line} missing in:\n{text}");
         }
@@ -358,7 +389,7 @@ mod tests {
         drop(guard);
         assert!(
             metrics
-                .render(&[])
+                .render(&[], &[])
                 .contains(r#"s2s_proxy_in_flight{route="/bc/"} 0"#)
         );
     }

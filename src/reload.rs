@@ -75,6 +75,20 @@ impl ReloadHandle {
 pub(crate) struct Generation {
     pub(crate) config: Config,
     pub(crate) tokens: TokenCache,
+    /// Known expiry dates of secrets and certificates (read once per generation: loading
+    /// a PKCS#12 file is not something to do on every scrape).
+    pub(crate) credential_expiries: Vec<crate::token::CredentialExpiry>,
+}
+
+impl Generation {
+    fn new(config: Config, tokens: TokenCache) -> Self {
+        let credential_expiries = crate::token::credential_expiries(&config);
+        Self {
+            config,
+            tokens,
+            credential_expiries,
+        }
+    }
 }
 
 /// Everything a running proxy shares between its listener, its admin listener and reloads.
@@ -105,7 +119,7 @@ impl Runtime {
         metrics.prepare(&config);
         Self {
             pipelines: Arc::new(ArcSwap::from_pointee(pipeline)),
-            current: ArcSwap::from_pointee(Generation { config, tokens }),
+            current: ArcSwap::from_pointee(Generation::new(config, tokens)),
             metrics,
             upstream,
             tls,
@@ -199,7 +213,8 @@ impl Runtime {
             kept_tokens = ?kept_credentials,
             "Configuration reloaded."
         );
-        self.current.store(Arc::new(Generation { config, tokens }));
+        self.current
+            .store(Arc::new(Generation::new(config, tokens)));
         self.pipelines.store(Arc::new(pipeline));
         self.metrics.record_reload("ok");
         ReloadReport {
