@@ -303,6 +303,8 @@ pub struct RateLimit {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CertificateMatch {
     SubjectCn(String),
+    /// A DNS name among the certificate's subject alternative names (stored lowercase).
+    SanDns(String),
     FingerprintSha256([u8; 32]),
 }
 

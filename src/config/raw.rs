@@ -362,10 +362,11 @@ pub(super) struct RawBasic {
 #[derive(Debug, Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a mapping with `subject_cn` or `fingerprint_sha256`"
+    expecting = "a mapping with `subject_cn`, `san_dns` or `fingerprint_sha256`"
 )]
 pub(super) struct RawCertificateMatch {
     pub(super) subject_cn: Option<String>,
+    pub(super) san_dns: Option<String>,
     pub(super) fingerprint_sha256: Option<String>,
 }
 

@@ -925,33 +925,40 @@ impl Validator<'_> {
                  server.tls.client_ca_file or remove this certificate",
             );
         }
-        let matched = match (&raw.subject_cn, &raw.fingerprint_sha256) {
-            (Some(_), Some(_)) | (None, None) => {
-                self.problem(
-                    &path,
-                    "needs exactly one of `subject_cn` or `fingerprint_sha256`",
-                );
-                None
-            }
-            (Some(cn), None) => {
-                let path = format!("{path}.subject_cn");
-                self.non_empty(&path, cn).map(CertificateMatch::SubjectCn)
-            }
-            (None, Some(fingerprint)) => {
-                let path = format!("{path}.fingerprint_sha256");
-                let text = self.string(&path, fingerprint)?;
-                match parse_fingerprint(&text) {
-                    Some(bytes) => Some(CertificateMatch::FingerprintSha256(bytes)),
-                    None => {
-                        self.problem(
-                            &path,
-                            "expected 64 hex digits (colons allowed), as printed by \
-                             `openssl x509 -noout -fingerprint -sha256`",
-                        );
-                        None
-                    }
+        let given = [
+            raw.subject_cn.is_some(),
+            raw.san_dns.is_some(),
+            raw.fingerprint_sha256.is_some(),
+        ];
+        let matched = if given.iter().filter(|g| **g).count() != 1 {
+            self.problem(
+                &path,
+                "needs exactly one of `subject_cn`, `san_dns` or `fingerprint_sha256`",
+            );
+            None
+        } else if let Some(cn) = &raw.subject_cn {
+            let path = format!("{path}.subject_cn");
+            self.non_empty(&path, cn).map(CertificateMatch::SubjectCn)
+        } else if let Some(name) = &raw.san_dns {
+            let path = format!("{path}.san_dns");
+            self.non_empty(&path, name)
+                .map(|name| CertificateMatch::SanDns(name.to_ascii_lowercase()))
+        } else if let Some(fingerprint) = &raw.fingerprint_sha256 {
+            let path = format!("{path}.fingerprint_sha256");
+            let text = self.string(&path, fingerprint)?;
+            match parse_fingerprint(&text) {
+                Some(bytes) => Some(CertificateMatch::FingerprintSha256(bytes)),
+                None => {
+                    self.problem(
+                        &path,
+                        "expected 64 hex digits (colons allowed), as printed by \
+                         `openssl x509 -noout -fingerprint -sha256`",
+                    );
+                    None
                 }
             }
+        } else {
+            None
         };
         if client_ca { matched } else { None }
     }

@@ -278,6 +278,7 @@ impl Authenticator {
 fn certificate_matches(expected: &CertificateMatch, presented: &PeerCertificate) -> bool {
     match expected {
         CertificateMatch::SubjectCn(cn) => presented.subject_cn.as_deref() == Some(cn.as_str()),
+        CertificateMatch::SanDns(name) => presented.san_dns.iter().any(|san| san == name),
         CertificateMatch::FingerprintSha256(fingerprint) => {
             presented.fingerprint_sha256 == *fingerprint
         }
@@ -374,8 +375,10 @@ mod tests {
         let mut pinned = client("pinned");
         pinned.certificate = Some(CertificateMatch::FingerprintSha256([7; 32]));
         pinned.networks = vec!["10.20.0.0/16".parse().unwrap()];
+        let mut gateway = client("gateway");
+        gateway.certificate = Some(CertificateMatch::SanDns("gw.plant.contoso.com".into()));
         Authenticator::new(&config(
-            vec![erp, scanner, floor, edi, pinned],
+            vec![erp, scanner, floor, edi, pinned, gateway],
             &["10.0.0.1/32"],
         ))
     }
@@ -384,6 +387,7 @@ mod tests {
         PeerCertificate {
             fingerprint_sha256: fingerprint,
             subject_cn: cn.map(str::to_owned),
+            san_dns: Vec::new(),
         }
     }
 
@@ -501,6 +505,13 @@ mod tests {
         assert_eq!(
             auth.authenticate(&none, OUTSIDE, Some(&pinned)),
             Err(AuthError::WrongNetwork)
+        );
+        // A DNS subject alternative name, whatever the CN.
+        let mut gateway = peer(Some("unrelated"), [1; 32]);
+        gateway.san_dns = vec!["other.example".into(), "gw.plant.contoso.com".into()];
+        assert_eq!(
+            name(auth.authenticate(&none, OUTSIDE, Some(&gateway))),
+            Ok("gateway")
         );
     }
 

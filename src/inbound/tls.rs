@@ -214,6 +214,8 @@ pub(crate) struct PeerCertificate {
     /// The subject's common name; `None` when the subject has no CN, more than one, or
     /// one that is not a string.
     pub(crate) subject_cn: Option<String>,
+    /// DNS names of the subject alternative name extension, lowercase.
+    pub(crate) san_dns: Vec<String>,
 }
 
 impl PeerCertificate {
@@ -221,6 +223,7 @@ impl PeerCertificate {
         Self {
             fingerprint_sha256: Sha256::digest(der).into(),
             subject_cn: subject_cn(der),
+            san_dns: san_dns(der),
         }
     }
 }
@@ -236,6 +239,25 @@ fn subject_cn(der: &[u8]) -> Option<String> {
         return None;
     }
     first.as_str().ok().map(str::to_owned)
+}
+
+/// The DNS names among the subject alternative names, lowercase (DNS is case-insensitive).
+fn san_dns(der: &[u8]) -> Vec<String> {
+    let Ok((_, certificate)) = x509_parser::parse_x509_certificate(der) else {
+        return Vec::new();
+    };
+    let Ok(Some(extension)) = certificate.subject_alternative_name() else {
+        return Vec::new();
+    };
+    extension
+        .value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            x509_parser::extensions::GeneralName::DNSName(dns) => Some(dns.to_ascii_lowercase()),
+            _ => None,
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -261,6 +283,7 @@ mod tests {
         let der = certificate(&["edi.contoso.com"]);
         let peer = PeerCertificate::from_der(&der);
         assert_eq!(peer.subject_cn.as_deref(), Some("edi.contoso.com"));
+        assert_eq!(peer.san_dns, ["client.example"]);
         assert_eq!(
             peer.fingerprint_sha256,
             <[u8; 32]>::from(Sha256::digest(&der))
