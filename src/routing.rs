@@ -42,6 +42,8 @@ pub(crate) fn check_path(path: &str) -> Result<(), PathError> {
     while i < bytes.len() {
         match bytes[i] {
             b'\\' => return Err(PathError::Backslash),
+            // Never part of a parsed path; refused so the upstream URI cannot end early.
+            b'#' | b'?' => return Err(PathError::NotOriginForm),
             b if b < 0x20 || b == 0x7f => return Err(PathError::ControlCharacter),
             b'%' => {
                 let decoded = bytes
@@ -207,6 +209,9 @@ mod tests {
         assert_eq!(check_path("/bc/a%5fb"), Err(PathError::EncodedUnreserved));
         assert_eq!(check_path("/bc/%7Euser"), Ok(()));
         assert_eq!(check_path("*"), Err(PathError::NotOriginForm));
+        // Found by the `path` fuzz target: a raw `#` would cut the upstream URI short.
+        assert_eq!(check_path("/bc/!#/b="), Err(PathError::NotOriginForm));
+        assert_eq!(check_path("/bc/x?y"), Err(PathError::NotOriginForm));
         assert_eq!(check_path(""), Err(PathError::NotOriginForm));
     }
 
