@@ -246,6 +246,7 @@ routes:
     credential: demo
     scope: "{scope}"
     clients: [demo, scanner]
+    rewrite_links: true
 "#,
             tenant = self.tenant,
             client_id = self.client_id,
@@ -328,7 +329,7 @@ s2s-proxy dev: demo running on loopback. Ctrl-C stops it.
 Try:
   curl -u {user} {route}api/v2.0/companies
   curl -u {user} '{route}api/v2.0/companies?{page2}'
-      (page 2: the @odata.nextLink of page 1, with the upstream base replaced by {route})
+      (page 2: the @odata.nextLink of page 1 — links in answers are rewritten to {route})
   curl -H 'X-API-Key: {DEV_API_KEY}' {route}api/v2.0/echo
       (what reached the upstream: headers, and a summary of the injected token)
   curl -i {route}api/v2.0/companies
@@ -337,8 +338,6 @@ Try:
       (401: wrong password)
   curl -i --path-as-is -u {user} '{route}../admin'
       (400: unsafe path, nothing forwarded)
-
-Note: absolute links in answers (@odata.context, @odata.nextLink) still point at the sample upstream, not the proxy (link rewriting arrives later).
 
 "#,
         token_url = services.token_url(),
