@@ -562,12 +562,44 @@ async fn d14_untrusted_upstream_framing_is_502_and_the_connection_is_not_reused(
         );
     }
     eprintln!("D14 outcomes: {outcomes:?}");
+    // Content-Length and chunked together with a body that fits only one of them: the
+    // client never gets a length that disagrees with the bytes that follow.
+    upstream.set(Script::Bytes(Arc::new(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n".to_vec(),
+    )));
+    let request = format!("GET /bc/d14/clte HTTP/1.1\r\nHost: p\r\nAuthorization: {auth}\r\n\r\n");
+    let raw = exchange(proxy.addr, request.as_bytes(), 1, false).await;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    eprintln!("D14 CL 100 + chunked: {text:?}");
+    let answer = finals(&raw);
+    let answer = answer
+        .first()
+        .unwrap_or_else(|| panic!("incomplete: {text:?}"));
+    assert!(
+        answer.status == 502 || (answer.status == 200 && answer.body == b"hello"),
+        "{text}"
+    );
+    assert!(
+        !text.to_ascii_lowercase().contains("content-length: 100"),
+        "{text}"
+    );
+
     let seen = upstream.seen();
     assert_eq!(
         seen.len(),
-        2 * cases.len(),
+        2 * cases.len() + 1,
         "each request sent once: {seen:?}"
     );
+    // Every broken exchange cost its upstream connection: the next request went out on
+    // another one.
+    let conn = |target: String| seen.iter().find(|r| r.target == target).unwrap().conn;
+    for (i, (name, _, _)) in cases.iter().enumerate() {
+        assert_ne!(
+            conn(format!("{BASE}d14/{i}")),
+            conn(format!("{BASE}d14/{i}/next")),
+            "{name}: the connection was reused"
+        );
+    }
     assert_only_the_token(&seen);
     assert_eq!(idp.calls(), 1);
     proxy.shutdown().await;
