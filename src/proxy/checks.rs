@@ -88,7 +88,47 @@ fn check_headers(
             "Content-Length and Transfer-Encoding together are ambiguous",
         ));
     }
+    // SECURITY-CASES D3: hyper reads `03` or `00000000000000000003` as 3; another parser
+    // may not. Only the canonical decimal form is accepted (identical duplicates, which
+    // hyper collapses, stay allowed).
+    if !headers
+        .get_all(header::CONTENT_LENGTH)
+        .iter()
+        .all(|value| canonical_length(value.as_bytes()))
+    {
+        return Err(ProxyError::BadRequest(
+            "Content-Length must be a plain decimal number",
+        ));
+    }
+    // SECURITY-CASES D2: hyper accepts `chunked, chunked` and a repeated
+    // `Transfer-Encoding: chunked`; the only coding a request may carry is one `chunked`.
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        let mut codings = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii);
+        let single_chunked = codings
+            .next()
+            .is_some_and(|coding| coding.eq_ignore_ascii_case(b"chunked"))
+            && codings.next().is_none();
+        if !single_chunked {
+            return Err(ProxyError::BadRequest(
+                "Transfer-Encoding must be exactly `chunked`",
+            ));
+        }
+    }
     Ok(())
+}
+
+/// `0`, or up to 19 digits without a leading zero (fits in a `u64`).
+fn canonical_length(value: &[u8]) -> bool {
+    let value = value.trim_ascii();
+    value == b"0"
+        || (!value.is_empty()
+            && value.len() <= 19
+            && value[0] != b'0'
+            && value.iter().all(u8::is_ascii_digit))
 }
 
 #[cfg(test)]
@@ -216,6 +256,45 @@ mod tests {
         );
         assert_eq!(
             status(&request("GET", "/bc/../crm/x", Version::HTTP_11, &[HOST])),
+            Some(400)
+        );
+    }
+
+    #[test]
+    fn only_canonical_lengths_and_a_single_chunked_coding_pass() {
+        let post = |headers: &[(&str, &str)]| {
+            let mut all = vec![HOST];
+            all.extend_from_slice(headers);
+            status(&request("POST", "/bc/x", Version::HTTP_11, &all))
+        };
+        for ok in ["0", "3", "1234567890123456789"] {
+            assert_eq!(post(&[("content-length", ok)]), None, "{ok}");
+        }
+        assert_eq!(
+            post(&[("content-length", "3"), ("content-length", "3")]),
+            None
+        );
+        for bad in [
+            "03",
+            "00",
+            "00000000000000000003",
+            "12345678901234567890",
+            "+3",
+            "",
+        ] {
+            assert_eq!(post(&[("content-length", bad)]), Some(400), "{bad:?}");
+        }
+        for ok in ["chunked", "Chunked", " chunked "] {
+            assert_eq!(post(&[("transfer-encoding", ok)]), None, "{ok}");
+        }
+        for bad in ["chunked, chunked", "gzip, chunked", "identity", "", ","] {
+            assert_eq!(post(&[("transfer-encoding", bad)]), Some(400), "{bad:?}");
+        }
+        assert_eq!(
+            post(&[
+                ("transfer-encoding", "chunked"),
+                ("transfer-encoding", "chunked")
+            ]),
             Some(400)
         );
     }

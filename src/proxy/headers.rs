@@ -110,6 +110,12 @@ pub(crate) fn to_upstream(mut headers: HeaderMap, forwarding: &Forwarding<'_>) -
 
 /// Cleans an upstream response's headers for the caller.
 pub(crate) fn to_client(headers: &mut HeaderMap) {
+    // With Transfer-Encoding the client decoded the body as chunked; a Content-Length next
+    // to it is wrong and must not reach the caller (RFC 9112 §6.3: an intermediary
+    // removes it; SECURITY-CASES D14). The body is re-framed on the way out.
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
+    }
     remove_hop_by_hop(headers);
     // The upstream's bearer challenge means nothing to a caller that authenticates to the
     // proxy, and it names the upstream's identity provider.
@@ -278,6 +284,22 @@ mod tests {
         let mut names: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
         names.sort_unstable();
         assert_eq!(names, ["etag", "location"]);
+    }
+
+    #[test]
+    fn a_content_length_next_to_transfer_encoding_is_dropped() {
+        let mut headers = map(&[
+            ("content-length", "100"),
+            ("transfer-encoding", "chunked"),
+            ("etag", "\"1\""),
+        ]);
+        to_client(&mut headers);
+        assert!(headers.get("content-length").is_none());
+        assert!(headers.get("transfer-encoding").is_none());
+        assert_eq!(headers.len(), 1);
+        let mut headers = map(&[("content-length", "100")]);
+        to_client(&mut headers);
+        assert_eq!(headers.get("content-length").unwrap(), "100");
     }
 
     #[test]
