@@ -513,7 +513,8 @@ async fn built_in_config_points_at_the_running_services_and_keeps_secrets_in_var
     assert_eq!(
         yaml["routes"],
         json!([{"prefix": "/bc/", "upstream": services.upstream_base_url(),
-            "credential": "demo", "scope": services.scope(), "clients": ["demo", "scanner"]}])
+            "credential": "demo", "scope": services.scope(), "clients": ["demo", "scanner"],
+            "rewrite_links": true}])
     );
     // The credential's Entra endpoint is the issuer's token URL.
     assert_eq!(
@@ -534,7 +535,7 @@ async fn banner_uses_the_real_ports() {
         "curl -i -u demo:wrong http://127.0.0.1:41234/bc/api/v2.0/companies",
         "curl -i --path-as-is -u demo:demo-password 'http://127.0.0.1:41234/bc/../admin'",
         "$skiptoken=",
-        "link rewriting arrives later",
+        "links in answers are rewritten to http://127.0.0.1:41234/bc/",
     ] {
         assert!(text.contains(line), "missing {line:?} in:\n{text}");
     }
