@@ -16,9 +16,6 @@ use super::rotation::{self, Rotation};
 use super::{IssuedToken, TokenError, TokenHttp, TokenSource};
 use crate::config::{AssertionAlg, CertificateFile, ClientCertificate};
 
-/// `client_assertion_type` for a JWT (RFC 7523 §2.2).
-pub(crate) const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
-
 pub(crate) struct ClientCertificateSource {
     credential: String,
     url: reqwest::Url,
@@ -101,24 +98,9 @@ impl ClientCertificateSource {
                 SystemTime::now(),
             )
             .map_err(|e| TokenError::Config(format!("credential `{}`: {e}", self.credential)))?;
-        let mut form: Vec<(&str, &str)> = vec![
-            ("grant_type", "client_credentials"),
-            ("client_id", &self.client_id),
-            ("client_assertion_type", JWT_BEARER),
-            ("client_assertion", &assertion),
-        ];
-        if let Some(scope) = scope {
-            form.push(("scope", scope));
-        }
-        let request = http
-            .client()
-            .post(self.url.clone())
-            .header(http::header::ACCEPT, "application/json")
-            .form(&form);
         let result = http
-            .send(request, &self.url)
-            .await?
-            .into_issued(Some(&assertion));
+            .post_assertion(&self.url, &self.client_id, &assertion, scope)
+            .await;
         if let Err(error) = &result
             && rotation::is_invalid_client(error)
         {

@@ -19,6 +19,9 @@ pub(crate) const TOTAL_TIMEOUT: Duration = Duration::from_secs(30);
 pub(crate) const MAX_BODY: usize = 64 * 1024;
 
 /// A cheaply clonable client for token endpoints.
+/// `client_assertion_type` of a JWT client assertion (RFC 7523 §2.2).
+pub(crate) const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+
 #[derive(Debug, Clone)]
 pub(crate) struct TokenHttp {
     client: reqwest::Client,
@@ -72,6 +75,33 @@ impl TokenHttp {
 
     pub(crate) fn client(&self) -> &reqwest::Client {
         &self.client
+    }
+
+    /// The client-credentials grant with a client assertion (RFC 7521 §4.2), as Entra takes
+    /// it for certificates and federated (workload identity) tokens. The assertion is
+    /// redacted from any error text the provider echoes.
+    pub(crate) async fn post_assertion(
+        &self,
+        url: &reqwest::Url,
+        client_id: &str,
+        assertion: &str,
+        scope: Option<&str>,
+    ) -> Result<IssuedToken, TokenError> {
+        let mut form: Vec<(&str, &str)> = vec![
+            ("grant_type", "client_credentials"),
+            ("client_id", client_id),
+            ("client_assertion_type", JWT_BEARER),
+            ("client_assertion", assertion),
+        ];
+        if let Some(scope) = scope {
+            form.push(("scope", scope));
+        }
+        let request = self
+            .client()
+            .post(url.clone())
+            .header(http::header::ACCEPT, "application/json")
+            .form(&form);
+        self.send(request, url).await?.into_issued(Some(assertion))
     }
 
     /// Sends a request and reads the answer. A 3xx is an error here; 4xx/5xx are returned

@@ -7,7 +7,6 @@ use std::io::Read;
 use std::path::PathBuf;
 use std::pin::Pin;
 
-use super::client_certificate::JWT_BEARER;
 use super::{IssuedToken, TokenError, TokenHttp, TokenSource};
 use crate::config::WorkloadIdentity;
 
@@ -63,23 +62,8 @@ impl WorkloadIdentitySource {
     async fn request(&self, scope: Option<&str>) -> Result<IssuedToken, TokenError> {
         let http = self.http.as_ref().map_err(Clone::clone)?;
         let assertion = self.read_assertion()?;
-        let mut form: Vec<(&str, &str)> = vec![
-            ("grant_type", "client_credentials"),
-            ("client_id", &self.client_id),
-            ("client_assertion_type", JWT_BEARER),
-            ("client_assertion", &assertion),
-        ];
-        if let Some(scope) = scope {
-            form.push(("scope", scope));
-        }
-        let request = http
-            .client()
-            .post(self.url.clone())
-            .header(http::header::ACCEPT, "application/json")
-            .form(&form);
-        http.send(request, &self.url)
-            .await?
-            .into_issued(Some(&assertion))
+        http.post_assertion(&self.url, &self.client_id, &assertion, scope)
+            .await
     }
 }
 
