@@ -16,6 +16,8 @@ use super::rotation::{self, Rotation};
 use super::{IssuedToken, TokenError, TokenHttp, TokenSource};
 use crate::config::{AssertionAlg, CertificateFile, ClientCertificate};
 
+/// `client_certificate`: a freshly signed assertion for every token request, trying the
+/// configured certificates in turn (rotation).
 pub(crate) struct ClientCertificateSource {
     credential: String,
     url: reqwest::Url,
