@@ -271,8 +271,8 @@ stream() { # label curl-args... ; prints "label MiB/s rss_growth_MiB status"
 {
     stream "download-direct" "http://127.0.0.1:$UP/big"
     stream "download-s2s" -H "Authorization: $auth" "http://127.0.0.1:$SF/bench/big"
-    stream "upload-direct" -T "$T/www/big" "http://127.0.0.1:$SINK/up"
-    stream "upload-s2s" -H "Authorization: $auth" -T "$T/www/big" "http://127.0.0.1:$SF/sink/up"
+    stream "upload-direct" -H 'Expect:' -T "$T/www/big" "http://127.0.0.1:$SINK/up"
+    stream "upload-s2s" -H 'Expect:' -H "Authorization: $auth" -T "$T/www/big" "http://127.0.0.1:$SF/sink/up"
 } > "$T/streams.tsv"
 rm -f "$T/www/big"
 
