@@ -257,8 +257,17 @@ impl Validator<'_> {
         })
     }
 
-    fn client_secret(&mut self, at: &str, raw: &RawClientSecret) -> Option<ClientSecret> {
-        let endpoint = match (&raw.tenant_id, &raw.token_url) {
+    /// `tenant_id` (Entra ID, with `authority` or `cloud`) or `token_url` (any other
+    /// OAuth 2.0 server), exactly one of them.
+    fn token_endpoint(
+        &mut self,
+        at: &str,
+        tenant_id: Option<&String>,
+        token_url: Option<&String>,
+        authority: Option<&String>,
+        cloud: Option<&String>,
+    ) -> Option<TokenEndpoint> {
+        match (tenant_id, token_url) {
             (Some(_), Some(_)) => {
                 self.problem(
                     &format!("{at}.token_url"),
@@ -276,13 +285,19 @@ impl Validator<'_> {
                 );
                 None
             }
-            (Some(tenant), None) => {
-                self.entra_endpoint(at, tenant, raw.authority.as_ref(), raw.cloud.as_ref())
-            }
-            (None, Some(url)) => {
-                self.generic_endpoint(at, url, raw.authority.as_ref(), raw.cloud.as_ref())
-            }
-        };
+            (Some(tenant), None) => self.entra_endpoint(at, tenant, authority, cloud),
+            (None, Some(url)) => self.generic_endpoint(at, url, authority, cloud),
+        }
+    }
+
+    fn client_secret(&mut self, at: &str, raw: &RawClientSecret) -> Option<ClientSecret> {
+        let endpoint = self.token_endpoint(
+            at,
+            raw.tenant_id.as_ref(),
+            raw.token_url.as_ref(),
+            raw.authority.as_ref(),
+            raw.cloud.as_ref(),
+        );
         let client_id = self.client_id(at, raw.client_id.as_ref());
         let client_secrets = self.client_secrets(at, raw);
         let auth_method = match &raw.auth_method {
@@ -516,32 +531,13 @@ impl Validator<'_> {
         at: &str,
         raw: &RawClientCertificate,
     ) -> Option<ClientCertificate> {
-        let endpoint = match (&raw.tenant_id, &raw.token_url) {
-            (Some(_), Some(_)) => {
-                self.problem(
-                    &format!("{at}.token_url"),
-                    format!(
-                        "set either {at}.tenant_id (Entra ID) or {at}.token_url (any other \
-                         OAuth 2.0 server), not both"
-                    ),
-                );
-                None
-            }
-            (None, None) => {
-                self.problem(
-                    &format!("{at}.tenant_id"),
-                    "is required: the directory (tenant) ID (or `token_url` for a server \
-                     other than Entra ID)",
-                );
-                None
-            }
-            (Some(tenant), None) => {
-                self.entra_endpoint(at, tenant, raw.authority.as_ref(), raw.cloud.as_ref())
-            }
-            (None, Some(url)) => {
-                self.generic_endpoint(at, url, raw.authority.as_ref(), raw.cloud.as_ref())
-            }
-        };
+        let endpoint = self.token_endpoint(
+            at,
+            raw.tenant_id.as_ref(),
+            raw.token_url.as_ref(),
+            raw.authority.as_ref(),
+            raw.cloud.as_ref(),
+        );
         let client_id = self.client_id(at, raw.client_id.as_ref());
         let assertion_alg = match &raw.assertion_alg {
             None => Some(AssertionAlg::Ps256),
