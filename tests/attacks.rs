@@ -914,30 +914,10 @@ async fn c8_too_many_or_too_large_request_headers_are_431() {
     proxy.shutdown().await;
 }
 
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Capture {
-    type Writer = Capture;
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
-    }
-}
-
 #[test]
 fn c11_h10_escape_sequences_and_newlines_never_reach_the_logs_raw() {
     quiet_global_dispatch();
-    let capture = Capture::default();
+    let capture = LogCapture::default();
     let subscriber = tracing_subscriber::fmt()
         .with_max_level(tracing::Level::TRACE)
         .with_writer(capture.clone())
@@ -1005,7 +985,7 @@ fn c11_h10_escape_sequences_and_newlines_never_reach_the_logs_raw() {
         assert_eq!(idp.calls(), 1);
         proxy.shutdown().await;
     });
-    let logs = capture.0.lock().unwrap().clone();
+    let logs = capture.bytes();
     let text = String::from_utf8_lossy(&logs).into_owned();
     assert!(
         text.contains("Request."),
