@@ -917,18 +917,7 @@ async fn c8_too_many_or_too_large_request_headers_are_431() {
 #[test]
 fn c11_h10_escape_sequences_and_newlines_never_reach_the_logs_raw() {
     quiet_global_dispatch();
-    let capture = LogCapture::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(capture.clone())
-        .with_ansi(false)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
+    let ((), capture) = capture_logs(async {
         let (idp, upstream, proxy) = setup().await;
         let auth = erp();
         let forged = "\n2026-01-01T00:00:00.000000Z  INFO s2s_proxy: FORGED admin=true";

@@ -21,20 +21,8 @@ fn forms(secret: &str) -> Vec<String> {
 
 #[test]
 fn no_secret_or_token_reaches_logs_or_responses() {
-    let capture = LogCapture::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(capture.clone())
-        .with_ansi(false)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
-    // A current-thread runtime keeps every task on this thread, under the subscriber.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let mut seen = String::new();
-    runtime.block_on(async {
+    let (seen, capture) = capture_logs(async {
+        let mut seen = String::new();
         let idp = FakeIdp::start_with(IdpMode::IssueToken(ISSUED_TOKEN.into())).await;
         let upstream = FakeUpstream::start().await;
         let proxy = spawn_proxy(config(&standard_yaml(&idp, &upstream), standard_vars())).await;
@@ -77,6 +65,7 @@ fn no_secret_or_token_reaches_logs_or_responses() {
                 .any(|r| r.header("authorization") == Some(&format!("Bearer {ISSUED_TOKEN}")))
         );
         proxy.shutdown().await;
+        seen
     });
     let logs = capture.text();
     assert!(

@@ -631,6 +631,23 @@ where
     }
 }
 
+/// Runs `test` on a current-thread runtime under a TRACE subscriber that keeps every log
+/// line (a current-thread runtime keeps every task on this thread, under the subscriber).
+pub fn capture_logs<F: std::future::Future>(test: F) -> (F::Output, LogCapture) {
+    let capture = LogCapture::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(capture.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    (runtime.block_on(test), capture)
+}
+
 /// A `tracing` writer that keeps everything written, for assertions on log output.
 #[derive(Clone, Default)]
 pub struct LogCapture(Arc<Mutex<Vec<u8>>>);
