@@ -186,26 +186,26 @@ impl Validator<'_> {
                 Some(n) => n,
                 None => default.max_body_bytes,
             },
-            header_read_timeout: raw
-                .header_read_timeout
-                .as_ref()
-                .and_then(|t| self.duration("server.limits.header_read_timeout", t))
-                .unwrap_or(default.header_read_timeout),
-            body_idle_timeout: raw
-                .body_idle_timeout
-                .as_ref()
-                .and_then(|t| self.duration("server.limits.body_idle_timeout", t))
-                .unwrap_or(default.body_idle_timeout),
-            idle_timeout: raw
-                .idle_timeout
-                .as_ref()
-                .and_then(|t| self.duration("server.limits.idle_timeout", t))
-                .unwrap_or(default.idle_timeout),
-            request_timeout: raw
-                .request_timeout
-                .as_ref()
-                .and_then(|t| self.duration("server.limits.request_timeout", t))
-                .unwrap_or(default.request_timeout),
+            header_read_timeout: self.duration_or(
+                "server.limits.header_read_timeout",
+                raw.header_read_timeout.as_ref(),
+                default.header_read_timeout,
+            ),
+            body_idle_timeout: self.duration_or(
+                "server.limits.body_idle_timeout",
+                raw.body_idle_timeout.as_ref(),
+                default.body_idle_timeout,
+            ),
+            idle_timeout: self.duration_or(
+                "server.limits.idle_timeout",
+                raw.idle_timeout.as_ref(),
+                default.idle_timeout,
+            ),
+            request_timeout: self.duration_or(
+                "server.limits.request_timeout",
+                raw.request_timeout.as_ref(),
+                default.request_timeout,
+            ),
             max_connections: raw
                 .max_connections
                 .and_then(|n| self.count("server.limits.max_connections", n, 1, 1_000_000))
@@ -1398,6 +1398,12 @@ impl Validator<'_> {
                 None
             }
         }
+    }
+
+    /// An optional duration: `default` when absent or invalid (the problem is recorded).
+    fn duration_or(&mut self, path: &str, text: Option<&String>, default: Duration) -> Duration {
+        text.and_then(|text| self.duration(path, text))
+            .unwrap_or(default)
     }
 
     fn count(&mut self, path: &str, value: u64, min: u64, max: u64) -> Option<usize> {
