@@ -21,16 +21,6 @@ use super::{IssuedToken, TokenError, TokenHttp, TokenSource};
 use crate::config::{ClientAuthMethod, ClientSecret, ConfiguredSecret};
 use crate::secret::Secret;
 
-/// Form fields the grant itself sets; a `params` entry may not replace them.
-const RESERVED_PARAMS: &[&str] = &[
-    "grant_type",
-    "client_id",
-    "client_secret",
-    "scope",
-    "client_assertion",
-    "client_assertion_type",
-];
-
 pub(crate) struct ClientSecretSource {
     credential: String,
     url: reqwest::Url,
@@ -62,18 +52,8 @@ impl ClientSecretSource {
         http: Result<TokenHttp, TokenError>,
     ) -> Result<Self, TokenError> {
         let url = super::endpoint_url(credential, settings.endpoint.url())?;
-        let params = settings
-            .params
-            .iter()
-            .filter(|(name, _)| {
-                let reserved = RESERVED_PARAMS.contains(&name.as_str());
-                if reserved {
-                    tracing::warn!(credential = %credential, param = %name, "Ignoring a token parameter the grant sets itself.");
-                }
-                !reserved
-            })
-            .cloned()
-            .collect();
+        // Config validation refuses `params` that would replace the grant's own fields.
+        let params = settings.params.clone();
         Ok(Self {
             credential: credential.to_owned(),
             url,
