@@ -1248,3 +1248,25 @@ fn max_concurrent_alone_gets_the_default_queue() {
     assert_eq!(route.queue_timeout, Some(DEFAULT_QUEUE_TIMEOUT));
     assert!(!route.rewrite_links && route.retry_on_429.is_none());
 }
+
+#[test]
+fn api_key_header_cannot_be_one_the_proxy_strips_or_a_content_header() {
+    for header in [
+        "X-Original-URL",
+        "X-Forwarded-Uri",
+        "Upgrade",
+        "Cookie",
+        "Content-Type",
+    ] {
+        let yaml = format!(
+            "server:\n  api_key_header: {header}\n{}",
+            one_route("https://api.example.com/", "")
+        );
+        let found = problem(&yaml);
+        assert!(
+            found.starts_with("server.api_key_header: ")
+                && found.contains("sets or removes itself"),
+            "{header}: {found}"
+        );
+    }
+}

@@ -1474,29 +1474,9 @@ impl Validator<'_> {
     }
 
     fn api_key_header(&mut self, path: &str, text: &str) -> Option<HeaderName> {
-        // Headers the proxy reads, sets or strips for its own purposes (RFC 9110 §7.6.1
-        // hop-by-hop ones included); an API key in one of them would be lost or leaked.
-        const RESERVED: &[&str] = &[
-            "authorization",
-            "proxy-authorization",
-            "proxy-authenticate",
-            "host",
-            "connection",
-            "keep-alive",
-            "proxy-connection",
-            "te",
-            "trailer",
-            "transfer-encoding",
-            "upgrade",
-            "content-length",
-            "content-type",
-            "cookie",
-            "forwarded",
-            "x-forwarded-for",
-            "x-forwarded-host",
-            "x-forwarded-proto",
-            "x-request-id",
-        ];
+        // Besides the headers the proxy strips or sets itself, these carry the message's
+        // own meaning; an API key in any of them would be lost or leaked.
+        const CONTENT: &[&str] = &["content-length", "content-type", "cookie"];
         let value = self.string(path, text)?;
         let Ok(name) = HeaderName::from_str(&value) else {
             self.problem(
@@ -1505,7 +1485,7 @@ impl Validator<'_> {
             );
             return None;
         };
-        if RESERVED.contains(&name.as_str()) {
+        if crate::proxy::headers::is_proxy_managed(&name) || CONTENT.contains(&name.as_str()) {
             self.problem(
                 path,
                 format!(

@@ -53,6 +53,12 @@ const REQUEST_DROP: [HeaderName; 16] = [
     HeaderName::from_static("x-method-override"),
 ];
 
+/// Whether the proxy itself removes, replaces or acts on this request header: a
+/// hop-by-hop header, a caller credential, or one the proxy computes.
+pub(crate) fn is_proxy_managed(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name) || REQUEST_DROP.contains(name)
+}
+
 /// What the proxy knows about the inbound request, for the headers it adds.
 #[derive(Debug)]
 pub(crate) struct Forwarding<'a> {

@@ -20,7 +20,7 @@ pub(crate) mod access_log;
 pub(crate) mod body;
 mod checks;
 mod error;
-mod headers;
+pub(crate) mod headers;
 pub(crate) mod queue;
 mod retry;
 
