@@ -13,6 +13,7 @@
 //! - `admin`: the admin listener (`/healthz`, `/readyz`, `/metrics`) and `healthcheck`.
 //! - `metrics`: the Prometheus registry and metric names.
 //! - `reload`: the running configuration, swapped whole on SIGHUP or a changed file.
+//! - `pem`: reading PEM certificate files.
 //! - [`secret`]: redacting wrappers for secrets.
 //! - `hardening`: no core dumps, not dumpable.
 //! - [`dev`]: the self-contained demo behind `s2s-proxy dev`.
@@ -34,6 +35,7 @@ pub mod fuzzing;
 mod hardening;
 mod inbound;
 mod metrics;
+mod pem;
 mod proxy;
 mod reload;
 pub mod report;

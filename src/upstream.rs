@@ -27,9 +27,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::connect::dns::{GaiResolver, Name};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::RootCertStore;
-use rustls_pki_types::CertificateDer;
-use rustls_pki_types::pem::PemObject;
 use tower_service::Service;
+
+use crate::pem::{CertificateFileError, read_certificates};
 
 /// How long establishing a TCP connection to an upstream may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -38,10 +38,8 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsSetupError {
-    #[error("{path}: cannot read CA certificates: {message}")]
-    ReadCa { path: String, message: String },
-    #[error("{path}: contains no PEM certificate")]
-    EmptyCa { path: String },
+    #[error(transparent)]
+    Ca(#[from] CertificateFileError),
     #[error("{path}: certificate rejected: {message}")]
     BadCa { path: String, message: String },
     #[error("TLS configuration: {0}")]
@@ -57,15 +55,7 @@ pub(crate) fn client_tls_config(
     };
     if let Some(path) = extra_ca_file {
         let display = path.display().to_string();
-        let certificates = CertificateDer::pem_file_iter(path)
-            .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
-            .map_err(|error| TlsSetupError::ReadCa {
-                path: display.clone(),
-                message: error.to_string(),
-            })?;
-        if certificates.is_empty() {
-            return Err(TlsSetupError::EmptyCa { path: display });
-        }
+        let certificates = read_certificates(path)?;
         for certificate in certificates {
             roots
                 .add(certificate)

@@ -16,11 +16,12 @@ use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert, ServerConnection, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{RootCertStore, ServerConfig};
+use rustls_pki_types::PrivateKeyDer;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::{Digest, Sha256};
 
 use crate::config::ServerTls;
+use crate::pem::{CertificateFileError, read_certificates};
 
 /// Protocols offered by ALPN, preferred first.
 const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
@@ -30,8 +31,8 @@ const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
 pub enum InboundTlsError {
     #[error("{path}: cannot read: {message}")]
     Read { path: String, message: String },
-    #[error("{path}: contains no PEM certificate")]
-    NoCertificate { path: String },
+    #[error(transparent)]
+    Certificates(#[from] CertificateFileError),
     #[error("{path}: contains no PEM private key (PKCS#8, PKCS#1 or SEC1)")]
     NoKey { path: String },
     #[error("{key}: the private key is unusable or does not belong to {cert}: {message}")]
@@ -157,20 +158,6 @@ fn load_certified_key(
         key: key_path,
         message: error.to_string(),
     })
-}
-
-fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, InboundTlsError> {
-    let display = path.display().to_string();
-    let certificates = CertificateDer::pem_file_iter(path)
-        .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
-        .map_err(|error| InboundTlsError::Read {
-            path: display.clone(),
-            message: error.to_string(),
-        })?;
-    if certificates.is_empty() {
-        return Err(InboundTlsError::NoCertificate { path: display });
-    }
-    Ok(certificates)
 }
 
 fn client_roots(path: &Path) -> Result<Arc<RootCertStore>, InboundTlsError> {
