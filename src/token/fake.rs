@@ -2,6 +2,7 @@
 //! handler: the strict fake token services for the credential tests.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -56,36 +57,88 @@ fn url_pairs(bytes: &[u8]) -> Vec<(String, String)> {
 
 pub(crate) type Handler = Arc<dyn Fn(&Request) -> (u16, String) + Send + Sync>;
 
+/// How the fake answers one request.
+#[derive(Debug, Clone)]
+pub(crate) enum Reply {
+    /// These exact response bytes, then close.
+    Raw(String),
+    /// Read the request, never answer.
+    Stall,
+}
+
+/// A raw HTTP/1.1 response with a `Content-Length`, for [`Reply::Raw`].
+pub(crate) fn response(status: &str, headers: &[(&str, &str)], body: &str) -> Reply {
+    let mut text = format!("HTTP/1.1 {status}\r\n");
+    for (name, value) in headers {
+        text.push_str(&format!("{name}: {value}\r\n"));
+    }
+    text.push_str(&format!(
+        "Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    ));
+    Reply::Raw(text)
+}
+
 pub(crate) struct FakeServer {
     pub(crate) addr: SocketAddr,
     requests: Arc<Mutex<Vec<Request>>>,
+    connections: Arc<AtomicUsize>,
 }
 
 impl FakeServer {
+    /// Answers every request with the JSON body and status `handler` gives.
     pub(crate) async fn spawn(handler: Handler) -> Self {
+        Self::spawn_replies(Arc::new(move |request: &Request| {
+            let (status, body) = handler(request);
+            response(
+                &format!("{status} X"),
+                &[("Content-Type", "application/json")],
+                &body,
+            )
+        }))
+        .await
+    }
+
+    /// Answers every request with `reply`.
+    pub(crate) async fn spawn_reply(reply: Reply) -> Self {
+        Self::spawn_replies(Arc::new(move |_: &Request| reply.clone())).await
+    }
+
+    async fn spawn_replies(respond: Arc<dyn Fn(&Request) -> Reply + Send + Sync>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let requests = Arc::new(Mutex::new(Vec::new()));
-        let recorded = Arc::clone(&requests);
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (recorded, counted) = (Arc::clone(&requests), Arc::clone(&connections));
         tokio::spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {
-                let (recorded, handler) = (Arc::clone(&recorded), Arc::clone(&handler));
+                counted.fetch_add(1, Ordering::SeqCst);
+                let (recorded, respond) = (Arc::clone(&recorded), Arc::clone(&respond));
                 tokio::spawn(async move {
                     let Some(request) = read_request(&mut stream).await else {
                         return;
                     };
                     recorded.lock().unwrap().push(request.clone());
-                    let (status, body) = handler(&request);
-                    let response = format!(
-                        "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                        body.len()
-                    );
-                    let _ = stream.write_all(response.as_bytes()).await;
-                    let _ = stream.shutdown().await;
+                    match respond(&request) {
+                        Reply::Raw(response) => {
+                            let _ = stream.write_all(response.as_bytes()).await;
+                            let _ = stream.shutdown().await;
+                        }
+                        Reply::Stall => std::future::pending::<()>().await,
+                    }
                 });
             }
         });
-        Self { addr, requests }
+        Self {
+            addr,
+            requests,
+            connections,
+        }
+    }
+
+    /// TCP connections accepted so far.
+    pub(crate) fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
     }
 
     pub(crate) fn url(&self, path: &str) -> String {

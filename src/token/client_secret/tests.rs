@@ -1,169 +1,29 @@
 //! `client_secret` against an in-process token endpoint on 127.0.0.1 (real sockets, real
 //! clock). What crossed the wire is asserted byte for byte.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 use super::*;
 use crate::config::{
     Config, Credential, CredentialKind, Limits, Route, Server, TokenEndpoint, Upstream,
 };
+use crate::token::fake::{self, FakeServer, Reply, response};
 use crate::token::{TokenCache, fetch_once};
 
 const SECRET: &str = "Zx8Q~abc+def/ghi=jk";
 const SCOPE: &str = "https://api.businesscentral.dynamics.com/.default";
 
-#[derive(Debug, Clone)]
-struct Recorded {
-    request_line: String,
-    headers: Vec<(String, String)>,
-    body: String,
+/// A token endpoint answering every request with `reply`.
+async fn endpoint(reply: Reply) -> FakeServer {
+    FakeServer::spawn_reply(reply).await
 }
 
-impl Recorded {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn form(&self) -> Vec<(String, String)> {
-        self.body
-            .split('&')
-            .map(|pair| {
-                let (k, v) = pair.split_once('=').unwrap();
-                (form_decode(k), form_decode(v))
-            })
-            .collect()
-    }
-}
-
-fn form_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' => {
-                out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap());
-                i += 2;
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8(out).unwrap()
-}
-
-#[derive(Debug, Clone)]
-enum Reply {
-    Raw(String),
-    /// Accept, read the request, never answer.
-    Stall,
-}
-
-/// A token endpoint that records requests and counts connections.
-struct Endpoint {
-    addr: SocketAddr,
-    requests: Arc<Mutex<Vec<Recorded>>>,
-    connections: Arc<AtomicUsize>,
-}
-
-impl Endpoint {
-    async fn spawn(reply: Reply) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let requests = Arc::new(Mutex::new(Vec::new()));
-        let connections = Arc::new(AtomicUsize::new(0));
-        let (reqs, conns) = (requests.clone(), connections.clone());
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
-                conns.fetch_add(1, Ordering::SeqCst);
-                let (reqs, reply) = (reqs.clone(), reply.clone());
-                tokio::spawn(async move { serve(stream, reqs, reply).await });
-            }
-        });
-        Self {
-            addr,
-            requests,
-            connections,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}/tenant/oauth2/v2.0/token", self.addr)
-    }
-
-    fn requests(&self) -> Vec<Recorded> {
-        self.requests.lock().unwrap().clone()
-    }
-}
-
-async fn serve(mut stream: TcpStream, requests: Arc<Mutex<Vec<Recorded>>>, reply: Reply) {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let head_end = loop {
-        if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break pos;
-        }
-        match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-    let mut lines = head.split("\r\n");
-    let request_line = lines.next().unwrap().to_owned();
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()))
-        .collect();
-    let length: usize = headers
-        .iter()
-        .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
-        .map_or(0, |(_, v)| v.parse().unwrap());
-    let mut body = buf[head_end + 4..].to_vec();
-    while body.len() < length {
-        match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => body.extend_from_slice(&chunk[..n]),
-        }
-    }
-    requests.lock().unwrap().push(Recorded {
-        request_line,
-        headers,
-        body: String::from_utf8(body).unwrap(),
-    });
-    match reply {
-        Reply::Raw(response) => {
-            let _ = stream.write_all(response.as_bytes()).await;
-            let _ = stream.shutdown().await;
-        }
-        Reply::Stall => tokio::time::sleep(Duration::from_secs(3600)).await,
-    }
-}
-
-fn response(status: &str, headers: &[(&str, &str)], body: &str) -> Reply {
-    let mut text = format!("HTTP/1.1 {status}\r\n");
-    for (name, value) in headers {
-        text.push_str(&format!("{name}: {value}\r\n"));
-    }
-    text.push_str(&format!(
-        "Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    ));
-    Reply::Raw(text)
+fn token_url(endpoint: &FakeServer) -> String {
+    endpoint.url("/tenant/oauth2/v2.0/token")
 }
 
 fn json_ok(body: &str) -> Reply {
@@ -171,20 +31,6 @@ fn json_ok(body: &str) -> Reply {
 }
 
 const V2_OK: &str = r#"{"token_type":"Bearer","expires_in":3599,"ext_expires_in":3599,"refresh_in":1799,"access_token":"eyJ0eXAi.eyJhdWQi.c2ln"}"#;
-
-fn tls() -> Arc<rustls::ClientConfig> {
-    let roots = rustls::RootCertStore {
-        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-    };
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    Arc::new(config)
-}
 
 fn settings(url: &str, auth_method: ClientAuthMethod) -> ClientSecret {
     ClientSecret {
@@ -203,7 +49,11 @@ fn settings(url: &str, auth_method: ClientAuthMethod) -> ClientSecret {
 }
 
 fn source(url: &str, auth_method: ClientAuthMethod) -> ClientSecretSource {
-    let http = TokenHttp::with_timeouts(&tls(), Duration::from_secs(1), Duration::from_millis(500));
+    let http = TokenHttp::with_timeouts(
+        &fake::tls(),
+        Duration::from_secs(1),
+        Duration::from_millis(500),
+    );
     ClientSecretSource::new("bc", &settings(url, auth_method), http).unwrap()
 }
 
@@ -223,8 +73,8 @@ fn assert_no_leak(error: &TokenError, url: &str) {
 
 #[tokio::test]
 async fn post_sends_exactly_the_expected_form() {
-    let endpoint = Endpoint::spawn(json_ok(V2_OK)).await;
-    let issued = source(&endpoint.url(), ClientAuthMethod::Post)
+    let endpoint = endpoint(json_ok(V2_OK)).await;
+    let issued = source(&token_url(&endpoint), ClientAuthMethod::Post)
         .fetch(Some(SCOPE))
         .await
         .unwrap();
@@ -235,10 +85,8 @@ async fn post_sends_exactly_the_expected_form() {
     let requests = endpoint.requests();
     assert_eq!(requests.len(), 1);
     let request = &requests[0];
-    assert_eq!(
-        request.request_line,
-        "POST /tenant/oauth2/v2.0/token HTTP/1.1"
-    );
+    assert_eq!(request.method, "POST");
+    assert_eq!(request.target, "/tenant/oauth2/v2.0/token");
     assert_eq!(
         request.header("content-type"),
         Some("application/x-www-form-urlencoded")
@@ -267,8 +115,8 @@ async fn post_sends_exactly_the_expected_form() {
 
 #[tokio::test]
 async fn basic_auth_encodes_id_and_secret_and_keeps_them_out_of_the_body() {
-    let endpoint = Endpoint::spawn(json_ok(V2_OK)).await;
-    source(&endpoint.url(), ClientAuthMethod::Basic)
+    let endpoint = endpoint(json_ok(V2_OK)).await;
+    source(&token_url(&endpoint), ClientAuthMethod::Basic)
         .fetch(None)
         .await
         .unwrap();
@@ -287,8 +135,8 @@ async fn basic_auth_encodes_id_and_secret_and_keeps_them_out_of_the_body() {
 #[tokio::test]
 async fn v1_string_numbers_are_accepted() {
     let body = r#"{"token_type":"Bearer","expires_in":"3599","ext_expires_in":"3599","expires_on":"4102444800","not_before":"1700000000","resource":"https://api.businesscentral.dynamics.com","access_token":"abc.def.ghi"}"#;
-    let endpoint = Endpoint::spawn(json_ok(body)).await;
-    let issued = source(&endpoint.url(), ClientAuthMethod::Post)
+    let endpoint = endpoint(json_ok(body)).await;
+    let issued = source(&token_url(&endpoint), ClientAuthMethod::Post)
         .fetch(Some(SCOPE))
         .await
         .unwrap();
@@ -298,13 +146,13 @@ async fn v1_string_numbers_are_accepted() {
 #[tokio::test]
 async fn wrong_secret_is_a_permanent_invalid_client_with_a_hint() {
     let body = r#"{"error":"invalid_client","error_description":"AADSTS7000215: Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID, for a secret added to app 'app:id'.\r\nTrace ID: 5a1b\r\nCorrelation ID: 9c2d\r\nTimestamp: 2025-01-01 00:00:00Z","error_codes":[7000215],"timestamp":"2025-01-01 00:00:00Z","trace_id":"5a1b-trace","correlation_id":"9c2d-corr","error_uri":"https://login.microsoftonline.com/error?code=7000215"}"#;
-    let endpoint = Endpoint::spawn(response(
+    let endpoint = endpoint(response(
         "401 Unauthorized",
         &[("Content-Type", "application/json; charset=utf-8")],
         body,
     ))
     .await;
-    let error = source(&endpoint.url(), ClientAuthMethod::Post)
+    let error = source(&token_url(&endpoint), ClientAuthMethod::Post)
         .fetch(Some(SCOPE))
         .await
         .unwrap_err();
@@ -323,7 +171,7 @@ async fn wrong_secret_is_a_permanent_invalid_client_with_a_hint() {
         "{public}"
     );
     assert!(!public.contains("5a1b"), "{public}");
-    assert_no_leak(&error, &endpoint.url());
+    assert_no_leak(&error, &token_url(&endpoint));
     let log = error.to_string();
     assert!(
         log.contains("5a1b-trace") && log.contains("9c2d-corr"),
@@ -334,39 +182,43 @@ async fn wrong_secret_is_a_permanent_invalid_client_with_a_hint() {
 
 #[tokio::test]
 async fn plain_text_429_is_transient_and_carries_retry_after() {
-    let endpoint = Endpoint::spawn(response(
+    let endpoint = endpoint(response(
         "429 Too Many Requests",
         &[("Retry-After", "60"), ("Content-Type", "text/plain")],
         "Too Many Requests",
     ))
     .await;
-    let error = source(&endpoint.url(), ClientAuthMethod::Post)
+    let error = source(&token_url(&endpoint), ClientAuthMethod::Post)
         .fetch(Some(SCOPE))
         .await
         .unwrap_err();
     assert!(matches!(error, TokenError::Provider(_)), "{error:?}");
     assert!(!error.is_permanent());
     assert_eq!(error.retry_after(), Some(Duration::from_secs(60)));
-    assert_no_leak(&error, &endpoint.url());
+    assert_no_leak(&error, &token_url(&endpoint));
 }
 
 #[tokio::test]
 async fn redirects_are_not_followed() {
-    let elsewhere = Endpoint::spawn(json_ok(V2_OK)).await;
+    let elsewhere = endpoint(json_ok(V2_OK)).await;
     for status in ["307 Temporary Redirect", "302 Found"] {
-        let endpoint =
-            Endpoint::spawn(response(status, &[("Location", &elsewhere.url())], "")).await;
-        let error = source(&endpoint.url(), ClientAuthMethod::Post)
+        let endpoint = endpoint(response(
+            status,
+            &[("Location", &token_url(&elsewhere))],
+            "",
+        ))
+        .await;
+        let error = source(&token_url(&endpoint), ClientAuthMethod::Post)
             .fetch(Some(SCOPE))
             .await
             .unwrap_err();
         assert!(matches!(error, TokenError::Redirect { .. }), "{error:?}");
         assert!(error.is_permanent());
         assert!(error.to_string().contains("redirects are not followed"));
-        assert_no_leak(&error, &endpoint.url());
+        assert_no_leak(&error, &token_url(&endpoint));
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(elsewhere.connections.load(Ordering::SeqCst), 0);
+    assert_eq!(elsewhere.connections(), 0);
 }
 
 #[tokio::test]
@@ -381,8 +233,8 @@ async fn garbage_and_oversized_bodies_are_invalid_responses() {
         json_ok(r#"{"access_token":"abc","expires_in":3599,"token_type":"mac"}"#),
         json_ok(&huge),
     ] {
-        let endpoint = Endpoint::spawn(reply).await;
-        let error = source(&endpoint.url(), ClientAuthMethod::Post)
+        let endpoint = endpoint(reply).await;
+        let error = source(&token_url(&endpoint), ClientAuthMethod::Post)
             .fetch(Some(SCOPE))
             .await
             .unwrap_err();
@@ -394,9 +246,9 @@ async fn garbage_and_oversized_bodies_are_invalid_responses() {
 
 #[tokio::test]
 async fn a_stalled_endpoint_times_out() {
-    let endpoint = Endpoint::spawn(Reply::Stall).await;
+    let endpoint = endpoint(Reply::Stall).await;
     let started = std::time::Instant::now();
-    let error = source(&endpoint.url(), ClientAuthMethod::Post)
+    let error = source(&token_url(&endpoint), ClientAuthMethod::Post)
         .fetch(Some(SCOPE))
         .await
         .unwrap_err();
@@ -422,7 +274,7 @@ async fn a_refused_connection_is_a_transient_network_error_without_the_url() {
 
 #[test]
 fn plain_http_is_refused_unless_loopback() {
-    let http = TokenHttp::new(&tls());
+    let http = TokenHttp::new(&fake::tls());
     for url in ["http://idp.example/token", "ftp://127.0.0.1/token"] {
         let result =
             ClientSecretSource::new("bc", &settings(url, ClientAuthMethod::Post), http.clone());
@@ -511,9 +363,9 @@ fn config(token_url: &str) -> Config {
 
 #[tokio::test]
 async fn cache_built_from_config_shares_one_slot_per_credential_and_scope() {
-    let endpoint = Endpoint::spawn(json_ok(V2_OK)).await;
-    let config = config(&endpoint.url());
-    let cache = TokenCache::new(&config, tls());
+    let endpoint = endpoint(json_ok(V2_OK)).await;
+    let config = config(&token_url(&endpoint));
+    let cache = TokenCache::new(&config, fake::tls());
     assert_eq!(cache.status().len(), 2);
     let bc = cache.slot(&config.routes[0]);
     assert!(Arc::ptr_eq(&bc, &cache.slot(&config.routes[1])));
@@ -536,9 +388,11 @@ async fn fetch_once_returns_the_token_and_its_claims() {
     let body = format!(
         r#"{{"token_type":"Bearer","expires_in":3599,"access_token":"e30.{payload}.sig"}}"#
     );
-    let endpoint = Endpoint::spawn(json_ok(&body)).await;
-    let config = config(&endpoint.url());
-    let fetched = fetch_once(&config, &config.routes[0], tls()).await.unwrap();
+    let endpoint = endpoint(json_ok(&body)).await;
+    let config = config(&token_url(&endpoint));
+    let fetched = fetch_once(&config, &config.routes[0], fake::tls())
+        .await
+        .unwrap();
     assert_eq!(fetched.expires_in, Duration::from_secs(3599));
     assert_eq!(fetched.credential, "bc");
     let claims = fetched.claims.unwrap();
@@ -548,7 +402,9 @@ async fn fetch_once_returns_the_token_and_its_claims() {
 
     let mut unknown = config.routes[0].clone();
     unknown.credential = "missing".to_owned();
-    let error = fetch_once(&config, &unknown, tls()).await.unwrap_err();
+    let error = fetch_once(&config, &unknown, fake::tls())
+        .await
+        .unwrap_err();
     assert!(matches!(error, TokenError::Config(_)));
 }
 
@@ -556,12 +412,12 @@ async fn fetch_once_returns_the_token_and_its_claims() {
 // Rotation
 
 /// A token endpoint that accepts only `good` as the client secret.
-async fn accepting(good: &'static str) -> crate::token::fake::FakeServer {
-    crate::token::fake::FakeServer::spawn(Arc::new(move |r: &crate::token::fake::Request| {
+async fn accepting(good: &'static str) -> fake::FakeServer {
+    fake::FakeServer::spawn(Arc::new(move |r: &fake::Request| {
         if r.field("client_secret").as_deref() == Some(good) {
-            (200, crate::token::fake::token_body("eyJ.rotated.sig"))
+            (200, fake::token_body("eyJ.rotated.sig"))
         } else {
-            crate::token::fake::invalid_client(7_000_215)
+            fake::invalid_client(7_000_215)
         }
     }))
     .await
@@ -591,7 +447,7 @@ fn source_of(config: &Config) -> ClientSecretSource {
     let CredentialKind::ClientSecret(settings) = &config.credentials[0].kind else {
         panic!("not a client secret");
     };
-    ClientSecretSource::new("bc", settings, crate::token::fake::http()).unwrap()
+    ClientSecretSource::new("bc", settings, fake::http()).unwrap()
 }
 
 #[tokio::test]
