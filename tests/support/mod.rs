@@ -413,7 +413,11 @@ pub fn config(yaml: &str, vars: HashMap<String, String>) -> Config {
 
 /// Starts the proxy for `config` on 127.0.0.1:0.
 pub async fn spawn_proxy(config: Config) -> ProxyHandle {
-    let proxy = Proxy::bind(config).await.expect("proxy binds");
+    run(Proxy::bind(config).await.expect("proxy binds"))
+}
+
+/// Runs a bound proxy until its handle is shut down.
+pub fn run(proxy: Proxy) -> ProxyHandle {
     let addr = proxy.local_addr();
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
@@ -584,24 +588,10 @@ pub async fn spawn_ops_proxy(config: Config, path: Option<&std::path::Path>) -> 
         None => Proxy::bind(config).await,
     }
     .expect("proxy binds");
-    let addr = proxy.local_addr();
     let admin = proxy.admin_addr().expect("admin listener configured");
     let reload = proxy.reload_handle();
-    let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        proxy
-            .run_until(async {
-                let _ = rx.await;
-            })
-            .await
-            .unwrap();
-    });
     OpsProxy {
-        handle: ProxyHandle {
-            addr,
-            shutdown: Some(tx),
-            task,
-        },
+        handle: run(proxy),
         admin,
         reload,
     }
