@@ -104,7 +104,8 @@ pub(crate) struct Runtime {
     initial_stamp: Option<Stamp>,
     /// One reload at a time (SIGHUP and the file poll may coincide).
     reloading: Mutex<()>,
-    draining: AtomicBool,
+    /// Set once shutdown starts; shared with every pipeline, which then answers 503.
+    draining: Arc<AtomicBool>,
 }
 
 impl Runtime {
@@ -115,7 +116,14 @@ impl Runtime {
         let tokens = TokenCache::new(&config, Arc::clone(&tls));
         tokens.count_fetches(&metrics);
         let upstream = upstream::client((*tls).clone());
-        let pipeline = Pipeline::new(&config, &tokens, upstream.clone(), &metrics);
+        let draining = Arc::new(AtomicBool::new(false));
+        let pipeline = Pipeline::new(
+            &config,
+            &tokens,
+            upstream.clone(),
+            &metrics,
+            Arc::clone(&draining),
+        );
         metrics.prepare(&config);
         Self {
             pipelines: Arc::new(ArcSwap::from_pointee(pipeline)),
@@ -126,7 +134,7 @@ impl Runtime {
             initial_stamp: path.as_deref().and_then(file_stamp),
             config_path: path,
             reloading: Mutex::new(()),
-            draining: AtomicBool::new(false),
+            draining,
         }
     }
 
@@ -204,7 +212,13 @@ impl Runtime {
             .filter(|name| unchanged(name))
             .collect();
         let tokens = old.tokens.reload(&config, &self.tls, unchanged);
-        let pipeline = Pipeline::new(&config, &tokens, self.upstream.clone(), &self.metrics);
+        let pipeline = Pipeline::new(
+            &config,
+            &tokens,
+            self.upstream.clone(),
+            &self.metrics,
+            Arc::clone(&self.draining),
+        );
         self.metrics.prepare(&config);
         tokens.start();
         info!(

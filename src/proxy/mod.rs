@@ -69,7 +69,8 @@ pub(crate) struct Pipeline {
     upstream: UpstreamClient<UpstreamBody>,
     limits: Limits,
     public_url: Option<Uri>,
-    draining: AtomicBool,
+    /// The runtime's shutdown flag: set, new requests get 503 `shutting_down`.
+    draining: Arc<AtomicBool>,
     metrics: Metrics,
 }
 
@@ -79,6 +80,7 @@ impl Pipeline {
         tokens: &TokenCache,
         upstream: UpstreamClient<UpstreamBody>,
         metrics: &Metrics,
+        draining: Arc<AtomicBool>,
     ) -> Self {
         let authenticator = Authenticator::new(config);
         let routes = config
@@ -116,7 +118,7 @@ impl Pipeline {
             upstream,
             limits: config.server.limits.clone(),
             public_url: config.server.public_url.clone(),
-            draining: AtomicBool::new(false),
+            draining,
             metrics: metrics.clone(),
         }
     }
@@ -128,11 +130,6 @@ impl Pipeline {
             let queue = route.queue.as_ref()?;
             Some((&*route.prefix, queue.queued()))
         })
-    }
-
-    /// From now on, new requests get 503 `shutting_down`.
-    pub(crate) fn start_draining(&self) {
-        self.draining.store(true, Ordering::Relaxed);
     }
 
     /// Answers one request. Never fails: every error becomes its JSON response here.

@@ -125,7 +125,6 @@ pub(crate) async fn serve(
         });
     }
     drop(listener);
-    pipelines.load().start_draining();
     tracing::info!("Shutting down: no new connections; draining in-flight requests.");
     let _ = stop.send(true);
     tokio::select! {
