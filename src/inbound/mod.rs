@@ -21,6 +21,7 @@ pub(crate) mod tls;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 
 use http::{HeaderMap, HeaderName, header};
 use ipnet::IpNet;
@@ -33,13 +34,6 @@ use crate::secret::SecretDigest;
 /// Index of an authenticated client in the configuration's client list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct ClientId(usize);
-
-impl ClientId {
-    /// Position in `Config::clients`.
-    pub(crate) fn index(self) -> usize {
-        self.0
-    }
-}
 
 /// Why a caller is not authenticated. All but `LockedOut` map to the same 401 response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -63,7 +57,8 @@ pub(crate) enum AuthError {
 
 #[derive(Debug)]
 struct ClientEntry {
-    name: String,
+    /// Shared with every access-log line of this client.
+    name: Arc<str>,
     networks: Vec<IpNet>,
 }
 
@@ -114,7 +109,7 @@ impl Authenticator {
                     network_only.push(id);
                 }
                 ClientEntry {
-                    name: client.name.clone(),
+                    name: Arc::from(client.name.as_str()),
                     networks: client.networks.clone(),
                 }
             })
@@ -145,13 +140,18 @@ impl Authenticator {
     pub(crate) fn client_id(&self, name: &str) -> Option<ClientId> {
         self.clients
             .iter()
-            .position(|c| c.name == name)
+            .position(|c| &*c.name == name)
             .map(ClientId)
     }
 
     #[cfg(test)]
     pub(crate) fn client_name(&self, id: ClientId) -> &str {
         &self.clients[id.0].name
+    }
+
+    /// The client's name for its access-log lines (shared, not copied per request).
+    pub(crate) fn log_name(&self, id: ClientId) -> Arc<str> {
+        Arc::clone(&self.clients[id.0].name)
     }
 
     pub(crate) fn is_trusted_proxy(&self, peer: IpAddr) -> bool {

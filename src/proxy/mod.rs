@@ -63,7 +63,6 @@ struct RouteState {
 #[derive(Debug)]
 pub(crate) struct Pipeline {
     authenticator: Authenticator,
-    client_names: Vec<Arc<str>>,
     table: RouteTable,
     routes: Vec<RouteState>,
     upstream: UpstreamClient<UpstreamBody>,
@@ -107,11 +106,6 @@ impl Pipeline {
             })
             .collect();
         Self {
-            client_names: config
-                .clients
-                .iter()
-                .map(|c| Arc::from(c.name.as_str()))
-                .collect(),
             authenticator,
             table: RouteTable::new(config.routes.iter().map(|r| r.prefix.as_str())),
             routes,
@@ -212,7 +206,7 @@ impl Pipeline {
         let client =
             self.authenticator
                 .authenticate(request.headers(), client_ip, peer_certificate)?;
-        log.client = Some(self.client_names[client.index()].clone());
+        log.client = Some(self.authenticator.log_name(client));
         self.authenticator
             .admit(client)
             .map_err(ProxyError::TooManyRequests)?;
