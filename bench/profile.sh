@@ -3,6 +3,7 @@
 #
 #   bench/profile.sh callgrind   # instruction counts per request (valgrind), annotated
 #   bench/profile.sh perf        # sampled CPU profile under wrk load (perf record)
+#   bench/profile.sh syscalls    # system calls per request (strace -c), s2s-proxy and nginx
 #
 # Same set-up as run.sh: nginx upstream returning ~200 bytes, nginx token issuer, one route,
 # Basic client, one worker. The counters are zeroed after start-up and warm-up, so the
@@ -80,9 +81,46 @@ perf)
     echo "--- by symbol (self) ---"; rep --sort dso,symbol | awk 'NR <= 70'
     echo "--- user-space symbols, grouped (self) ---"
     rep --sort symbol | grep -v '\[k\]' | awk 'NR <= 40'
-    echo "--- who calls the top kernel symbol ---"
-    top=$(rep --sort symbol | awk 'NR == 1 {print $3}')
-    perf report -i "$T/perf.data" --no-children --stdio -S "$top" -G 2>/dev/null \
-        | grep -E '[a-z_]' | grep -v '^#' | sed 's/ *$//' | awk 'NR <= 80' || true
+    # Callers of the top kernel symbol and of the top user-space one (memcpy, malloc ...).
+    for top in "$(rep --sort symbol | awk 'NR == 1 {print $3}')" \
+               "$(rep --sort symbol | grep -v '\[k\]' | awk 'NR == 1 {print $3}')"; do
+        echo "--- who calls $top ---"
+        perf report -i "$T/perf.data" --no-children --stdio -S "$top" -G 2>/dev/null \
+            | grep -E '[a-z_]' | grep -v '^#' | sed 's/ *$//' | awk 'NR <= 80' || true
+    done
+    ;;
+syscalls)
+    # nginx as the reverse proxy doing the same job, for comparison.
+    read -r NPX < <(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    cat > "$T/nginx-px.conf" <<NGX
+user root; worker_processes 1; daemon off; error_log $T/px.err warn; pid $T/px.pid;
+events { worker_connections 1024; }
+http { access_log off; keepalive_requests 10000000;
+  client_body_temp_path $T; proxy_temp_path $T; fastcgi_temp_path $T; uwsgi_temp_path $T; scgi_temp_path $T;
+  upstream up { server 127.0.0.1:$UP; keepalive 64; }
+  server { listen 127.0.0.1:$NPX; location /bench/ { proxy_pass http://up/; proxy_http_version 1.1;
+    proxy_set_header Connection ""; proxy_set_header Authorization "Bearer bench"; } } }
+NGX
+    nginx -c "$T/nginx-px.conf" -e "$T/px.err" & pids+=($!)
+    "$bin" run --config "$T/proxy.yaml" 2>"$T/proxy.err" & pids+=($!); px=$!
+    up; sleep 0.3
+    count() { # name pid port
+        wrk -t1 -c4 -d1s -H "Authorization: $auth" "http://127.0.0.1:$3/bench/x" >/dev/null
+        strace -c -f -o "$T/$1.strace" -p "$2" & local st=$!
+        sleep 0.5
+        local n; n=$(wrk -t1 -c4 -d3s -H "Authorization: $auth" "http://127.0.0.1:$3/bench/x" | awk '/requests in/ {print $1}')
+        sleep 0.3; kill -INT "$st"; wait "$st" 2>/dev/null || true
+        # CPU per request without strace: user and system time over a second run.
+        local t0; t0=$(awk '{print $14, $15}' "/proc/$2/stat")
+        local m; m=$(wrk -t1 -c4 -d3s -H "Authorization: $auth" "http://127.0.0.1:$3/bench/x" | awk '/requests in/ {print $1}')
+        local t1; t1=$(awk '{print $14, $15}' "/proc/$2/stat")
+        echo "--- $1: $n requests ---"
+        echo "$t0 $t1" | awk -v m="$m" -v k="$(getconf CLK_TCK)" \
+            '{printf "cpu per request (no strace, %d requests): user %.1f us, system %.1f us\n", m, ($3-$1)/k/m*1e6, ($4-$2)/k/m*1e6}'
+        awk -v n="$n" 'NR > 2 && $NF != "total" && $4 ~ /^[0-9]+$/ {printf "%-16s %8.2f per request\n", $NF, $4 / n}
+                       $NF == "total" {printf "%-16s %8.2f per request\n", "total", $3 / n}' "$T/$1.strace"
+    }
+    count s2s-proxy "$px" "$PX"
+    count nginx "$(pgrep -P "$(cat "$T/px.pid")" | head -1)" "$NPX"
     ;;
 esac

@@ -6,6 +6,7 @@
 #
 #   bench/run.sh                 # defaults: 3 rounds of 10 s, 50 connections
 #   ROUNDS=5 DURATION=15s CONNS=100 IDLE_CONNS=10000 bench/run.sh
+#   CANDS="nginx haproxy s2s-1w" SCENARIOS=0 ROUNDS=3 DURATION=5s bench/run.sh   # quick A/B
 #
 # Pinning (2+ cores): every proxy under test runs alone on CPU 0; wrk and the upstream share
 # CPU 1. The "default runtime" s2s-proxy (one worker per core) is left unpinned.
@@ -15,6 +16,9 @@ ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10s}
 CONNS=${CONNS:-50}
 IDLE_CONNS=${IDLE_CONNS:-10000}
+# Quick before/after comparisons: a subset of candidates, and no memory/stream scenarios.
+CANDS=${CANDS:-direct nginx haproxy s2s-1w s2s-default}
+SCENARIOS=${SCENARIOS:-1}
 MAX_LOAD=${MAX_LOAD:-1.0}        # wait (bounded) for the 1-min load average to drop below this
 LOAD_WAIT=${LOAD_WAIT:-60}       # seconds, at most
 
@@ -215,7 +219,7 @@ done
     || { log "s2s-proxy accepted an unauthenticated request"; exit 1; }
 
 # --- throughput and latency rounds ----------------------------------------------------
-cands=(direct nginx haproxy s2s-1w s2s-default)
+read -r -a cands <<< "$CANDS"
 declare -A url=( [direct]="http://127.0.0.1:$UP/x" [nginx]="http://127.0.0.1:$NGX/bench/x"
                  [haproxy]="http://127.0.0.1:$HAP/bench/x" [s2s-1w]="http://127.0.0.1:$S1/bench/x"
                  [s2s-default]="http://127.0.0.1:$SD/bench/x" )
@@ -249,6 +253,27 @@ for ((r = 0; r < ROUNDS; r++)); do
 done
 s1_hwm_kib=$(kib "$s1_pid" VmHWM); sd_hwm_kib=$(kib "$sd_pid" VmHWM)
 s1_after_kib=$(kib "$s1_pid" VmRSS)
+
+if [ "$SCENARIOS" != 1 ]; then # quick A/B: the throughput table only
+    python3 - "$T/runs.tsv" <<'PY'
+import csv, statistics, sys
+runs = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
+med = {}
+print("| candidate | req/s | p50 ms | p99 ms | CPU % | errors | req/s per round |")
+print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
+for c in dict.fromkeys(r["candidate"] for r in runs):
+    rs = [r for r in runs if r["candidate"] == c]
+    m = lambda k: statistics.median(float(r[k]) for r in rs)
+    med[c] = m("rps")
+    print(f"| {c} | {m('rps'):.0f} | {m('p50_ms'):.3f} | {m('p99_ms'):.3f} | {m('cpu_pct'):.0f} "
+          f"| {sum(int(r['errors']) for r in rs)} | {', '.join(r['rps'] for r in rs)} |")
+for s in ("s2s-1w", "s2s-default"):
+    for o in ("nginx", "haproxy"):
+        if s in med and o in med:
+            print(f"- {s} / {o}: **{med[s] / med[o]:.2f}**")
+PY
+    exit 0
+fi
 
 # --- scenario: first request after start, 1 GiB streams, idle connections (fresh proxy) -
 log "First request, streams, idle connections ..."
