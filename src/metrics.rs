@@ -8,7 +8,7 @@
 //! Not here: where requests are counted (the access log, when a response is finished),
 //! where token fetches are counted (the token cache), the HTTP side (`admin`).
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use http::Method;
@@ -171,44 +171,20 @@ impl Metrics {
         }
     }
 
-    /// Counts one finished request.
-    pub(crate) fn record_request(
-        &self,
-        route: Option<&str>,
-        method: &Method,
-        status: u16,
-        total: Duration,
-        upstream: Option<Duration>,
-    ) {
+    /// The series of one route (`None`: requests that matched no route), resolved once
+    /// so that counting a request hashes no labels. Pipelines keep one per route; the
+    /// series are shared with every other handle of the same route, across reloads.
+    pub(crate) fn route(&self, route: Option<&str>) -> RouteMetrics {
         let labels = route_labels(route);
-        self.inner
-            .requests
-            .get_or_create(&RequestLabels {
-                route: labels.route.clone(),
-                method: method_label(method),
-                status: status_label(status),
-            })
-            .inc();
-        self.inner
-            .request_duration
-            .get_or_create(&labels)
-            .observe(total.as_secs_f64());
-        if let Some(upstream) = upstream {
-            self.inner
-                .upstream_duration
-                .get_or_create(&labels)
-                .observe(upstream.as_secs_f64());
+        RouteMetrics {
+            in_flight: self.inner.in_flight.get_or_create_owned(&labels),
+            request_duration: self.inner.request_duration.get_or_create_owned(&labels),
+            upstream_durations: self.inner.upstream_duration.clone(),
+            upstream_duration: OnceLock::new(),
+            requests: self.inner.requests.clone(),
+            counters: RwLock::default(),
+            route: labels.route,
         }
-    }
-
-    /// Counts the request in `s2s_proxy_in_flight{route}` until the guard is dropped.
-    pub(crate) fn in_flight(&self, route: &str) -> InFlight {
-        let gauge = self
-            .inner
-            .in_flight
-            .get_or_create_owned(&route_labels(Some(route)));
-        gauge.inc();
-        InFlight { gauge }
     }
 
     /// The `s2s_proxy_queued{route}` gauge, for the route's queue to `inc`/`dec`. The same
@@ -284,6 +260,73 @@ impl Metrics {
     }
 }
 
+/// One route's series; see [`Metrics::route`].
+#[derive(Debug)]
+pub(crate) struct RouteMetrics {
+    route: String,
+    in_flight: Gauge,
+    request_duration: Histogram,
+    /// Created on first use: requests refused before forwarding have no upstream time.
+    upstream_duration: OnceLock<Histogram>,
+    upstream_durations: HistogramFamily,
+    requests: Family<RequestLabels, Counter>,
+    /// `s2s_proxy_requests_total` by (method, status) as seen so far: a handful each.
+    counters: RwLock<Vec<(&'static str, u16, Counter)>>,
+}
+
+impl RouteMetrics {
+    /// Counts one finished request.
+    pub(crate) fn record(
+        &self,
+        method: &Method,
+        status: u16,
+        total: Duration,
+        upstream: Option<Duration>,
+    ) {
+        self.counter(method_label(method), status).inc();
+        self.request_duration.observe(total.as_secs_f64());
+        if let Some(upstream) = upstream {
+            self.upstream_duration
+                .get_or_init(|| {
+                    self.upstream_durations
+                        .get_or_create_owned(&route_labels(Some(&self.route)))
+                })
+                .observe(upstream.as_secs_f64());
+        }
+    }
+
+    fn counter(&self, method: &'static str, status: u16) -> Counter {
+        let find = |counters: &[(&'static str, u16, Counter)]| {
+            counters
+                .iter()
+                .find(|(m, s, _)| *m == method && *s == status)
+                .map(|(_, _, counter)| counter.clone())
+        };
+        if let Some(counter) = find(&self.counters.read().unwrap_or_else(|e| e.into_inner())) {
+            return counter;
+        }
+        let mut counters = self.counters.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(counter) = find(&counters) {
+            return counter;
+        }
+        let counter = self.requests.get_or_create_owned(&RequestLabels {
+            route: self.route.clone(),
+            method,
+            status: status_label(status),
+        });
+        counters.push((method, status, counter.clone()));
+        counter
+    }
+
+    /// Counts a request in `s2s_proxy_in_flight{route}` until the guard is dropped.
+    pub(crate) fn in_flight(&self) -> InFlight {
+        self.in_flight.inc();
+        InFlight {
+            gauge: self.in_flight.clone(),
+        }
+    }
+}
+
 /// Decrements `s2s_proxy_in_flight{route}` when dropped.
 #[derive(Debug)]
 pub(crate) struct InFlight {
@@ -333,15 +376,13 @@ mod tests {
     #[test]
     fn names_and_labels_follow_the_design() {
         let metrics = Metrics::new();
-        metrics.record_request(
-            Some("/bc/"),
+        metrics.route(Some("/bc/")).record(
             &Method::GET,
             200,
             Duration::from_millis(30),
             Some(Duration::from_millis(20)),
         );
-        metrics.record_request(
-            None,
+        metrics.route(None).record(
             &Method::from_bytes(b"PROPFIND").unwrap(),
             405,
             Duration::ZERO,
@@ -349,7 +390,7 @@ mod tests {
         );
         metrics.record_token_fetch("bc", "ok");
         metrics.record_reload("error");
-        let guard = metrics.in_flight("/bc/");
+        let guard = metrics.route(Some("/bc/")).in_flight();
         metrics.queued("/bc/").set(3);
         let slot = SlotStatus {
             credential: "bc".to_owned(),
@@ -392,6 +433,25 @@ mod tests {
                 .render(&[], &[])
                 .contains(r#"s2s_proxy_in_flight{route="/bc/"} 0"#)
         );
+    }
+
+    #[test]
+    fn route_handles_share_their_series() {
+        let metrics = Metrics::new();
+        let first = metrics.route(Some("/bc/"));
+        let second = metrics.route(Some("/bc/"));
+        for handle in [&first, &first, &second] {
+            handle.record(&Method::GET, 200, Duration::from_millis(5), None);
+        }
+        first.record(&Method::GET, 404, Duration::ZERO, None);
+        let text = metrics.render(&[], &[]);
+        for line in [
+            r#"s2s_proxy_requests_total{route="/bc/",method="GET",status="200"} 3"#,
+            r#"s2s_proxy_requests_total{route="/bc/",method="GET",status="404"} 1"#,
+            r#"s2s_proxy_request_duration_seconds_count{route="/bc/"} 4"#,
+        ] {
+            assert!(text.contains(line), "{line} missing in:\n{text}");
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -31,14 +32,35 @@ struct Failures {
 /// [`WINDOW`] once it reached [`MAX_FAILURES`] — long enough to make password guessing
 /// useless, short enough that a misconfigured scanner behind the same NAT does not shut
 /// out its neighbours for long.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct FailedAuthLimiter {
     table: Mutex<HashMap<IpAddr, Failures>>,
+    epoch: Instant,
+    /// No address is locked out from this time on (milliseconds after `epoch`, rounded
+    /// up): the latest end of any lockout so far. Before it, [`Self::check`] looks the
+    /// address up; after it — nearly always — it needs neither the lock nor a lookup.
+    lockouts_end_ms: AtomicU64,
+}
+
+impl Default for FailedAuthLimiter {
+    fn default() -> Self {
+        Self {
+            table: Mutex::default(),
+            epoch: Instant::now(),
+            lockouts_end_ms: AtomicU64::new(0),
+        }
+    }
 }
 
 impl FailedAuthLimiter {
     /// `Err(retry_after)` while `ip` is locked out.
     pub(crate) fn check(&self, ip: IpAddr) -> Result<(), Duration> {
+        let now_ms = Instant::now()
+            .saturating_duration_since(self.epoch)
+            .as_millis();
+        if now_ms >= u128::from(self.lockouts_end_ms.load(Ordering::Relaxed)) {
+            return Ok(());
+        }
         let table = self.table.lock().unwrap_or_else(|e| e.into_inner());
         match table.get(&ip) {
             Some(entry) if entry.count >= MAX_FAILURES => {
@@ -81,6 +103,9 @@ impl FailedAuthLimiter {
         if entry.count == MAX_FAILURES {
             // The lockout runs a full window from the failure that triggered it.
             entry.since = now;
+            let end = (now + WINDOW).saturating_duration_since(self.epoch);
+            let end_ms = u64::try_from(end.as_millis() + 1).unwrap_or(u64::MAX);
+            self.lockouts_end_ms.fetch_max(end_ms, Ordering::Relaxed);
             tracing::warn!(source = %ip, window_s = WINDOW.as_secs(), "Too many failed authentications; source locked out.");
         }
     }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use http::{HeaderValue, Method};
 use tokio::time::Instant;
 
-use crate::metrics::{InFlight, Metrics};
+use crate::metrics::{InFlight, RouteMetrics};
 
 /// Target of access-log events, to filter them with `RUST_LOG=s2s_proxy::access=off`.
 pub(crate) const TARGET: &str = "s2s_proxy::access";
@@ -28,7 +28,8 @@ pub(crate) struct AccessLog {
     pub(crate) started: Instant,
     pub(crate) upstream_ms: Option<u64>,
     pub(crate) bytes_in: u64,
-    pub(crate) metrics: Metrics,
+    /// The series of the request's route (of no route until it is routed).
+    pub(crate) metrics: Arc<RouteMetrics>,
     /// Held from routing until the line is written: `s2s_proxy_in_flight{route}`.
     pub(crate) in_flight: Option<InFlight>,
 }
@@ -37,8 +38,7 @@ impl AccessLog {
     pub(crate) fn write(self, bytes_out: u64, complete: bool) {
         let total = self.started.elapsed();
         let total_ms = total.as_millis() as u64;
-        self.metrics.record_request(
-            self.route.as_deref(),
+        self.metrics.record(
             &self.method,
             self.status,
             total,

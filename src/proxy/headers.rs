@@ -18,51 +18,73 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1, RFC 9113 §8.2.2) and relatives that only concern
 /// one connection.
-const HOP_BY_HOP: [HeaderName; 10] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    HeaderName::from_static("http2-settings"),
-];
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "http2-settings"
+    )
+}
 
 /// Request headers never passed upstream besides the hop-by-hop ones: the caller's
 /// credentials, values the proxy computes, and overrides some backends honour for routing
 /// or method decisions (the proxy decided on the request line alone).
-const REQUEST_DROP: [HeaderName; 16] = [
-    header::AUTHORIZATION,
-    header::HOST,
-    header::EXPECT,
-    X_REQUEST_ID,
-    X_FORWARDED_FOR,
-    X_FORWARDED_PROTO,
-    X_FORWARDED_HOST,
-    header::FORWARDED,
-    HeaderName::from_static("x-real-ip"),
-    HeaderName::from_static("x-original-url"),
-    HeaderName::from_static("x-rewrite-url"),
-    HeaderName::from_static("x-forwarded-uri"),
-    HeaderName::from_static("x-forwarded-prefix"),
-    HeaderName::from_static("x-http-method-override"),
-    HeaderName::from_static("x-http-method"),
-    HeaderName::from_static("x-method-override"),
-];
+fn is_dropped_request_header(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "authorization"
+            | "host"
+            | "expect"
+            | "x-request-id"
+            | "x-forwarded-for"
+            | "x-forwarded-proto"
+            | "x-forwarded-host"
+            | "forwarded"
+            | "x-real-ip"
+            | "x-original-url"
+            | "x-rewrite-url"
+            | "x-forwarded-uri"
+            | "x-forwarded-prefix"
+            | "x-http-method-override"
+            | "x-http-method"
+            | "x-method-override"
+    )
+}
 
 /// Whether the proxy itself removes, replaces or acts on this request header: a
 /// hop-by-hop header, a caller credential, or one the proxy computes.
 pub(crate) fn is_proxy_managed(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(name) || REQUEST_DROP.contains(name)
+    is_hop_by_hop(name) || is_dropped_request_header(name)
+}
+
+/// The TCP peer of a connection, with its `X-Forwarded-For` entry rendered once per
+/// connection rather than once per request.
+#[derive(Debug, Clone)]
+pub(crate) struct Peer {
+    pub(crate) ip: IpAddr,
+    forwarded_for: HeaderValue,
+}
+
+impl Peer {
+    pub(crate) fn new(ip: IpAddr) -> Self {
+        let forwarded_for = HeaderValue::try_from(ip.to_canonical().to_string())
+            .unwrap_or(HeaderValue::from_static("unknown"));
+        Self { ip, forwarded_for }
+    }
 }
 
 /// What the proxy knows about the inbound request, for the headers it adds.
 #[derive(Debug)]
 pub(crate) struct Forwarding<'a> {
-    pub(crate) peer: IpAddr,
+    pub(crate) peer: &'a Peer,
     pub(crate) peer_is_trusted_proxy: bool,
     /// `http` or `https`: how the caller reached the proxy.
     pub(crate) proto: &'static str,
@@ -86,18 +108,17 @@ pub(crate) fn to_upstream(mut headers: HeaderMap, forwarding: &Forwarding<'_>) -
         (None, None, None)
     };
 
-    remove_hop_by_hop(&mut headers);
-    for name in &REQUEST_DROP {
-        headers.remove(name);
-    }
-    headers.remove(forwarding.api_key_header);
+    remove_hop_by_hop_and(&mut headers, |name| {
+        is_dropped_request_header(name) || name == forwarding.api_key_header
+    });
 
-    let peer = forwarding.peer.to_canonical().to_string();
     let xff = match forwarded_for {
-        Some(chain) => format!("{chain}, {peer}"),
-        None => peer,
+        Some(chain) => {
+            HeaderValue::try_from(format!("{chain}, {}", forwarding.peer.ip.to_canonical())).ok()
+        }
+        None => Some(forwarding.peer.forwarded_for.clone()),
     };
-    if let Ok(value) = HeaderValue::try_from(xff) {
+    if let Some(value) = xff {
         headers.insert(X_FORWARDED_FOR, value);
     }
     headers.insert(
@@ -122,14 +143,15 @@ pub(crate) fn to_client(headers: &mut HeaderMap) {
     if headers.contains_key(header::TRANSFER_ENCODING) {
         headers.remove(header::CONTENT_LENGTH);
     }
-    remove_hop_by_hop(headers);
     // The upstream's bearer challenge means nothing to a caller that authenticates to the
     // proxy, and it names the upstream's identity provider.
-    headers.remove(header::WWW_AUTHENTICATE);
+    remove_hop_by_hop_and(headers, |name| name == header::WWW_AUTHENTICATE);
 }
 
-/// Removes hop-by-hop headers and every header named in `Connection`.
-fn remove_hop_by_hop(headers: &mut HeaderMap) {
+/// Removes hop-by-hop headers, every header named in `Connection`, and those `also`
+/// picks. One pass over the names finds what is present, so a request without such
+/// headers costs no hashed lookups, and each present one costs one removal.
+fn remove_hop_by_hop_and(headers: &mut HeaderMap, also: impl Fn(&HeaderName) -> bool) {
     // Split the raw bytes: one odd byte must not make the whole list unreadable.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -137,8 +159,11 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
         .flat_map(|value| value.as_bytes().split(|&b| b == b','))
         .filter_map(|name| HeaderName::from_bytes(name.trim_ascii()).ok())
         .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
-        headers.remove(name);
+    let doomed = |name: &HeaderName| is_hop_by_hop(name) || also(name) || named.contains(name);
+    // Header counts are bounded (hyper: 100), and removals rare beyond `Host` and
+    // `Authorization`: restarting the scan after each removal beats collecting.
+    while let Some(name) = headers.keys().find(|name| doomed(name)).cloned() {
+        headers.remove(&name);
     }
 }
 
@@ -167,8 +192,10 @@ pub(crate) fn request_id(headers: &HeaderMap) -> HeaderValue {
             return value.clone();
         }
     }
-    let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
-    HeaderValue::try_from(id).unwrap_or(HeaderValue::from_static("-"))
+    let mut id = [0u8; 32];
+    // 16 bytes always fit 32 hex digits, and hex digits are a valid header value.
+    let _ = hex::encode_to_slice(fastrand::u128(..).to_be_bytes(), &mut id);
+    HeaderValue::from_bytes(&id).unwrap_or(HeaderValue::from_static("-"))
 }
 
 #[cfg(test)]
@@ -186,9 +213,12 @@ mod tests {
         headers
     }
 
+    static PEER: std::sync::LazyLock<Peer> =
+        std::sync::LazyLock::new(|| Peer::new("127.0.0.2".parse().unwrap()));
+
     fn forwarding<'a>(trusted: bool, key: &'a HeaderName, id: &'a HeaderValue) -> Forwarding<'a> {
         Forwarding {
-            peer: "127.0.0.2".parse().unwrap(),
+            peer: &PEER,
             peer_is_trusted_proxy: trusted,
             proto: "http",
             api_key_header: key,

@@ -24,7 +24,6 @@ pub(crate) mod headers;
 pub(crate) mod queue;
 mod retry;
 
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -35,12 +34,12 @@ use tokio::time::{Instant, timeout_at};
 use self::access_log::AccessLog;
 use self::body::{BodyLimits, InboundStats, ProxyBody, ProxyBodyError, UpstreamBody};
 use self::error::ProxyError;
-use self::headers::{Forwarding, X_REQUEST_ID};
+use self::headers::{Forwarding, Peer, X_REQUEST_ID};
 use self::queue::RouteQueue;
 use crate::config::{Config, DEFAULT_MAX_QUEUE, DEFAULT_QUEUE_TIMEOUT, Limits, Route};
 use crate::inbound::tls::TlsSession;
 use crate::inbound::{Authenticator, ClientSet};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RouteMetrics};
 use crate::rewrite::{self, LinkMap};
 use crate::routing::{self, RouteTable};
 use crate::token::{Token, TokenCache, TokenSlot};
@@ -57,6 +56,7 @@ struct RouteState {
     queue: Option<RouteQueue>,
     /// The upstream URL as links in responses start with it (`rewrite_links`).
     upstream_url: String,
+    metrics: Arc<RouteMetrics>,
 }
 
 /// Shared state of the request pipeline for one configuration.
@@ -70,7 +70,8 @@ pub(crate) struct Pipeline {
     public_url: Option<Uri>,
     /// The runtime's shutdown flag: set, new requests get 503 `shutting_down`.
     draining: Arc<AtomicBool>,
-    metrics: Metrics,
+    /// The series of requests that match no route.
+    unrouted: Arc<RouteMetrics>,
 }
 
 impl Pipeline {
@@ -102,6 +103,7 @@ impl Pipeline {
                     )
                 }),
                 upstream_url: route.upstream.url.to_string(),
+                metrics: Arc::new(metrics.route(Some(&route.prefix))),
                 config: route.clone(),
             })
             .collect();
@@ -113,7 +115,7 @@ impl Pipeline {
             limits: config.server.limits.clone(),
             public_url: config.server.public_url.clone(),
             draining,
-            metrics: metrics.clone(),
+            unrouted: Arc::new(metrics.route(None)),
         }
     }
 
@@ -130,7 +132,7 @@ impl Pipeline {
     pub(crate) async fn handle(
         &self,
         request: Request<Incoming>,
-        peer: IpAddr,
+        peer: Peer,
     ) -> Response<ProxyBody> {
         let request_id = headers::request_id(request.headers());
         let mut log = AccessLog {
@@ -144,10 +146,10 @@ impl Pipeline {
             started: Instant::now(),
             upstream_ms: None,
             bytes_in: 0,
-            metrics: self.metrics.clone(),
+            metrics: self.unrouted.clone(),
             in_flight: None,
         };
-        let mut response = match self.pipeline(request, peer, &mut log).await {
+        let mut response = match self.pipeline(request, &peer, &mut log).await {
             Ok(response) => response,
             Err(error) => {
                 match &error {
@@ -190,7 +192,7 @@ impl Pipeline {
     async fn pipeline(
         &self,
         request: Request<Incoming>,
-        peer: IpAddr,
+        peer: &Peer,
         log: &mut AccessLog,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         if self.draining.load(Ordering::Relaxed) {
@@ -198,7 +200,7 @@ impl Pipeline {
         }
         checks::check(&request, self.authenticator.api_key_header())?;
 
-        let client_ip = self.authenticator.client_ip(request.headers(), peer);
+        let client_ip = self.authenticator.client_ip(request.headers(), peer.ip);
         let peer_certificate = request
             .extensions()
             .get::<Arc<TlsSession>>()
@@ -217,7 +219,8 @@ impl Pipeline {
             .ok_or(ProxyError::NotFound)?;
         let route = &self.routes[index];
         log.route = Some(route.prefix.clone());
-        log.in_flight = Some(self.metrics.in_flight(&route.prefix));
+        log.in_flight = Some(route.metrics.in_flight());
+        log.metrics = route.metrics.clone();
         if !route.clients.admits(client) {
             return Err(ProxyError::Forbidden);
         }
@@ -235,14 +238,14 @@ impl Pipeline {
         route: &RouteState,
         uri: Uri,
         request: Request<Incoming>,
-        peer: IpAddr,
+        peer: &Peer,
         log: &mut AccessLog,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let deadline = log.started + route.config.timeout;
         let (parts, inbound) = request.into_parts();
         let forwarding = Forwarding {
             peer,
-            peer_is_trusted_proxy: self.authenticator.is_trusted_proxy(peer),
+            peer_is_trusted_proxy: self.authenticator.is_trusted_proxy(peer.ip),
             proto: if parts.extensions.get::<Arc<TlsSession>>().is_some() {
                 "https"
             } else {

@@ -129,55 +129,80 @@ impl Audit {
             if bytes.is_empty() {
                 return bytes;
             }
+            // Nearly always the whole head arrived in one read: parse it in place.
+            if let Some(len) = self.parse_head(bytes) {
+                return &bytes[len..];
+            }
+            if matches!(self.state, State::Off) {
+                return &[];
+            }
         }
         let before = self.head.len();
         self.head.extend_from_slice(bytes);
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut request = httparse::Request::new(&mut headers);
-        match request.parse(&self.head) {
-            Ok(httparse::Status::Complete(len)) => {
-                let mut content_length_header = false;
-                let mut content_length = None;
-                let mut transfer_encoding = false;
-                let mut valid = true;
-                for header in request.headers.iter() {
-                    if header.name.eq_ignore_ascii_case("content-length") {
-                        content_length_header = true;
-                        let parsed = std::str::from_utf8(header.value)
-                            .ok()
-                            .and_then(|v| v.trim().parse::<u64>().ok());
-                        valid &= parsed.is_some();
-                        content_length = content_length.or(parsed);
-                    } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
-                        transfer_encoding = true;
-                    }
-                }
-                // hyper skips a Content-Length after Transfer-Encoding without parsing
-                // it, so any Content-Length at all makes the head ambiguous.
-                self.heads += 1;
-                self.records.push(Framing {
-                    ambiguous_length: transfer_encoding && content_length_header,
-                });
-                self.state = if transfer_encoding {
-                    State::ChunkSize(0, false)
-                } else if !valid {
-                    State::Off
-                } else {
-                    match content_length {
-                        Some(0) | None => State::Head,
-                        Some(len) => State::Body(len),
-                    }
-                };
-                self.head.clear();
-                &bytes[len - before..]
+        let head = std::mem::take(&mut self.head);
+        match self.parse_head(&head) {
+            // The buffer is dropped: a split head is rare, and an idle connection
+            // should not keep its capacity.
+            Some(len) => &bytes[len - before..],
+            None if matches!(self.state, State::Off) => &[],
+            None if head.len() <= MAX_HEAD => {
+                self.head = head;
+                &[]
             }
-            Ok(httparse::Status::Partial) if self.head.len() <= MAX_HEAD => &[],
-            _ => {
+            None => {
                 self.state = State::Off;
-                self.head = Vec::new();
                 &[]
             }
         }
+    }
+
+    /// Parses a request head at the start of `bytes`. When complete, records its framing,
+    /// moves on to its body and returns its length; when incomplete, returns `None`; when
+    /// unreadable, stops following the stream (hyper rejects it anyway).
+    fn parse_head(&mut self, bytes: &[u8]) -> Option<usize> {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut request = httparse::Request::new(&mut headers);
+        let len = match request.parse(bytes) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => return None,
+            Err(_) => {
+                self.state = State::Off;
+                return None;
+            }
+        };
+        let mut content_length_header = false;
+        let mut content_length = None;
+        let mut transfer_encoding = false;
+        let mut valid = true;
+        for header in request.headers.iter() {
+            if header.name.eq_ignore_ascii_case("content-length") {
+                content_length_header = true;
+                let parsed = std::str::from_utf8(header.value)
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u64>().ok());
+                valid &= parsed.is_some();
+                content_length = content_length.or(parsed);
+            } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
+                transfer_encoding = true;
+            }
+        }
+        // hyper skips a Content-Length after Transfer-Encoding without parsing it, so any
+        // Content-Length at all makes the head ambiguous.
+        self.heads += 1;
+        self.records.push(Framing {
+            ambiguous_length: transfer_encoding && content_length_header,
+        });
+        self.state = if transfer_encoding {
+            State::ChunkSize(0, false)
+        } else if !valid {
+            State::Off
+        } else {
+            match content_length {
+                Some(0) | None => State::Head,
+                Some(len) => State::Body(len),
+            }
+        };
+        Some(len)
     }
 
     fn chunk_byte(&mut self, byte: u8) {

@@ -30,6 +30,7 @@ use self::framing::AuditedStream;
 use crate::config::Limits;
 use crate::inbound::tls::TlsSession;
 use crate::proxy::Pipeline;
+use crate::proxy::headers::Peer;
 
 pub(crate) mod framing;
 
@@ -213,6 +214,7 @@ impl Connection {
         } = self;
         let (stream, framing) = AuditedStream::new(stream, header_read_timeout);
         let activity = Arc::new(Activity::new());
+        let forwarded_peer = Peer::new(peer.ip());
         let requests = activity.clone();
         let service = service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
             request.extensions_mut().insert(framing.next());
@@ -222,10 +224,11 @@ impl Connection {
             let pipeline = pipelines.load_full();
             requests.started();
             let in_flight = InFlight(requests.clone());
+            let forwarded_peer = forwarded_peer.clone();
             async move {
                 // A bug must cost one request a 500, not the connection (and with HTTP/2
                 // every other stream on it) an abrupt close (SECURITY-CASES H5).
-                let response = AssertUnwindSafe(pipeline.handle(request, peer.ip()))
+                let response = AssertUnwindSafe(pipeline.handle(request, forwarded_peer))
                     .catch_unwind()
                     .await
                     .unwrap_or_else(|_| {
