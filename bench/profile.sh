@@ -4,6 +4,7 @@
 #   bench/profile.sh callgrind   # instruction counts per request (valgrind), annotated
 #   bench/profile.sh perf        # sampled CPU profile under wrk load (perf record)
 #   bench/profile.sh syscalls    # system calls per request (strace -c), s2s-proxy and nginx
+#   bench/profile.sh idle        # RSS with IDLE_CONNS (10000) idle keep-alive connections
 #
 # Same set-up as run.sh: nginx upstream returning ~200 bytes, nginx token issuer, one route,
 # Basic client, one worker. The counters are zeroed after start-up and warm-up, so the
@@ -40,7 +41,7 @@ export BENCH_CLIENT_ID=bench-client BENCH_CLIENT_SECRET='bench~secret'
 hash=$(printf bench-password | "$bin" hash-secret)
 auth="Basic $(printf bench:bench-password | base64)"
 cat > "$T/proxy.yaml" <<YAML
-server: { listen: "127.0.0.1:$PX", workers: 1 }
+server: { listen: "127.0.0.1:$PX", workers: 1, limits: { max_connections: 12000 } }
 credentials:
   bench: { type: client_secret, token_url: "http://127.0.0.1:$TOK/token", client_id: "\${BENCH_CLIENT_ID}", client_secret: "\${BENCH_CLIENT_SECRET}" }
 clients:
@@ -88,6 +89,12 @@ perf)
         perf report -i "$T/perf.data" --no-children --stdio -S "$top" -G 2>/dev/null \
             | grep -E '[a-z_]' | grep -v '^#' | sed 's/ *$//' | awk 'NR <= 80' || true
     done
+    ;;
+idle)
+    ulimit -n 65536 2>/dev/null || true
+    ${WRAP:-} "$bin" run --config "$T/proxy.yaml" 2>"$T/proxy.err" & pids+=($!); px=$!
+    up; sleep 0.3
+    python3 "$here/idle_conns.py" 127.0.0.1 "$PX" /bench/x "$auth" "$px" "${IDLE_CONNS:-10000}"
     ;;
 syscalls)
     # nginx as the reverse proxy doing the same job, for comparison.

@@ -68,7 +68,8 @@ pub(crate) async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let acceptor = tls.map(TlsAcceptor::from);
-    let builder = connection_builder(limits);
+    // Shared: every connection's task would otherwise carry its own copy.
+    let builder = Arc::new(connection_builder(limits));
     // Every connection holds a permit; draining is done when all are back.
     let max_connections = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
     let permits = Arc::new(Semaphore::new(max_connections as usize));
@@ -108,7 +109,9 @@ pub(crate) async fn serve(
                 None => connection.serve(stream, None).await,
                 // SECURITY-CASES 2.2: a TLS handshake timeout (10 s by default); a
                 // ClientHello that never comes or never finishes frees its slot then.
-                Some(acceptor) => {
+                // Boxed: the TLS states would otherwise make every task as large as the
+                // largest of them, plaintext ones included.
+                Some(acceptor) => Box::pin(async move {
                     let handshake = acceptor.accept(stream);
                     match tokio::time::timeout(connection.header_read_timeout, handshake).await {
                         Ok(Ok(stream)) => {
@@ -120,7 +123,8 @@ pub(crate) async fn serve(
                         }
                         Err(_) => tracing::debug!(peer = %peer, "TLS handshake timed out."),
                     }
-                }
+                })
+                .await,
             }
             drop(permit);
         });
@@ -186,7 +190,7 @@ impl Drop for InFlight {
 
 /// One accepted connection, ready to serve HTTP once its stream (TLS or not) is ready.
 struct Connection {
-    builder: auto::Builder<TokioExecutor>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
     pipelines: Arc<ArcSwap<Pipeline>>,
     header_read_timeout: Duration,
     idle_timeout: Duration,
@@ -225,7 +229,10 @@ impl Connection {
             requests.started();
             let in_flight = InFlight(requests.clone());
             let forwarded_peer = forwarded_peer.clone();
-            async move {
+            // Boxed: hyper keeps room for one in-flight handler per connection for the
+            // connection's whole life; boxed, an idle connection holds a pointer, not the
+            // whole pipeline's state.
+            Box::pin(async move {
                 // A bug must cost one request a 500, not the connection (and with HTTP/2
                 // every other stream on it) an abrupt close (SECURITY-CASES H5).
                 let response = AssertUnwindSafe(pipeline.handle(request, forwarded_peer))
@@ -237,7 +244,7 @@ impl Connection {
                     });
                 drop(in_flight);
                 Ok::<_, Infallible>(response)
-            }
+            })
         });
         let connection = builder.serve_connection(TokioIo::new(stream), service);
         tokio::pin!(connection);
