@@ -20,7 +20,7 @@ export PATH=$PATH:/usr/sbin
 
 T=$(mktemp -d /tmp/s2s-prof.XXXXXX)
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; sleep 0.3; rm -rf "$T"; }
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; sleep 0.3; [ -n "${KEEP_TMP:-}" ] && echo "kept $T" || rm -rf "$T"; }
 trap cleanup EXIT
 read -r UP TOK PX < <(python3 -c 'import socket
 s=[socket.socket() for _ in range(3)]
@@ -75,7 +75,8 @@ perf)
     up
     taskset -c 1 wrk -t1 -c50 -d12s -H "Authorization: $auth" "http://127.0.0.1:$PX/bench/x" >/dev/null & wrk_pid=$!
     sleep 2
-    perf record -F 2999 -g -p "$px" -o "$T/perf.data" -- sleep 8 2>/dev/null >/dev/null
+    # PERF_CALLGRAPH=dwarf gives inclusive costs natively (the binary has no frame pointers).
+    perf record -F 2999 --call-graph "${PERF_CALLGRAPH:-fp}" -p "$px" -o "$T/perf.data" -- sleep "${PERF_SECONDS:-8}" 2>/dev/null >/dev/null
     wait "$wrk_pid"
     rep() { perf report -i "$T/perf.data" --no-children --stdio "$@" 2>/dev/null | grep -E '^ +[0-9]' | sed 's/  \+- .*$//; s/ *$//' || true; }
     echo "--- by shared object ---"; rep --sort dso | awk 'NR <= 8'

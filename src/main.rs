@@ -164,11 +164,18 @@ fn load(path: &Path) -> anyhow::Result<Config> {
 }
 
 fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    // Without `server.workers`, tokio honours TOKIO_WORKER_THREADS, else one per core.
-    if let Some(workers) = workers {
-        builder.worker_threads(workers);
-    }
+    let mut builder = match workers {
+        // One worker: the current-thread scheduler does the same work without the
+        // cross-thread hand-offs (work stealing, shared run queue, remote wake-ups).
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        // Without `server.workers`, tokio honours TOKIO_WORKER_THREADS, else one per core.
+        None => tokio::runtime::Builder::new_multi_thread(),
+        Some(workers) => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(workers);
+            builder
+        }
+    };
     builder
         .enable_all()
         .build()

@@ -492,7 +492,13 @@ async fn sighup_reloads_the_running_binary_and_healthcheck_probes_it() {
             "admin:\n  listen: 127.0.0.1:0",
             &format!("admin:\n  listen: {admin}"),
         )
-        .replacen("listen: 127.0.0.1:0", &format!("listen: {addr}"), 1);
+        // One worker: the binary runs the current-thread scheduler then; the other
+        // binary tests cover the default multi-threaded one.
+        .replacen(
+            "listen: 127.0.0.1:0",
+            &format!("listen: {addr}\n  workers: 1"),
+            1,
+        );
     let path = dir.write("proxy.yaml", &yaml);
     let mut cmd = command(["--log-format", "json"]);
     cmd.arg("run")
