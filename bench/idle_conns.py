@@ -3,7 +3,8 @@
 then hold them idle and report the proxy's memory from /proc.
 
 usage: idle_conns.py HOST PORT PATH AUTH_HEADER PROXY_PID N
-Prints one line of key=value pairs."""
+Prints one line of key=value pairs. With IDLE_NO_REQUEST=1 the connections send nothing
+(the proxy closes them after header_read_timeout, so the reading is taken before that)."""
 import asyncio
 import os
 import resource
@@ -27,6 +28,9 @@ def nfds(pid):
 async def one(host, port, request, held, failures):
     try:
         reader, writer = await asyncio.open_connection(host, port)
+        if not request:  # IDLE_NO_REQUEST: connected, nothing sent
+            held.append(writer)
+            return
         writer.write(request)
         await writer.drain()
         head = await reader.readuntil(b"\r\n\r\n")
@@ -52,6 +56,8 @@ async def main():
         resource.setrlimit(resource.RLIMIT_NOFILE, (max(want, soft), max(want, hard)))
     request = (f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
                f"Authorization: {auth}\r\n\r\n").encode()
+    if os.environ.get("IDLE_NO_REQUEST"):
+        request = b""
     before = status(pid)
     held, failures = [], []
     batch = 250  # bounded concurrency: the upstream pool stays small, as in steady state
