@@ -175,15 +175,13 @@ impl Metrics {
     /// so that counting a request hashes no labels. Pipelines keep one per route; the
     /// series are shared with every other handle of the same route, across reloads.
     pub(crate) fn route(&self, route: Option<&str>) -> RouteMetrics {
-        let labels = route_labels(route);
         RouteMetrics {
-            in_flight: self.inner.in_flight.get_or_create_owned(&labels),
-            request_duration: self.inner.request_duration.get_or_create_owned(&labels),
-            upstream_durations: self.inner.upstream_duration.clone(),
+            route: route_labels(route).route,
+            families: Arc::clone(&self.inner),
+            in_flight: OnceLock::new(),
+            request_duration: OnceLock::new(),
             upstream_duration: OnceLock::new(),
-            requests: self.inner.requests.clone(),
             counters: RwLock::default(),
-            route: labels.route,
         }
     }
 
@@ -260,17 +258,16 @@ impl Metrics {
     }
 }
 
-/// One route's series; see [`Metrics::route`].
+/// One route's series; see [`Metrics::route`]. Each series is created on first use (as
+/// before there were handles), so none appears that nothing ever counts.
 #[derive(Debug)]
 pub(crate) struct RouteMetrics {
     route: String,
-    in_flight: Gauge,
-    request_duration: Histogram,
-    /// Created on first use: requests refused before forwarding have no upstream time.
+    families: Arc<Inner>,
+    in_flight: OnceLock<Gauge>,
+    request_duration: OnceLock<Histogram>,
     upstream_duration: OnceLock<Histogram>,
-    upstream_durations: HistogramFamily,
-    requests: Family<RequestLabels, Counter>,
-    /// `s2s_proxy_requests_total` by (method, status) as seen so far: a handful each.
+    /// `s2s_proxy_requests_total` by (method, status label) as seen so far: a handful each.
     counters: RwLock<Vec<(&'static str, u16, Counter)>>,
 }
 
@@ -284,18 +281,37 @@ impl RouteMetrics {
         upstream: Option<Duration>,
     ) {
         self.counter(method_label(method), status).inc();
-        self.request_duration.observe(total.as_secs_f64());
+        self.request_duration
+            .get_or_init(|| {
+                self.families
+                    .request_duration
+                    .get_or_create_owned(&self.labels())
+            })
+            .observe(total.as_secs_f64());
         if let Some(upstream) = upstream {
             self.upstream_duration
                 .get_or_init(|| {
-                    self.upstream_durations
-                        .get_or_create_owned(&route_labels(Some(&self.route)))
+                    self.families
+                        .upstream_duration
+                        .get_or_create_owned(&self.labels())
                 })
                 .observe(upstream.as_secs_f64());
         }
     }
 
+    fn labels(&self) -> RouteLabels {
+        RouteLabels {
+            route: self.route.clone(),
+        }
+    }
+
     fn counter(&self, method: &'static str, status: u16) -> Counter {
+        // Keyed like the label: every status outside 100–599 is the one `other` series.
+        let status = if (100..=599).contains(&status) {
+            status
+        } else {
+            0
+        };
         let find = |counters: &[(&'static str, u16, Counter)]| {
             counters
                 .iter()
@@ -309,7 +325,7 @@ impl RouteMetrics {
         if let Some(counter) = find(&counters) {
             return counter;
         }
-        let counter = self.requests.get_or_create_owned(&RequestLabels {
+        let counter = self.families.requests.get_or_create_owned(&RequestLabels {
             route: self.route.clone(),
             method,
             status: status_label(status),
@@ -320,10 +336,12 @@ impl RouteMetrics {
 
     /// Counts a request in `s2s_proxy_in_flight{route}` until the guard is dropped.
     pub(crate) fn in_flight(&self) -> InFlight {
-        self.in_flight.inc();
-        InFlight {
-            gauge: self.in_flight.clone(),
-        }
+        let gauge = self
+            .in_flight
+            .get_or_init(|| self.families.in_flight.get_or_create_owned(&self.labels()))
+            .clone();
+        gauge.inc();
+        InFlight { gauge }
     }
 }
 
@@ -444,14 +462,22 @@ mod tests {
             handle.record(&Method::GET, 200, Duration::from_millis(5), None);
         }
         first.record(&Method::GET, 404, Duration::ZERO, None);
+        // Statuses outside 100–599 share one `other` series, whatever their number.
+        first.record(&Method::GET, 999, Duration::ZERO, None);
+        second.record(&Method::GET, 42, Duration::ZERO, None);
+        let unrouted = metrics.route(None);
         let text = metrics.render(&[], &[]);
         for line in [
             r#"s2s_proxy_requests_total{route="/bc/",method="GET",status="200"} 3"#,
             r#"s2s_proxy_requests_total{route="/bc/",method="GET",status="404"} 1"#,
-            r#"s2s_proxy_request_duration_seconds_count{route="/bc/"} 4"#,
+            r#"s2s_proxy_requests_total{route="/bc/",method="GET",status="other"} 2"#,
+            r#"s2s_proxy_request_duration_seconds_count{route="/bc/"} 6"#,
         ] {
             assert!(text.contains(line), "{line} missing in:\n{text}");
         }
+        // A handle creates no series until something is counted on it.
+        assert!(!text.contains(r#"route="none""#), "{text}");
+        drop(unrouted);
     }
 
     #[test]

@@ -149,8 +149,9 @@ pub(crate) fn to_client(headers: &mut HeaderMap) {
 }
 
 /// Removes hop-by-hop headers, every header named in `Connection`, and those `also`
-/// picks. One pass over the names finds what is present, so a request without such
-/// headers costs no hashed lookups, and each present one costs one removal.
+/// picks. The fixed rules are checked in one pass over the names present, so a request
+/// without such headers costs no hashed lookups; the `Connection` list comes from the
+/// peer and may be long, so its names are removed by hashed lookup, each once.
 fn remove_hop_by_hop_and(headers: &mut HeaderMap, also: impl Fn(&HeaderName) -> bool) {
     // Split the raw bytes: one odd byte must not make the whole list unreadable.
     let named: Vec<HeaderName> = headers
@@ -159,11 +160,16 @@ fn remove_hop_by_hop_and(headers: &mut HeaderMap, also: impl Fn(&HeaderName) -> 
         .flat_map(|value| value.as_bytes().split(|&b| b == b','))
         .filter_map(|name| HeaderName::from_bytes(name.trim_ascii()).ok())
         .collect();
-    let doomed = |name: &HeaderName| is_hop_by_hop(name) || also(name) || named.contains(name);
-    // Header counts are bounded (hyper: 100), and removals rare beyond `Host` and
-    // `Authorization`: restarting the scan after each removal beats collecting.
-    while let Some(name) = headers.keys().find(|name| doomed(name)).cloned() {
-        headers.remove(&name);
+    for name in &named {
+        headers.remove(name);
+    }
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| is_hop_by_hop(name) || also(name))
+        .cloned()
+        .collect();
+    for name in &doomed {
+        headers.remove(name);
     }
 }
 
@@ -281,6 +287,31 @@ mod tests {
         assert_eq!(out["x-forwarded-host"], "proxy.test");
         assert_eq!(out["x-forwarded-proto"], "http");
         assert_eq!(out["x-request-id"], "req-1");
+    }
+
+    #[test]
+    fn a_long_connection_list_removes_each_named_header() {
+        // 5,000 names (each of x-n0..x-n49 a hundred times) against 60 headers: every
+        // named one goes, the rest stay, and the cost is linear in the list.
+        let key = HeaderName::from_static("x-api-key");
+        let id = HeaderValue::from_static("r");
+        let list: Vec<String> = (0..5000).map(|i| format!("x-n{}", i % 50)).collect();
+        let mut inbound = map(&[("connection", &list.join(", "))]);
+        for i in 0..60 {
+            inbound.insert(
+                HeaderName::try_from(format!("x-n{i}")).unwrap(),
+                HeaderValue::from_static("v"),
+            );
+        }
+        let out = to_upstream(inbound, &forwarding(false, &key, &id));
+        let mut kept: Vec<&str> = out
+            .keys()
+            .map(HeaderName::as_str)
+            .filter(|name| name.starts_with("x-n"))
+            .collect();
+        kept.sort_unstable();
+        let expected: Vec<String> = (50..60).map(|i| format!("x-n{i}")).collect();
+        assert_eq!(kept, expected);
     }
 
     #[test]

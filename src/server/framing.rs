@@ -133,9 +133,11 @@ impl Audit {
             if let Some(len) = self.parse_head(bytes) {
                 return &bytes[len..];
             }
-            if matches!(self.state, State::Off) {
-                return &[];
+            // Incomplete (or unreadable, and the audit is off): keep it for the next read.
+            if !matches!(self.state, State::Off) {
+                self.head.extend_from_slice(bytes);
             }
+            return &[];
         }
         let before = self.head.len();
         self.head.extend_from_slice(bytes);
