@@ -7,6 +7,7 @@
 #   bench/run.sh                 # defaults: 3 rounds of 10 s, 50 connections
 #   ROUNDS=5 DURATION=15s CONNS=100 IDLE_CONNS=10000 bench/run.sh
 #   CANDS="nginx haproxy s2s-1w" SCENARIOS=0 ROUNDS=3 DURATION=5s bench/run.sh   # quick A/B
+#   ALT_BIN=/tmp/s2s-old CANDS="nginx s2s-1w s2s-alt" SCENARIOS=0 bench/run.sh    # two builds
 #
 # Pinning (2+ cores): every proxy under test runs alone on CPU 0; wrk and the upstream share
 # CPU 1. The "default runtime" s2s-proxy (one worker per core) is left unpinned.
@@ -60,9 +61,9 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
-read -r UP TOK NGX HAP S1 SD SF SINK < <(python3 - <<'PY'
+read -r UP TOK NGX HAP S1 SD SF SINK SA < <(python3 - <<'PY'
 import socket
-socks = [socket.socket() for _ in range(8)]
+socks = [socket.socket() for _ in range(9)]
 for s in socks: s.bind(("127.0.0.1", 0))
 print(*[s.getsockname()[1] for s in socks])
 PY
@@ -189,7 +190,7 @@ YAML
 start_s2s() { # name port workers pin... ; sets s2s_pid
     local name=$1 port=$2 workers=$3; shift 3
     s2s_config "$name" "$port" "$workers"
-    NO_COLOR=1 RUST_LOG=info,s2s_proxy::access=off "$@" "$bin" run --config "$T/$name.yaml" \
+    NO_COLOR=1 RUST_LOG=info,s2s_proxy::access=off "$@" "${S2S_BIN:-$bin}" run --config "$T/$name.yaml" \
         >"$T/$name.log" 2>&1 &
     s2s_pid=$!; pids+=($s2s_pid)
     for _ in $(seq 100); do
@@ -207,6 +208,9 @@ for p in $UP $TOK $NGX $HAP $SINK; do wait_port "$p"; done
 start_s2s s2s-1w "$S1" 1 "${pin_proxy[@]}"; s1_pid=$s2s_pid
 sleep 0.5; s1_idle_kib=$(kib "$s1_pid" VmRSS)
 start_s2s s2s-default "$SD" "" ; sd_pid=$s2s_pid
+if [ -n "${ALT_BIN:-}" ]; then # A/B: another build as candidate "s2s-alt" (one worker)
+    S2S_BIN=$ALT_BIN start_s2s s2s-alt "$SA" 1 "${pin_proxy[@]}"; sa_pid=$s2s_pid
+fi
 sleep 0.5; sd_idle_kib=$(kib "$sd_pid" VmRSS)
 
 # sanity: every candidate answers 200 with the upstream body
@@ -222,10 +226,10 @@ done
 read -r -a cands <<< "$CANDS"
 declare -A url=( [direct]="http://127.0.0.1:$UP/x" [nginx]="http://127.0.0.1:$NGX/bench/x"
                  [haproxy]="http://127.0.0.1:$HAP/bench/x" [s2s-1w]="http://127.0.0.1:$S1/bench/x"
-                 [s2s-default]="http://127.0.0.1:$SD/bench/x" )
+                 [s2s-default]="http://127.0.0.1:$SD/bench/x" [s2s-alt]="http://127.0.0.1:$SA/bench/x" )
 upw=$(pgrep -P "$(cat "$T/nginx-up.pid")" | head -1)
 pxw=$(pgrep -P "$(cat "$T/nginx-px.pid")" | head -1)
-declare -A cpupid=( [direct]=$upw [nginx]=$pxw [haproxy]=$hap_pid [s2s-1w]=$s1_pid [s2s-default]=$sd_pid )
+declare -A cpupid=( [direct]=$upw [nginx]=$pxw [haproxy]=$hap_pid [s2s-1w]=$s1_pid [s2s-default]=$sd_pid [s2s-alt]=${sa_pid:-$s1_pid} )
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 clk=$(getconf CLK_TCK)
 
@@ -267,7 +271,7 @@ for c in dict.fromkeys(r["candidate"] for r in runs):
     med[c] = m("rps")
     print(f"| {c} | {m('rps'):.0f} | {m('p50_ms'):.3f} | {m('p99_ms'):.3f} | {m('cpu_pct'):.0f} "
           f"| {sum(int(r['errors']) for r in rs)} | {', '.join(r['rps'] for r in rs)} |")
-for s in ("s2s-1w", "s2s-default"):
+for s in ("s2s-1w", "s2s-default", "s2s-alt"):
     for o in ("nginx", "haproxy"):
         if s in med and o in med:
             print(f"- {s} / {o}: **{med[s] / med[o]:.2f}**")

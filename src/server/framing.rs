@@ -17,7 +17,7 @@ use std::future::Future as _;
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -239,15 +239,29 @@ fn chunk_start(size: u64) -> State {
     }
 }
 
-/// Length of the HTTP/2 connection preface (RFC 9113 §3.4).
-const H2_PREFACE_LEN: usize = 24;
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const H2_PREFACE_LEN: usize = H2_PREFACE.len();
+/// The first read of a connection, kept for hyper: room for a typical request head, so
+/// hyper gets the whole head in its first read.
+const FIRST_READ: usize = 4096;
+
+/// The protocol of a connection, told from its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Protocol {
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c), or after ALPN `h2`: it starts with the preface.
+    Http2,
+}
 
 /// A connection whose inbound bytes are audited on their way to hyper.
 ///
-/// It also bounds the time before the first request head: hyper-util's protocol detection
-/// reads the first bytes without a timeout (hyper #3756), and hyper's own
+/// It also bounds the time before the first request head: hyper's own
 /// `header_read_timeout` only starts once HTTP/1 was chosen, so a peer that sends nothing
-/// (or half an HTTP/2 preface) would hold a connection slot forever.
+/// (or half an HTTP/2 preface) would otherwise hold a connection slot forever. And it
+/// tells HTTP/1 from HTTP/2 ([`AuditedStream::protocol`]), keeping the bytes it read for
+/// hyper: unlike hyper-util's `auto` detection, which hands hyper the first 24 bytes on
+/// their own, so hyper's read buffer starts partly filled and grows to 16 KiB.
 #[derive(Debug)]
 pub(crate) struct AuditedStream<S> {
     inner: S,
@@ -255,6 +269,9 @@ pub(crate) struct AuditedStream<S> {
     /// Until the first request head (or the whole HTTP/2 preface) has arrived.
     first_bytes_deadline: Option<Pin<Box<Sleep>>>,
     bytes_read: usize,
+    /// Bytes read (and audited) by [`Self::protocol`], not yet handed to the reader.
+    replay: Vec<u8>,
+    replayed: usize,
 }
 
 impl<S> AuditedStream<S> {
@@ -271,6 +288,8 @@ impl<S> AuditedStream<S> {
             },
             first_bytes_deadline: Some(Box::pin(tokio::time::sleep(first_request_within))),
             bytes_read: 0,
+            replay: Vec::new(),
+            replayed: 0,
         };
         (stream, records)
     }
@@ -281,14 +300,47 @@ impl<S> AuditedStream<S> {
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for AuditedStream<S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
+impl<S: AsyncRead + Unpin> AuditedStream<S> {
+    /// Reads the connection's first bytes — as many as the peer sent, up to [`FIRST_READ`]
+    /// — and tells the protocol from them: the HTTP/2 preface, or anything else. The bytes
+    /// are read again by whoever reads this stream next. `None`: the peer closed the
+    /// connection without sending a byte.
+    pub(crate) async fn protocol(&mut self) -> io::Result<Option<Protocol>> {
+        let mut first = vec![0; FIRST_READ];
+        let mut filled = 0;
+        let protocol = loop {
+            let read = std::future::poll_fn(|cx| {
+                let mut buf = ReadBuf::new(&mut first[filled..]);
+                ready!(self.poll_audited(cx, &mut buf))?;
+                Poll::Ready(Ok::<_, io::Error>(buf.filled().len()))
+            })
+            .await?;
+            if read == 0 {
+                break (filled > 0).then_some(Protocol::Http1);
+            }
+            filled += read;
+            let seen = filled.min(H2_PREFACE_LEN);
+            if first[..seen] != H2_PREFACE[..seen] {
+                break Some(Protocol::Http1);
+            }
+            if seen == H2_PREFACE_LEN {
+                break Some(Protocol::Http2);
+            }
+            // A strict prefix of the preface: wait for more (bounded by the deadline).
+        };
+        first.truncate(filled);
+        self.replay = first;
+        self.replayed = 0;
+        Ok(protocol)
+    }
+
+    /// Reads from the connection itself, auditing what arrives.
+    fn poll_audited(
+        &mut self,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if let Some(deadline) = this.first_bytes_deadline.as_mut()
+        if let Some(deadline) = self.first_bytes_deadline.as_mut()
             && deadline.as_mut().poll(cx).is_ready()
         {
             return Poll::Ready(Err(io::Error::new(
@@ -297,16 +349,38 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuditedStream<S> {
             )));
         }
         let before = buf.filled().len();
-        let result = Pin::new(&mut this.inner).poll_read(cx, buf);
+        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = result {
             let read = &buf.filled()[before..];
-            this.bytes_read = this.bytes_read.saturating_add(read.len());
-            this.audit.observe(read);
-            if this.first_bytes_deadline.is_some() && this.first_request_arrived() {
-                this.first_bytes_deadline = None;
+            self.bytes_read = self.bytes_read.saturating_add(read.len());
+            self.audit.observe(read);
+            if self.first_bytes_deadline.is_some() && self.first_request_arrived() {
+                self.first_bytes_deadline = None;
             }
         }
         result
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for AuditedStream<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.replayed < this.replay.len() {
+            let rest = &this.replay[this.replayed..];
+            let take = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..take]);
+            this.replayed += take;
+            if this.replayed == this.replay.len() {
+                this.replay = Vec::new();
+                this.replayed = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        this.poll_audited(cx, buf)
     }
 }
 
@@ -409,6 +483,38 @@ mod tests {
         assert_eq!(audit(overflow, 100), (vec![PLAIN], true));
         let huge_head = [b"GET / HTTP/1.1\r\nX: ".as_slice(), &vec![b'a'; MAX_HEAD]].concat();
         assert_eq!(audit(&huge_head, 4096), (vec![], true));
+    }
+
+    #[tokio::test]
+    async fn protocol_is_told_from_the_first_bytes_which_are_then_read_again() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let h1: &[&[u8]] = &[b"GET / HTTP/1.1\r\nHost: p\r\n\r\n"];
+        let h2: &[&[u8]] = &[b"PRI * HT", b"TP/2.0\r\n\r\nSM\r\n\r\n", b"\0\0\x12\x04"];
+        let short: &[&[u8]] = &[b"PRI"];
+        let cases: [(&[&[u8]], Option<Protocol>); 4] = [
+            (h1, Some(Protocol::Http1)),
+            (h2, Some(Protocol::Http2)),
+            // A prefix of the preface, then the end: whatever it is, it is not HTTP/2.
+            (short, Some(Protocol::Http1)),
+            (&[], None),
+        ];
+        for (pieces, expected) in cases {
+            let (mut peer, server) = tokio::io::duplex(64 * 1024);
+            let sent: Vec<u8> = pieces.concat();
+            let pieces: Vec<Vec<u8>> = pieces.iter().map(|p| p.to_vec()).collect();
+            let writer = tokio::spawn(async move {
+                for piece in pieces {
+                    peer.write_all(&piece).await.unwrap();
+                    tokio::task::yield_now().await;
+                }
+            });
+            let (mut stream, _) = AuditedStream::new(server, Duration::from_secs(5));
+            assert_eq!(stream.protocol().await.unwrap(), expected, "{sent:?}");
+            writer.await.unwrap();
+            let mut read = Vec::new();
+            stream.read_to_end(&mut read).await.unwrap();
+            assert_eq!(read, sent, "every byte reaches the reader once");
+        }
     }
 
     #[test]

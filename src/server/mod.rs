@@ -17,16 +17,17 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use futures_util::FutureExt as _;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulConnection;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
-use self::framing::AuditedStream;
+use self::framing::{AuditedStream, Protocol};
 use crate::config::Limits;
 use crate::inbound::tls::TlsSession;
 use crate::proxy::Pipeline;
@@ -39,22 +40,30 @@ pub(crate) const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Pause after a failed accept (typically EMFILE) so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(500);
 
-fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        // hyper answers 431 when the request head does not fit; its minimum is 8 KiB.
-        .max_buf_size(limits.max_header_bytes.max(8192))
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(100)
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        .keep_alive_interval(Duration::from_secs(30));
-    builder
+/// hyper's HTTP/1 and HTTP/2 server settings; a connection uses one or the other, as its
+/// first bytes say ([`AuditedStream::protocol`]).
+struct Builders {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+}
+
+impl Builders {
+    fn new(limits: &Limits) -> Self {
+        let mut http1 = http1::Builder::new();
+        http1
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            // hyper answers 431 when the request head does not fit; its minimum is 8 KiB.
+            .max_buf_size(limits.max_header_bytes.max(8192))
+            .keep_alive(true);
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        http2
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(100)
+            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+            .keep_alive_interval(Duration::from_secs(30));
+        Self { http1, http2 }
+    }
 }
 
 /// Serves `listener` until `shutdown` completes, then stops accepting and drains. With
@@ -69,7 +78,7 @@ pub(crate) async fn serve(
 ) {
     let acceptor = tls.map(TlsAcceptor::from);
     // Shared: every connection's task would otherwise carry its own copy.
-    let builder = Arc::new(connection_builder(limits));
+    let builders = Arc::new(Builders::new(limits));
     // Every connection holds a permit; draining is done when all are back.
     let max_connections = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
     let permits = Arc::new(Semaphore::new(max_connections as usize));
@@ -96,7 +105,7 @@ pub(crate) async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let connection = Connection {
-            builder: builder.clone(),
+            builders: builders.clone(),
             pipelines: pipelines.clone(),
             header_read_timeout: limits.header_read_timeout,
             idle_timeout: limits.idle_timeout,
@@ -190,7 +199,7 @@ impl Drop for InFlight {
 
 /// One accepted connection, ready to serve HTTP once its stream (TLS or not) is ready.
 struct Connection {
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builders: Arc<Builders>,
     pipelines: Arc<ArcSwap<Pipeline>>,
     header_read_timeout: Duration,
     idle_timeout: Duration,
@@ -209,14 +218,25 @@ impl Connection {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let Self {
-            builder,
+            builders,
             pipelines,
             header_read_timeout,
             idle_timeout,
             mut stopping,
             peer,
         } = self;
-        let (stream, framing) = AuditedStream::new(stream, header_read_timeout);
+        let (mut stream, framing) = AuditedStream::new(stream, header_read_timeout);
+        let protocol = tokio::select! {
+            protocol = stream.protocol() => match protocol {
+                Ok(Some(protocol)) => protocol,
+                Ok(None) => return,
+                Err(error) => {
+                    tracing::debug!(peer = %peer, error = %error, "Connection ended before its first request.");
+                    return;
+                }
+            },
+            _ = stopping.wait_for(|stop| *stop) => return,
+        };
         let activity = Arc::new(Activity::new());
         let forwarded_peer = Peer::new(peer.ip());
         let requests = activity.clone();
@@ -246,7 +266,50 @@ impl Connection {
                 Ok::<_, Infallible>(response)
             })
         });
-        let connection = builder.serve_connection(TokioIo::new(stream), service);
+        let io = TokioIo::new(stream);
+        let served = Served {
+            activity,
+            idle_timeout,
+            stopping,
+            peer,
+        };
+        match protocol {
+            Protocol::Http1 => {
+                served
+                    .drive(builders.http1.serve_connection(io, service))
+                    .await
+            }
+            Protocol::Http2 => {
+                served
+                    .drive(builders.http2.serve_connection(io, service))
+                    .await
+            }
+        }
+    }
+}
+
+/// What a connection's HTTP driver needs besides the connection itself.
+struct Served {
+    activity: Arc<Activity>,
+    idle_timeout: Duration,
+    stopping: watch::Receiver<bool>,
+    peer: SocketAddr,
+}
+
+impl Served {
+    /// Runs `connection` to its end, shutting it down gracefully when the proxy drains or
+    /// the connection has been idle for `idle_timeout`.
+    async fn drive<C>(self, connection: C)
+    where
+        C: GracefulConnection,
+        C::Error: std::fmt::Display,
+    {
+        let Self {
+            activity,
+            idle_timeout,
+            mut stopping,
+            peer,
+        } = self;
         tokio::pin!(connection);
         let mut closing = false;
         loop {
