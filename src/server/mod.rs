@@ -277,12 +277,12 @@ impl Connection {
             Protocol::Http1 => {
                 served
                     .drive(builders.http1.serve_connection(io, service))
-                    .await
+                    .await;
             }
             Protocol::Http2 => {
                 served
                     .drive(builders.http2.serve_connection(io, service))
-                    .await
+                    .await;
             }
         }
     }
