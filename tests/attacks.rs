@@ -914,6 +914,32 @@ async fn c8_too_many_or_too_large_request_headers_are_431() {
     proxy.shutdown().await;
 }
 
+#[tokio::test]
+async fn c8_a_large_head_within_the_limit_is_forwarded_whole() {
+    // 20 KiB: more than the proxy's first read (4 KiB, replayed to hyper) and hyper's
+    // initial 8 KiB buffer, less than the 32 KiB limit. Sent in one write and in pieces.
+    let (idp, upstream, proxy) = setup().await;
+    let value = "v".repeat(20 * 1024);
+    let head = head_with(&erp(), &format!("X-Big: {value}\r\n"));
+    let raw = exchange(proxy.addr, &head, 1, false).await;
+    assert_eq!(finals(&raw)[0].status, 200);
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    for piece in head.chunks(3000) {
+        stream.write_all(piece).await.unwrap();
+        tokio::task::yield_now().await;
+    }
+    let raw = read_until(&mut stream, 1).await;
+    assert_eq!(finals(&raw)[0].status, 200);
+    let received = upstream.requests();
+    assert_eq!(received.len(), 2);
+    for request in &received {
+        assert_eq!(request.header("x-big"), Some(value.as_str()));
+    }
+    assert_eq!(idp.calls(), 1);
+    proxy.shutdown().await;
+}
+
 #[test]
 fn c11_h10_escape_sequences_and_newlines_never_reach_the_logs_raw() {
     quiet_global_dispatch();
