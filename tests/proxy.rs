@@ -786,6 +786,31 @@ async fn shutdown_drains_in_flight_requests() {
 }
 
 #[tokio::test]
+async fn a_drain_closes_connections_still_sending_their_first_bytes() {
+    // Half an HTTP/2 preface keeps the protocol undecided; the drain must not wait for
+    // the 10 s first-request deadline (nor the 30 s drain limit) to end such a connection.
+    let (_idp, _upstream, proxy) = standard().await;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut undecided = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    undecided.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    // The proxy has taken the bytes once the connection is served; a request on another
+    // connection proves the accept loop got that far.
+    let (name, value) = erp();
+    assert_eq!(
+        send(proxy.addr, "GET", "/bc/x", &[(name, &value)], "")
+            .await
+            .status,
+        200
+    );
+    tokio::time::timeout(Duration::from_secs(5), proxy.shutdown())
+        .await
+        .expect("the drain waited for a connection that never sent a request");
+    let mut buf = [0u8; 8];
+    let read = tokio::time::timeout(Duration::from_secs(5), undecided.read(&mut buf)).await;
+    assert!(matches!(read, Ok(Ok(0) | Err(_))), "closed: {read:?}");
+}
+
+#[tokio::test]
 async fn connections_that_send_no_request_are_closed_and_free_their_slot() {
     let idp = FakeIdp::start().await;
     let upstream = FakeUpstream::start().await;

@@ -315,6 +315,9 @@ impl Served {
         loop {
             let idle_at = activity.idle_at(idle_timeout);
             tokio::select! {
+                // The connection first: bytes already read (the replayed first ones) start
+                // their request before a drain that arrived at the same time is seen.
+                biased;
                 result = connection.as_mut() => {
                     if let Err(error) = result {
                         tracing::debug!(peer = %peer, error = %error, "Connection ended with an error.");
