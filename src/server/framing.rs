@@ -522,6 +522,88 @@ mod tests {
         }
     }
 
+    /// Any way of cutting the same bytes into reads gives the same records: heads parsed
+    /// in place (whole in one read) and heads gathered over several reads agree.
+    #[test]
+    fn records_do_not_depend_on_how_the_bytes_arrive() {
+        use proptest::prelude::*;
+
+        /// One request (framing headers in some case, a matching body) and whether its
+        /// framing is ambiguous.
+        fn request() -> impl Strategy<Value = (Vec<u8>, bool)> {
+            (
+                prop::sample::select(vec!["GET", "POST", "PATCH"]),
+                0usize..3,     // 0: no body, 1: Content-Length, 2: chunked
+                0usize..40,    // body length
+                any::<bool>(), // a Content-Length next to Transfer-Encoding as well
+                any::<bool>(), // upper-case header names
+                "[a-z]{0,30}", // padding header value
+            )
+                .prop_map(|(method, framing, len, both, upper, pad)| {
+                    let name = |n: &str| {
+                        if upper {
+                            n.to_uppercase()
+                        } else {
+                            n.to_owned()
+                        }
+                    };
+                    let body = "b".repeat(len);
+                    let mut head = format!("{method} /x HTTP/1.1\r\nHost: p\r\nX-Pad: {pad}\r\n");
+                    let payload = match framing {
+                        1 => {
+                            head += &format!("{}: {len}\r\n", name("content-length"));
+                            body
+                        }
+                        2 => {
+                            head += &format!("{}: chunked\r\n", name("transfer-encoding"));
+                            if both {
+                                head += &format!("{}: {len}\r\n", name("content-length"));
+                            }
+                            if len == 0 {
+                                "0\r\n\r\n".to_owned()
+                            } else {
+                                format!("{len:x}\r\n{body}\r\n0\r\n\r\n")
+                            }
+                        }
+                        _ => String::new(),
+                    };
+                    let ambiguous = framing == 2 && both;
+                    (format!("{head}\r\n{payload}").into_bytes(), ambiguous)
+                })
+        }
+
+        proptest!(|(requests in prop::collection::vec(request(), 1..6),
+                    cuts in prop::collection::vec(1usize..64, 1..40))| {
+            let input: Vec<u8> = requests.iter().flat_map(|(bytes, _)| bytes.clone()).collect();
+            let expected: Vec<Framing> = requests
+                .iter()
+                .map(|&(_, ambiguous_length)| Framing { ambiguous_length })
+                .collect();
+            let whole = audit(&input, input.len());
+            prop_assert_eq!(&whole.0, &expected);
+            prop_assert!(!whole.1);
+            // Cut the input at the given piece sizes (cycled), not at a fixed step.
+            let records = FramingRecords::default();
+            let mut audited = Audit {
+                state: State::Head,
+                head: Vec::new(),
+                records: records.clone(),
+                heads: 0,
+            };
+            let mut rest = input.as_slice();
+            for size in cuts.iter().cycle() {
+                if rest.is_empty() {
+                    break;
+                }
+                let (piece, after) = rest.split_at((*size).min(rest.len()));
+                audited.observe(piece);
+                rest = after;
+            }
+            let pieces: Vec<Framing> = records.0.lock().unwrap().iter().copied().collect();
+            prop_assert_eq!(pieces, whole.0);
+        });
+    }
+
     #[test]
     fn records_are_taken_in_order_and_default_when_exhausted() {
         let records = FramingRecords::default();
