@@ -460,43 +460,59 @@ impl Validator<'_> {
                         ),
                     );
                 }
-                if list.is_empty() {
-                    self.problem(
-                        &format!("{at}.client_secrets"),
-                        "is empty; list at least one secret",
-                    );
-                    return None;
-                }
-                let mut secrets = Some(Vec::with_capacity(list.len()));
-                for (index, entry) in list.iter().enumerate() {
-                    let path = format!("{at}.client_secrets[{index}]");
-                    let secret = match entry {
-                        StringOr::String(text) => self.configured_secret(&path, text),
+                self.rotation_list(
+                    &format!("{at}.client_secrets"),
+                    list,
+                    "secret",
+                    |this, path, entry| match entry {
+                        StringOr::String(text) => this.configured_secret(path, text),
                         StringOr::Map(entry) => {
-                            let value = self
+                            let value = this
                                 .required(
                                     &format!("{path}.value"),
                                     entry.value.as_ref(),
                                     "the secret, e.g. ${BC_SECRET_NEW}",
                                 )
-                                .and_then(|t| self.configured_secret(&format!("{path}.value"), t));
+                                .and_then(|t| this.configured_secret(&format!("{path}.value"), t));
                             let expires = match &entry.expires {
-                                Some(e) => self.date(&format!("{path}.expires"), e).map(Some),
+                                Some(e) => this.date(&format!("{path}.expires"), e).map(Some),
                                 None => Some(None),
                             };
                             value
                                 .zip(expires)
                                 .map(|(value, expires)| ConfiguredSecret { expires, ..value })
                         }
-                    };
-                    match (secret, &mut secrets) {
-                        (Some(secret), Some(list)) => list.push(secret),
-                        _ => secrets = None,
-                    }
-                }
-                secrets
+                    },
+                )
             }
         }
+    }
+
+    /// The entries of a rotation list (`client_secrets`, `certificate_files`) at
+    /// `list_path`, each checked by `entry` at `list_path[i]` so that every bad entry is
+    /// reported; `None` when the list is empty or any entry is bad.
+    fn rotation_list<E, T>(
+        &mut self,
+        list_path: &str,
+        list: &[StringOr<E>],
+        what: &str,
+        mut entry: impl FnMut(&mut Self, &str, &StringOr<E>) -> Option<T>,
+    ) -> Option<Vec<T>> {
+        if list.is_empty() {
+            self.problem(list_path, format!("is empty; list at least one {what}"));
+            return None;
+        }
+        let mut valid = Some(Vec::with_capacity(list.len()));
+        for (index, item) in list.iter().enumerate() {
+            match (
+                entry(self, &format!("{list_path}[{index}]"), item),
+                &mut valid,
+            ) {
+                (Some(value), Some(values)) => values.push(value),
+                _ => valid = None,
+            }
+        }
+        valid
     }
 
     /// A secret, remembering its file when written wholly as `${file:PATH}`.
@@ -639,45 +655,34 @@ impl Validator<'_> {
                         ),
                     );
                 }
-                if list.is_empty() {
-                    self.problem(
-                        &format!("{at}.certificate_files"),
-                        "is empty; list at least one certificate file",
-                    );
-                    return None;
-                }
-                let mut files = Some(Vec::with_capacity(list.len()));
-                for (index, entry) in list.iter().enumerate() {
-                    let path = format!("{at}.certificate_files[{index}]");
-                    let file = match entry {
+                self.rotation_list(
+                    &format!("{at}.certificate_files"),
+                    list,
+                    "certificate file",
+                    |this, path, entry| match entry {
                         StringOr::String(text) => {
-                            self.existing_file(&path, text).map(|path| CertificateFile {
+                            this.existing_file(path, text).map(|path| CertificateFile {
                                 path,
                                 password: None,
                             })
                         }
                         StringOr::Map(entry) => {
-                            let file = self
+                            let file = this
                                 .required(
                                     &format!("{path}.file"),
                                     entry.file.as_ref(),
                                     "a PEM or PKCS#12 (.pfx) file",
                                 )
-                                .and_then(|t| self.existing_file(&format!("{path}.file"), t));
+                                .and_then(|t| this.existing_file(&format!("{path}.file"), t));
                             let password = match &entry.password {
-                                Some(t) => self.secret(&format!("{path}.password"), t).map(Some),
+                                Some(t) => this.secret(&format!("{path}.password"), t).map(Some),
                                 None => Some(None),
                             };
                             file.zip(password)
                                 .map(|(path, password)| CertificateFile { path, password })
                         }
-                    };
-                    match (file, &mut files) {
-                        (Some(file), Some(list)) => list.push(file),
-                        _ => files = None,
-                    }
-                }
-                files
+                    },
+                )
             }
         }
     }
