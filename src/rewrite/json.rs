@@ -262,13 +262,7 @@ fn is_link_key(tail: &[u8], len: usize) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn links() -> LinkMap {
-        LinkMap::new(
-            "https://api.bc.test/v2.0/t1/Production/",
-            "https://proxy.test/bc/",
-        )
-    }
+    use crate::rewrite::tests::links;
 
     /// Rewrites `input` fed in chunks of `size` bytes.
     fn rewrite_in_chunks(input: &str, size: usize) -> String {

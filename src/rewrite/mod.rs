@@ -379,7 +379,8 @@ impl BodyRewriter {
 mod tests {
     use super::*;
 
-    fn links() -> LinkMap {
+    /// The link map of the rewrite tests here and in the scanners' modules.
+    pub(super) fn links() -> LinkMap {
         LinkMap::new(
             "https://api.bc.test/v2.0/t1/Production/",
             "https://proxy.test/bc/",
