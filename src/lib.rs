@@ -43,6 +43,8 @@ mod rewrite;
 mod routing;
 pub mod secret;
 mod server;
+#[cfg(test)]
+mod test_support;
 pub mod token;
 mod upstream;
 

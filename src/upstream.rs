@@ -232,11 +232,9 @@ mod tests {
             "{error}"
         );
 
-        let path =
-            std::env::temp_dir().join(format!("s2s-proxy-empty-ca-{}.pem", std::process::id()));
-        std::fs::write(&path, "not a certificate\n").unwrap();
+        let dir = crate::test_support::TempDir::new("upstream-ca");
+        let path = dir.write("empty-ca.pem", "not a certificate\n");
         let error = client_tls_config(Some(&path)).unwrap_err().to_string();
-        std::fs::remove_file(&path).unwrap();
         assert!(error.contains("contains no PEM certificate"), "{error}");
     }
 }

@@ -265,22 +265,18 @@ mod tests {
 
     #[test]
     fn files_are_read_relative_to_base_dir_and_trimmed() {
-        let dir = std::env::temp_dir().join(format!(
-            "s2s-proxy-expand-{}-{}",
-            std::process::id(),
-            fastrand::u64(..)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("lf"), "value\n").unwrap();
-        std::fs::write(dir.join("crlf"), "value\r\n").unwrap();
-        std::fs::write(dir.join("inner"), "a\nb\n\n").unwrap();
+        let temp = crate::test_support::TempDir::new("expand");
+        let dir = temp.path();
+        temp.write("lf", "value\n");
+        temp.write("crlf", "value\r\n");
+        temp.write("inner", "a\nb\n\n");
         let v = vars(&[]);
         for name in ["lf", "crlf"] {
-            let e = expand(&format!("${{file:{name}}}"), &v, &dir).unwrap();
+            let e = expand(&format!("${{file:{name}}}"), &v, dir).unwrap();
             assert_eq!(e.value, "value");
             assert!(e.whole_reference);
         }
-        assert_eq!(expand("${file:inner}", &v, &dir).unwrap().value, "a\nb");
+        assert_eq!(expand("${file:inner}", &v, dir).unwrap().value, "a\nb");
         let absolute = dir.join("lf");
         let e = expand(
             &format!("${{file:{}}}", absolute.display()),
@@ -289,10 +285,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(e.value, "value");
-        let problems = expand("${file:missing}", &v, &dir).unwrap_err();
+        let problems = expand("${file:missing}", &v, dir).unwrap_err();
         assert!(
             problems[0].starts_with(&format!("cannot read {}: ", dir.join("missing").display()))
         );
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

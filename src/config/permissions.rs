@@ -51,11 +51,9 @@ mod tests {
 
     #[test]
     fn warns_only_for_world_readable_inline_secrets() {
-        let dir = std::env::temp_dir().join(format!("s2s-proxy-perm-{}", fastrand::u64(..)));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::test_support::TempDir::new("perm");
         let write = |name: &str, text: &str, mode: u32| {
-            let path = dir.join(name);
-            std::fs::write(&path, text).unwrap();
+            let path = dir.write(name, text);
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
             path
         };
@@ -68,6 +66,5 @@ mod tests {
         );
         assert!(inline_secret_warning(&write("b.yaml", inline, 0o640)).is_none());
         assert!(inline_secret_warning(&write("c.yaml", referenced, 0o644)).is_none());
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -2,6 +2,7 @@
 //! messages here are what `s2s-proxy check` prints; change them deliberately.
 
 use super::*;
+use crate::test_support::TempDir;
 
 const SECRET: &str = "cs_CANARY_7f3a";
 const PASSWORD: &str = "pw_CANARY_19c2";
@@ -88,38 +89,12 @@ fn one_route(upstream: &str, extra: &str) -> String {
     ))
 }
 
-/// A fresh directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        let path = std::env::temp_dir().join(format!(
-            "s2s-proxy-config-{}-{:016x}",
-            std::process::id(),
-            fastrand::u64(..)
-        ));
-        std::fs::create_dir_all(&path).expect("create temp dir");
-        Self(path)
-    }
-
-    fn write(&self, name: &str, contents: &str) -> PathBuf {
-        let path = self.0.join(name);
-        std::fs::write(&path, contents).expect("write temp file");
-        path
-    }
-
-    fn source(&self, variables: HashMap<String, String>) -> Source {
-        Source {
-            name: "proxy.yaml".to_owned(),
-            base_dir: self.0.clone(),
-            variables: Variables::map(variables),
-        }
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+/// The configuration source of a file in `dir`.
+fn source_in(dir: &TempDir, variables: HashMap<String, String>) -> Source {
+    Source {
+        name: "proxy.yaml".to_owned(),
+        base_dir: dir.path().to_owned(),
+        variables: Variables::map(variables),
     }
 }
 
@@ -256,10 +231,10 @@ fn design_example_supported() -> String {
 
 #[test]
 fn design_example_loads_without_the_parts_of_later_releases() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("config");
     dir.write("private-ca.pem", "-----BEGIN CERTIFICATE-----\n");
     let yaml = design_example_supported();
-    let config = Config::from_yaml_str(&yaml, &dir.source(design_vars()))
+    let config = Config::from_yaml_str(&yaml, &source_in(&dir, design_vars()))
         .unwrap_or_else(|e| panic!("{e}\n---\n{yaml}"));
 
     let server = &config.server;
@@ -276,7 +251,10 @@ fn design_example_loads_without_the_parts_of_later_releases() {
         server.trusted_proxies,
         ["10.0.0.0/8".parse::<IpNet>().unwrap()]
     );
-    assert_eq!(server.upstream_ca_file, Some(dir.0.join("private-ca.pem")));
+    assert_eq!(
+        server.upstream_ca_file,
+        Some(dir.path().join("private-ca.pem"))
+    );
     assert_eq!(server.api_key_header, "x-api-key");
     assert_eq!(server.workers, Some(2));
     assert!(server.tls.is_none());
@@ -399,7 +377,7 @@ fn design_example_loads_without_the_parts_of_later_releases() {
 /// validated, then refused; the shortened hash is the one real mistake.
 #[test]
 fn design_example_as_written_reports_every_problem() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("config");
     for file in ["private-ca.pem", "tls.crt", "tls.key", "clients-ca.pem"] {
         dir.write(file, "-----BEGIN CERTIFICATE-----\n");
     }
@@ -407,7 +385,7 @@ fn design_example_as_written_reports_every_problem() {
     let yaml = DESIGN_EXAMPLE
         .replace("/etc/s2s-proxy/", "")
         .replace("/run/secrets/", "");
-    let error = Config::from_yaml_str(&yaml, &dir.source(design_vars()))
+    let error = Config::from_yaml_str(&yaml, &source_in(&dir, design_vars()))
         .expect_err("later-release settings are refused");
     let text = error.to_string();
     assert!(!text.contains(SECRET) && !text.contains(API_KEY));
@@ -570,14 +548,14 @@ fn empty_secret_variable_is_refused() {
 
 #[test]
 fn file_references_are_trimmed_and_relative_to_the_config() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("config");
     dir.write("client-secret", &format!("{SECRET}\r\n"));
-    std::fs::create_dir(dir.0.join("keys")).expect("mkdir");
+    std::fs::create_dir(dir.path().join("keys")).expect("mkdir");
     dir.write("keys/warehouse", &format!("{API_KEY}\n"));
     let yaml = one_route("https://example.com/", "")
         .replace("${SECRET}", "${file:client-secret}")
         .replace("${WAREHOUSE_KEY}", "${file:keys/warehouse}");
-    let config = Config::from_yaml_str(&yaml, &dir.source(default_vars())).expect("valid");
+    let config = Config::from_yaml_str(&yaml, &source_in(&dir, default_vars())).expect("valid");
     let Some(CredentialKind::ClientSecret(bc)) = config.credential("bc").map(|c| &c.kind) else {
         panic!("bc is a client secret");
     };
@@ -588,12 +566,13 @@ fn file_references_are_trimmed_and_relative_to_the_config() {
 
 #[test]
 fn empty_or_missing_secret_file_is_refused() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("config");
     dir.write("empty", "\n");
     let yaml = one_route("https://example.com/", "")
         .replacen("${SECRET}", "${file:empty}", 1)
         .replace("${WAREHOUSE_KEY}", "${file:missing}");
-    let error = Config::from_yaml_str(&yaml, &dir.source(default_vars())).expect_err("refused");
+    let error =
+        Config::from_yaml_str(&yaml, &source_in(&dir, default_vars())).expect_err("refused");
     assert_eq!(
         error.problems(),
         [
@@ -605,7 +584,7 @@ fn empty_or_missing_secret_file_is_refused() {
                 path: "clients.warehouse.api_key".to_owned(),
                 message: format!(
                     "cannot read {}: No such file or directory (os error 2)",
-                    dir.0.join("missing").display()
+                    dir.path().join("missing").display()
                 ),
             },
         ]
@@ -671,7 +650,7 @@ fn usernames_and_api_keys_must_be_unique() {
 
 #[test]
 fn certificate_clients_with_a_client_ca() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("config");
     for file in ["tls.crt", "tls.key", "clients-ca.pem"] {
         dir.write(file, "-----BEGIN CERTIFICATE-----\n");
     }
@@ -683,7 +662,10 @@ fn certificate_clients_with_a_client_ca() {
     );
     let config = Config::from_yaml_str(
         &yaml,
-        &dir.source(HashMap::from([("SECRET".to_owned(), SECRET.to_owned())])),
+        &source_in(
+            &dir,
+            HashMap::from([("SECRET".to_owned(), SECRET.to_owned())]),
+        ),
     )
     .expect("valid");
     let tls = config.server.tls.as_ref().expect("tls");
@@ -707,7 +689,10 @@ fn certificate_clients_with_a_client_ca() {
     );
     let error = Config::from_yaml_str(
         &twice,
-        &dir.source(HashMap::from([("SECRET".to_owned(), SECRET.to_owned())])),
+        &source_in(
+            &dir,
+            HashMap::from([("SECRET".to_owned(), SECRET.to_owned())]),
+        ),
     )
     .expect_err("duplicate certificate clients");
     assert_eq!(

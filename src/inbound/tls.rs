@@ -279,20 +279,11 @@ mod tests {
 
     #[test]
     fn start_up_errors_name_the_file() {
-        let dir = std::env::temp_dir().join(format!(
-            "s2s-proxy-inbound-tls-{}-{:016x}",
-            std::process::id(),
-            fastrand::u64(..)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::test_support::TempDir::new("inbound-tls");
         let key = KeyPair::generate().unwrap();
         let params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
         let cert = params.self_signed(&key).unwrap();
-        let write = |name: &str, contents: &str| {
-            let path = dir.join(name);
-            std::fs::write(&path, contents).unwrap();
-            path
-        };
+        let write = |name: &str, contents: &str| dir.write(name, contents);
         let tls = ServerTls {
             cert_file: write("tls.crt", &cert.pem()),
             key_file: write("tls.key", &key.serialize_pem()),
@@ -326,12 +317,11 @@ mod tests {
         assert!(!error.contains("PRIVATE KEY"), "{error}");
 
         let missing = ServerTls {
-            cert_file: dir.join("missing.crt"),
+            cert_file: dir.path().join("missing.crt"),
             ..tls
         };
         let error = InboundTls::new(&missing).unwrap_err().to_string();
         assert!(error.contains("missing.crt: cannot read"), "{error}");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
