@@ -730,8 +730,13 @@ async fn bodies_over_the_limit_are_413() {
     .await;
     assert_eq!(answer.status, 413);
     assert_eq!(answer.json()["error"], "payload_too_large");
-    // Chunked, no Content-Length: counted while streaming.
     let auth = basic("erp", PASSWORD);
+    // A declared length over the limit is refused before any body byte is sent.
+    let declared = format!(
+        "POST /bc/x HTTP/1.1\r\nHost: p\r\nAuthorization: {auth}\r\nContent-Length: 10737418240\r\n\r\n"
+    );
+    assert_eq!(raw_status(&raw(proxy.addr, declared.as_bytes()).await), 413);
+    // Chunked, no Content-Length: counted while streaming.
     let chunked = format!(
         "POST /bc/x HTTP/1.1\r\nHost: p\r\nAuthorization: {auth}\r\nTransfer-Encoding: chunked\r\n\r\n3e8\r\n{}\r\n3e8\r\n{}\r\n0\r\n\r\n",
         "b".repeat(1000),

@@ -224,7 +224,9 @@ impl Pipeline {
         if !route.clients.admits(client) {
             return Err(ProxyError::Forbidden);
         }
-        if content_length(request.headers()).is_some_and(|len| len > self.limits.max_body_bytes) {
+        // hyper's parsed Content-Length (canonical, as `checks` made sure).
+        let declared = http_body::Body::size_hint(request.body()).exact();
+        if declared.is_some_and(|len| len > self.limits.max_body_bytes) {
             return Err(ProxyError::PayloadTooLarge);
         }
         let uri = routing::upstream_uri(&route.config.upstream, rest, request.uri().query())
@@ -427,15 +429,6 @@ fn upstream_request(
     *request.uri_mut() = uri.clone();
     *request.headers_mut() = headers;
     request
-}
-
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
 }
 
 /// An error and its sources on one line, for the log (never for a response body).
