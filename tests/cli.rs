@@ -18,8 +18,8 @@ use serde_json::{Value, json};
 
 use cli::{Running, TempDir, cells, command, field, free_port, run_to_end, unsigned_jwt};
 use support::{
-    API_KEY, CLIENT_SECRET, FakeIdp, FakeUpstream, IdpMode, PASSWORD, basic, invalid_client_body,
-    send, standard_vars, standard_yaml,
+    API_KEY, CLIENT_SECRET, FakeIdp, FakeUpstream, IdpMode, PASSWORD, basic, send, standard_vars,
+    standard_yaml,
 };
 
 /// A tenant id in the GUID form Entra uses.
@@ -597,12 +597,7 @@ async fn token_without_roles_warns_about_admin_consent() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn token_failure_shows_the_aadsts_error_and_hint_never_the_secret() {
-    let idp = FakeIdp::start_with(IdpMode::Fail {
-        status: 401,
-        body: invalid_client_body(),
-        retry_after: None,
-    })
-    .await;
+    let idp = FakeIdp::start_with(IdpMode::invalid_client()).await;
     let dir = TempDir::new("token-fail");
     let out = token_command(&idp, &dir, &["--route", "/bc/"]).await;
 

@@ -87,6 +87,17 @@ pub enum IdpMode {
     Stall,
 }
 
+impl IdpMode {
+    /// Entra's answer to a wrong client secret: 401 with [`invalid_client_body`].
+    pub fn invalid_client() -> Self {
+        Self::Fail {
+            status: 401,
+            body: invalid_client_body(),
+            retry_after: None,
+        }
+    }
+}
+
 /// A token request as the fake IdP received it.
 #[derive(Debug, Clone)]
 pub struct TokenRequest {
@@ -573,6 +584,16 @@ pub fn admin_yaml(idp: &FakeIdp, upstream: &FakeUpstream) -> String {
     )
 }
 
+/// `yaml` with `limits: { <limits> }` under `server:` (after the first `listen:` line,
+/// which is the server's in [`standard_yaml`] and [`admin_yaml`]).
+pub fn with_limits(yaml: &str, limits: &str) -> String {
+    yaml.replacen(
+        "  listen: 127.0.0.1:0\n",
+        &format!("  listen: 127.0.0.1:0\n  limits: {{ {limits} }}\n"),
+        1,
+    )
+}
+
 /// A running proxy with its admin address and a handle to reload it.
 pub struct OpsProxy {
     pub handle: ProxyHandle,
@@ -595,6 +616,11 @@ pub async fn spawn_ops_proxy(config: Config, path: Option<&std::path::Path>) -> 
         admin,
         reload,
     }
+}
+
+/// Starts the proxy for [`admin_yaml`] with [`standard_vars`], without a config file.
+pub async fn spawn_admin_proxy(idp: &FakeIdp, upstream: &FakeUpstream) -> OpsProxy {
+    spawn_ops_proxy(config(&admin_yaml(idp, upstream), standard_vars()), None).await
 }
 
 /// A plain GET without credentials (admin endpoints).
