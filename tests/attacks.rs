@@ -19,7 +19,7 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-const BASE: &str = "/v2.0/00000000-0000-0000-0000-0000000000t1/Production/";
+use support::BC_BASE as BASE;
 
 fn erp() -> String {
     basic("erp", PASSWORD)

@@ -18,8 +18,8 @@ use serde_json::{Value, json};
 
 use cli::{Running, TempDir, cells, command, field, free_port, run_to_end, unsigned_jwt};
 use support::{
-    API_KEY, CLIENT_SECRET, FakeIdp, FakeUpstream, IdpMode, PASSWORD, basic, send, standard_vars,
-    standard_yaml,
+    API_KEY, CLIENT_SECRET, FakeIdp, FakeUpstream, IdpMode, PASSWORD, basic, bc_credential_yaml,
+    send, standard_vars, standard_yaml,
 };
 
 /// A tenant id in the GUID form Entra uses.
@@ -465,14 +465,7 @@ const BC_AUDIENCE: &str = "https://api.businesscentral.dynamics.com";
 fn token_yaml(idp: &FakeIdp) -> String {
     format!(
         r#"
-credentials:
-  bc:
-    type: client_secret
-    tenant_id: {TENANT_GUID}
-    authority: {authority}
-    client_id: app-1
-    client_secret: ${{BC_SECRET}}
-clients:
+{credential}clients:
   erp:
     basic: {{ username: erp, password: "${{ERP_PASSWORD}}" }}
 routes:
@@ -486,7 +479,7 @@ routes:
     credential: bc
     clients: [erp]
 "#,
-        authority = idp.authority(),
+        credential = bc_credential_yaml(TENANT_GUID, &idp.authority()),
     )
 }
 

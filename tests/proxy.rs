@@ -10,11 +10,7 @@ use http::{Response, StatusCode};
 use http_body_util::Full;
 use support::*;
 
-const BASE: &str = "/v2.0/00000000-0000-0000-0000-0000000000t1/Production/";
-
-fn erp() -> (&'static str, String) {
-    ("authorization", basic("erp", PASSWORD))
-}
+use support::BC_BASE as BASE;
 
 #[tokio::test]
 async fn every_method_is_forwarded_with_its_body_and_the_token() {

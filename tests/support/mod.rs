@@ -371,6 +371,11 @@ impl ProxyHandle {
     }
 }
 
+/// The `Authorization` header of client `erp` (Basic erp / [`PASSWORD`]).
+pub fn erp() -> (&'static str, String) {
+    ("authorization", basic("erp", PASSWORD))
+}
+
 /// The standard variables of [`standard_yaml`].
 pub fn standard_vars() -> HashMap<String, String> {
     HashMap::from([
@@ -378,6 +383,24 @@ pub fn standard_vars() -> HashMap<String, String> {
         ("ERP_PASSWORD".to_owned(), PASSWORD.to_owned()),
         ("SCANNER_KEY".to_owned(), API_KEY.to_owned()),
     ])
+}
+
+/// The path under the fake upstream that the standard `/bc/` route points at.
+pub const BC_BASE: &str = "/v2.0/00000000-0000-0000-0000-0000000000t1/Production/";
+
+/// A `credentials:` block with one Entra-style credential `bc` (client `app-1`, secret
+/// `${BC_SECRET}`) for `tenant` at `authority`.
+pub fn bc_credential_yaml(tenant: &str, authority: &str) -> String {
+    format!(
+        r#"credentials:
+  bc:
+    type: client_secret
+    tenant_id: {tenant}
+    authority: {authority}
+    client_id: app-1
+    client_secret: ${{BC_SECRET}}
+"#
+    )
 }
 
 /// A config with one Entra-style credential `bc` pointing at `idp`, clients `erp` (Basic
@@ -388,14 +411,7 @@ pub fn standard_yaml(idp: &FakeIdp, upstream: &FakeUpstream) -> String {
         r#"
 server:
   listen: 127.0.0.1:0
-credentials:
-  bc:
-    type: client_secret
-    tenant_id: {TENANT}
-    authority: {authority}
-    client_id: app-1
-    client_secret: ${{BC_SECRET}}
-clients:
+{credential}clients:
   erp:
     basic: {{ username: erp, password: "${{ERP_PASSWORD}}" }}
   scanner:
@@ -404,7 +420,7 @@ clients:
     basic: {{ username: other, password: "${{ERP_PASSWORD}}" }}
 routes:
   - prefix: /bc/
-    upstream: {base}/v2.0/{TENANT}/Production/
+    upstream: {base}{BC_BASE}
     credential: bc
     clients: [erp, scanner]
   - prefix: /bc/sandbox/
@@ -412,7 +428,7 @@ routes:
     credential: bc
     clients: [erp]
 "#,
-        authority = idp.authority(),
+        credential = bc_credential_yaml(TENANT, &idp.authority()),
         base = upstream.base(),
     )
 }
