@@ -19,7 +19,7 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-const BASE: &str = "/v2.0/00000000-0000-0000-0000-0000000000t1/Production/";
+use support::BC_BASE as BASE;
 
 fn erp() -> String {
     basic("erp", PASSWORD)
@@ -155,6 +155,20 @@ impl RawUpstream {
 
     fn seen(&self) -> Vec<RawSeen> {
         self.seen.lock().unwrap().clone()
+    }
+
+    /// Waits (10 s at most) until the proxy has closed `n` idle connections that this
+    /// upstream half-closed.
+    async fn wait_idle_closed(&self, n: usize) {
+        eventually(
+            Duration::from_secs(10),
+            "the proxy to drop the closed connection",
+            || {
+                let closed = self.idle_closed.load(Ordering::SeqCst);
+                async move { (closed >= n).then_some(()) }
+            },
+        )
+        .await;
     }
 
     async fn connection(self, mut stream: TcpStream, conn: usize, requests: Arc<AtomicUsize>) {
@@ -708,15 +722,7 @@ async fn g10_an_idle_pooled_connection_closed_by_the_upstream_is_not_reused_and_
         (status, body.unwrap()),
         (200, Bytes::from(format!("good:{BASE}g10/a")))
     );
-    eventually(
-        Duration::from_secs(10),
-        "the proxy to drop the closed connection",
-        || {
-            let closed = upstream.idle_closed.load(Ordering::SeqCst);
-            async move { (closed >= 1).then_some(()) }
-        },
-    )
-    .await;
+    upstream.wait_idle_closed(1).await;
     upstream.set(Script::Good);
     let (status, _, body) = fetch(proxy.addr, "GET", "/bc/g10/b", &headers, "").await;
     assert_eq!(
@@ -728,15 +734,7 @@ async fn g10_an_idle_pooled_connection_closed_by_the_upstream_is_not_reused_and_
     upstream.set(Script::GoodThenIdleClose);
     let (status, _, _) = fetch(proxy.addr, "GET", "/bc/g10/c", &headers, "").await;
     assert_eq!(status, 200);
-    eventually(
-        Duration::from_secs(10),
-        "the proxy to drop the closed connection",
-        || {
-            let closed = upstream.idle_closed.load(Ordering::SeqCst);
-            async move { (closed >= 2).then_some(()) }
-        },
-    )
-    .await;
+    upstream.wait_idle_closed(2).await;
     upstream.set(Script::Good);
     let (status, _, body) = fetch(proxy.addr, "POST", "/bc/g10/post", &headers, "{\"n\":1}").await;
     assert_eq!(
@@ -873,6 +871,28 @@ async fn refused(addr: SocketAddr, cases: &[(&str, Vec<u8>)], allowed: &[u16], c
             None => assert!(closed_ok, "{name}: no answer: {text:?}"),
         }
     }
+}
+
+/// Each raw request's first final status, as `name: Some(status)` lines for the log.
+async fn outcomes(addr: SocketAddr, cases: &[(&str, Vec<u8>)]) -> Vec<String> {
+    let mut outcomes = Vec::new();
+    for (name, bytes) in cases {
+        let status = first_status(&exchange(addr, bytes, 1, false).await);
+        outcomes.push(format!("{name}: {status:?}"));
+    }
+    outcomes
+}
+
+/// The status of the first final response in raw response bytes.
+fn first_status(raw: &[u8]) -> Option<u16> {
+    finals(raw).first().map(|a| a.status)
+}
+
+/// The first final status of a raw `GET target` with `Authorization: auth`, sent on its
+/// own connection with the target byte for byte.
+async fn raw_get_status(addr: SocketAddr, target: &str, auth: &str) -> Option<u16> {
+    let request = format!("GET {target} HTTP/1.1\r\nHost: p\r\nAuthorization: {auth}\r\n\r\n");
+    first_status(&exchange(addr, request.as_bytes(), 1, false).await)
 }
 
 fn head_with(auth: &str, extra: &str) -> Vec<u8> {
@@ -1085,7 +1105,7 @@ async fn d2_obfuscated_transfer_encoding_is_refused_and_nothing_is_forwarded() {
     ] {
         let before = upstream.count();
         let raw = exchange(proxy.addr, &post("1.1", te), 1, false).await;
-        let status = finals(&raw).first().map(|a| a.status);
+        let status = first_status(&raw);
         eprintln!("D2 {name}: {status:?}");
         match status {
             Some(400) | None => assert_eq!(upstream.count(), before),
@@ -1136,15 +1156,7 @@ async fn d3_malformed_content_length_is_400_and_nothing_is_forwarded() {
         ),
         ("space before the colon", post("Content-Length : 3\r\n")),
     ];
-    let mut outcomes = Vec::new();
-    for (name, bytes) in &cases {
-        let raw = exchange(proxy.addr, bytes, 1, false).await;
-        outcomes.push(format!(
-            "{name}: {:?}",
-            finals(&raw).first().map(|a| a.status)
-        ));
-    }
-    eprintln!("D3 outcomes: {outcomes:?}");
+    eprintln!("D3 outcomes: {:?}", outcomes(proxy.addr, &cases).await);
     refused(proxy.addr, &cases, &[400], true).await;
     assert_eq!(
         upstream.count(),
@@ -1207,15 +1219,7 @@ async fn d4_broken_chunked_bodies_never_reach_the_upstream_complete() {
         ("bare LF after the data", with("3\r\nabc\n0\r\n\r\n")),
         ("no CRLF after the data", with("3\r\nabcX0\r\n\r\n")),
     ];
-    let mut outcomes = Vec::new();
-    for (name, bytes) in &cases {
-        let raw = exchange(proxy.addr, bytes, 1, false).await;
-        outcomes.push(format!(
-            "{name}: {:?}",
-            finals(&raw).first().map(|a| a.status)
-        ));
-    }
-    eprintln!("D4 outcomes: {outcomes:?}");
+    eprintln!("D4 outcomes: {:?}", outcomes(proxy.addr, &cases).await);
     refused(proxy.addr, &cases, &[400], true).await;
     // Cut before the last chunk, then the client closes (half-close so an answer can
     // still be read): whatever the answer, no complete request upstream.
@@ -1379,14 +1383,7 @@ async fn b7_a_fragment_in_the_target_never_reaches_the_upstream() {
     let (idp, upstream, proxy) = setup().await;
     let auth = erp();
     for target in ["/bc/x#/../../crm", "/bc/x#frag", "/bc/x?a=1#/../crm"] {
-        let raw = exchange(
-            proxy.addr,
-            format!("GET {target} HTTP/1.1\r\nHost: p\r\nAuthorization: {auth}\r\n\r\n").as_bytes(),
-            1,
-            false,
-        )
-        .await;
-        let status = finals(&raw).first().map(|a| a.status);
+        let status = raw_get_status(proxy.addr, target, &auth).await;
         eprintln!("B7 {target}: {status:?}");
         assert!(matches!(status, Some(200 | 400)), "{target}: {status:?}");
     }
@@ -1410,14 +1407,8 @@ async fn b18_a_16_kib_path_is_414_and_nothing_is_forwarded() {
     let path = format!("/bc/{}", "a".repeat(16 * 1024));
     let query = format!("/bc/x?q={}", "a".repeat(16 * 1024));
     for target in [path, query] {
-        let raw = exchange(
-            proxy.addr,
-            format!("GET {target} HTTP/1.1\r\nHost: p\r\nAuthorization: {auth}\r\n\r\n").as_bytes(),
-            1,
-            false,
-        )
-        .await;
-        assert_eq!(finals(&raw).first().map(|a| a.status), Some(414));
+        let status = raw_get_status(proxy.addr, &target, &auth).await;
+        assert_eq!(status, Some(414));
     }
     assert_eq!(upstream.count(), 0);
     assert_eq!(idp.calls(), 1);
@@ -1433,18 +1424,8 @@ async fn a9_health_paths_on_the_proxy_port_are_not_special() {
         "/metrics/../bc/x",
         "/readyz/%2e%2e/bc/x",
     ] {
-        let raw = exchange(
-            proxy.addr,
-            format!("GET {target} HTTP/1.1\r\nHost: p\r\nAuthorization: {auth}\r\n\r\n").as_bytes(),
-            1,
-            false,
-        )
-        .await;
-        assert_eq!(
-            finals(&raw).first().map(|a| a.status),
-            Some(400),
-            "{target}"
-        );
+        let status = raw_get_status(proxy.addr, target, &auth).await;
+        assert_eq!(status, Some(400), "{target}");
     }
     for target in ["/healthz", "/readyz", "/metrics"] {
         let answer = send(proxy.addr, "GET", target, &[], "").await;

@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 
 use cli::{Running, TempDir, cells, command, field, free_port, run_to_end, unsigned_jwt};
 use support::{
-    API_KEY, CLIENT_SECRET, FakeIdp, FakeUpstream, IdpMode, PASSWORD, basic, invalid_client_body,
+    API_KEY, CLIENT_SECRET, FakeIdp, FakeUpstream, IdpMode, PASSWORD, basic, bc_credential_yaml,
     send, standard_vars, standard_yaml,
 };
 
@@ -465,14 +465,7 @@ const BC_AUDIENCE: &str = "https://api.businesscentral.dynamics.com";
 fn token_yaml(idp: &FakeIdp) -> String {
     format!(
         r#"
-credentials:
-  bc:
-    type: client_secret
-    tenant_id: {TENANT_GUID}
-    authority: {authority}
-    client_id: app-1
-    client_secret: ${{BC_SECRET}}
-clients:
+{credential}clients:
   erp:
     basic: {{ username: erp, password: "${{ERP_PASSWORD}}" }}
 routes:
@@ -486,7 +479,7 @@ routes:
     credential: bc
     clients: [erp]
 "#,
-        authority = idp.authority(),
+        credential = bc_credential_yaml(TENANT_GUID, &idp.authority()),
     )
 }
 
@@ -597,12 +590,7 @@ async fn token_without_roles_warns_about_admin_consent() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn token_failure_shows_the_aadsts_error_and_hint_never_the_secret() {
-    let idp = FakeIdp::start_with(IdpMode::Fail {
-        status: 401,
-        body: invalid_client_body(),
-        retry_after: None,
-    })
-    .await;
+    let idp = FakeIdp::start_with(IdpMode::invalid_client()).await;
     let dir = TempDir::new("token-fail");
     let out = token_command(&idp, &dir, &["--route", "/bc/"]).await;
 

@@ -12,10 +12,6 @@ use http_body_util::Full;
 use support::dynamics::*;
 use support::*;
 
-fn erp() -> (&'static str, String) {
-    ("authorization", basic("erp", PASSWORD))
-}
-
 const REWRITE: &str = "    rewrite_links: true\n";
 
 /// The path and query of an absolute URL.

@@ -15,7 +15,7 @@ use serde_json::Value;
 use cli::{Running, TempDir, command, free_port, run_to_end};
 use support::{
     CLIENT_SECRET, FakeIdp, FakeUpstream, IdpMode, PASSWORD, admin_yaml, basic, config, eventually,
-    get, invalid_client_body, send, spawn_ops_proxy, standard_vars,
+    get, send, spawn_admin_proxy, spawn_ops_proxy, standard_vars, with_limits,
 };
 
 const LIMIT: Duration = Duration::from_secs(10);
@@ -57,7 +57,7 @@ async fn metrics(admin: std::net::SocketAddr) -> String {
 async fn metrics_count_traffic_with_labels_from_config_only() {
     let idp = FakeIdp::start().await;
     let upstream = FakeUpstream::start().await;
-    let proxy = spawn_ops_proxy(config(&admin_yaml(&idp, &upstream), standard_vars()), None).await;
+    let proxy = spawn_admin_proxy(&idp, &upstream).await;
     idp.wait_for_calls(1).await;
     let addr = proxy.handle.addr;
 
@@ -151,7 +151,7 @@ async fn metrics_count_traffic_with_labels_from_config_only() {
 async fn admin_port_serves_only_its_three_endpoints() {
     let idp = FakeIdp::start().await;
     let upstream = FakeUpstream::start().await;
-    let proxy = spawn_ops_proxy(config(&admin_yaml(&idp, &upstream), standard_vars()), None).await;
+    let proxy = spawn_admin_proxy(&idp, &upstream).await;
 
     let health = get(proxy.admin, "/healthz").await;
     assert_eq!(health.status, 200);
@@ -182,7 +182,7 @@ async fn readiness_waits_for_tokens_and_shows_why_not() {
     })
     .await;
     let upstream = FakeUpstream::start().await;
-    let proxy = spawn_ops_proxy(config(&admin_yaml(&idp, &upstream), standard_vars()), None).await;
+    let proxy = spawn_admin_proxy(&idp, &upstream).await;
     idp.wait_for_calls(1).await;
 
     let body = eventually(LIMIT, "a failed token in /readyz", || async {
@@ -240,14 +240,9 @@ async fn readiness_waits_for_tokens_and_shows_why_not() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn readiness_shows_the_aadsts_hint_of_a_permanent_error() {
-    let idp = FakeIdp::start_with(IdpMode::Fail {
-        status: 401,
-        body: invalid_client_body(),
-        retry_after: None,
-    })
-    .await;
+    let idp = FakeIdp::start_with(IdpMode::invalid_client()).await;
     let upstream = FakeUpstream::start().await;
-    let proxy = spawn_ops_proxy(config(&admin_yaml(&idp, &upstream), standard_vars()), None).await;
+    let proxy = spawn_admin_proxy(&idp, &upstream).await;
     idp.wait_for_calls(1).await;
 
     let body = eventually(LIMIT, "a failed token in /readyz", || async {
@@ -310,13 +305,10 @@ async fn reload_keeps_tokens_of_unchanged_credentials_and_renews_changed_ones() 
     ));
 
     // A changed credential gets a new token; a changed limit needs a restart.
-    let changed = with_crm_route(&yaml, &upstream)
-        .replace("client_id: app-1", "client_id: app-2")
-        .replacen(
-            "  listen: 127.0.0.1:0\n",
-            "  listen: 127.0.0.1:0\n  limits: { max_connections: 5 }\n",
-            1,
-        );
+    let changed = with_limits(
+        &with_crm_route(&yaml, &upstream).replace("client_id: app-1", "client_id: app-2"),
+        "max_connections: 5",
+    );
     let report = proxy.reload.apply(config(&changed, standard_vars()));
     assert!(report.kept_credentials.is_empty(), "{report:?}");
     assert_eq!(report.restart_required, ["server.limits"]);

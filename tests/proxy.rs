@@ -10,11 +10,7 @@ use http::{Response, StatusCode};
 use http_body_util::Full;
 use support::*;
 
-const BASE: &str = "/v2.0/00000000-0000-0000-0000-0000000000t1/Production/";
-
-fn erp() -> (&'static str, String) {
-    ("authorization", basic("erp", PASSWORD))
-}
+use support::BC_BASE as BASE;
 
 #[tokio::test]
 async fn every_method_is_forwarded_with_its_body_and_the_token() {
@@ -632,12 +628,7 @@ async fn a_401_to_a_large_request_renews_the_token_without_replaying_the_body() 
 
 #[tokio::test]
 async fn a_wrong_client_secret_is_a_503_with_the_aadsts_hint_and_no_secret() {
-    let idp = FakeIdp::start_with(IdpMode::Fail {
-        status: 401,
-        body: invalid_client_body(),
-        retry_after: None,
-    })
-    .await;
+    let idp = FakeIdp::start_with(IdpMode::invalid_client()).await;
     let upstream = FakeUpstream::start().await;
     let proxy = spawn_proxy(config(&standard_yaml(&idp, &upstream), standard_vars())).await;
     let (name, value) = erp();
@@ -714,10 +705,7 @@ async fn upstream_failures_are_502_and_timeouts_504() {
 async fn bodies_over_the_limit_are_413() {
     let idp = FakeIdp::start().await;
     let upstream = FakeUpstream::start().await;
-    let yaml = standard_yaml(&idp, &upstream).replace(
-        "  listen: 127.0.0.1:0\n",
-        "  listen: 127.0.0.1:0\n  limits: { max_body_bytes: 1000 }\n",
-    );
+    let yaml = with_limits(&standard_yaml(&idp, &upstream), "max_body_bytes: 1000");
     let proxy = spawn_proxy(config(&yaml, standard_vars())).await;
     let (name, value) = erp();
     let answer = send(
@@ -819,9 +807,9 @@ async fn a_drain_closes_connections_still_sending_their_first_bytes() {
 async fn connections_that_send_no_request_are_closed_and_free_their_slot() {
     let idp = FakeIdp::start().await;
     let upstream = FakeUpstream::start().await;
-    let yaml = standard_yaml(&idp, &upstream).replace(
-        "  listen: 127.0.0.1:0\n",
-        "  listen: 127.0.0.1:0\n  limits: { header_read_timeout: 300ms, max_connections: 2 }\n",
+    let yaml = with_limits(
+        &standard_yaml(&idp, &upstream),
+        "header_read_timeout: 300ms, max_connections: 2",
     );
     let proxy = spawn_proxy(config(&yaml, standard_vars())).await;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -918,10 +906,7 @@ async fn a_client_over_its_rate_limit_gets_429() {
 async fn a_stalled_request_body_is_408_and_the_upstream_request_is_aborted() {
     let idp = FakeIdp::start().await;
     let upstream = FakeUpstream::start().await;
-    let yaml = standard_yaml(&idp, &upstream).replace(
-        "  listen: 127.0.0.1:0\n",
-        "  listen: 127.0.0.1:0\n  limits: { body_idle_timeout: 300ms }\n",
-    );
+    let yaml = with_limits(&standard_yaml(&idp, &upstream), "body_idle_timeout: 300ms");
     let proxy = spawn_proxy(config(&yaml, standard_vars())).await;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let auth = basic("erp", PASSWORD);
@@ -952,10 +937,7 @@ async fn a_stalled_request_body_is_408_and_the_upstream_request_is_aborted() {
 async fn idle_http2_connections_are_closed_after_the_idle_timeout() {
     let idp = FakeIdp::start().await;
     let upstream = FakeUpstream::start().await;
-    let yaml = standard_yaml(&idp, &upstream).replace(
-        "  listen: 127.0.0.1:0\n",
-        "  listen: 127.0.0.1:0\n  limits: { idle_timeout: 300ms }\n",
-    );
+    let yaml = with_limits(&standard_yaml(&idp, &upstream), "idle_timeout: 300ms");
     let proxy = spawn_proxy(config(&yaml, standard_vars())).await;
     let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     let (mut sender, connection) = hyper::client::conn::http2::handshake(

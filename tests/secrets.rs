@@ -44,11 +44,7 @@ fn no_secret_or_token_reaches_logs_or_responses() {
             seen.push_str(&format!("{:?}\n{}\n", answer.headers, answer.text()));
         }
         // A failing identity provider: its error flows into logs and the 503 body.
-        idp.set_mode(IdpMode::Fail {
-            status: 401,
-            body: invalid_client_body(),
-            retry_after: None,
-        });
+        idp.set_mode(IdpMode::invalid_client());
         upstream.respond(|_| {
             http::Response::builder()
                 .status(401)

@@ -240,6 +240,12 @@ impl Client {
             .await
     }
 
+    /// [`Client::get`] of `path` as client `erp` (Basic erp / PASSWORD).
+    async fn get_as_erp(&self, addr: SocketAddr, path: &str) -> Result<(Version, Answer), String> {
+        let auth = basic("erp", PASSWORD);
+        self.get(addr, path, &[("authorization", &auth)]).await
+    }
+
     /// One GET over a fresh connection, HTTP/2 when ALPN chose h2. Errors as text: with
     /// TLS 1.3 a refused client certificate surfaces only once the client reads.
     async fn get(
@@ -325,13 +331,9 @@ async fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> (Vec<u8>,
 #[tokio::test]
 async fn basic_auth_over_https_with_http1_and_h2() {
     let s = setup("").await;
-    let auth = basic("erp", PASSWORD);
     for (alpn, version) in [("http/1.1", Version::HTTP_11), ("h2", Version::HTTP_2)] {
         let client = Client::new(&s.pki.ca_pem, &[alpn], None);
-        let (seen, answer) = client
-            .get(s.addr, "/bc/companies", &[("authorization", &auth)])
-            .await
-            .unwrap();
+        let (seen, answer) = client.get_as_erp(s.addr, "/bc/companies").await.unwrap();
         assert_eq!((seen, answer.status), (version, 200), "{alpn}");
     }
     let requests = s.upstream.requests();
@@ -349,13 +351,9 @@ async fn basic_auth_over_https_with_http1_and_h2() {
 #[tokio::test]
 async fn tls_1_2_and_1_3_are_served_and_older_versions_refused() {
     let s = setup("").await;
-    let auth = basic("erp", PASSWORD);
     for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
         let client = Client::with_versions(&s.pki.ca_pem, &["http/1.1"], None, &[version]);
-        let (_, answer) = client
-            .get(s.addr, "/bc/x", &[("authorization", &auth)])
-            .await
-            .unwrap();
+        let (_, answer) = client.get_as_erp(s.addr, "/bc/x").await.unwrap();
         assert_eq!(answer.status, 200, "{version:?}");
     }
     // rustls cannot speak TLS 1.1, so this ClientHello is written by hand: version 3.2,
@@ -457,11 +455,7 @@ async fn valid_certificate_matching_no_client_is_401_unless_other_credentials_de
     );
     assert_eq!(s.upstream.count(), 0);
     // Basic is looked at before the certificate and decides alone.
-    let auth = basic("erp", PASSWORD);
-    let (_, answer) = client
-        .get(s.addr, "/bc/x", &[("authorization", &auth)])
-        .await
-        .unwrap();
+    let (_, answer) = client.get_as_erp(s.addr, "/bc/x").await.unwrap();
     assert_eq!(answer.status, 200);
 }
 
@@ -483,10 +477,7 @@ async fn plain_http_on_the_tls_port_fails_cleanly() {
     assert_eq!(s.upstream.count(), 0);
     // The listener is unharmed.
     let client = Client::new(&s.pki.ca_pem, &["http/1.1"], None);
-    let (_, answer) = client
-        .get(s.addr, "/bc/x", &[("authorization", &auth)])
-        .await
-        .unwrap();
+    let (_, answer) = client.get_as_erp(s.addr, "/bc/x").await.unwrap();
     assert_eq!(answer.status, 200);
 }
 
@@ -556,10 +547,6 @@ async fn reloaded_certificate_is_served_to_new_handshakes() {
     assert_eq!(leaf(&still), new_der);
 
     drop(before);
-    let auth = basic("erp", PASSWORD);
-    let (_, answer) = client
-        .get(s.addr, "/bc/x", &[("authorization", &auth)])
-        .await
-        .unwrap();
+    let (_, answer) = client.get_as_erp(s.addr, "/bc/x").await.unwrap();
     assert_eq!(answer.status, 200);
 }

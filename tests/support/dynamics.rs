@@ -11,10 +11,10 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
-use super::{FakeIdp, ProxyHandle, TENANT, config, serve, spawn_proxy, standard_vars};
-
-/// The path under the fake upstream that the standard `/bc/` route points at.
-pub const BC_BASE: &str = "/v2.0/00000000-0000-0000-0000-0000000000t1/Production/";
+use super::{
+    BC_BASE, FakeIdp, ProxyHandle, TENANT, bc_credential_yaml, config, serve, spawn_proxy,
+    standard_vars,
+};
 
 /// The standard config's credential and clients (see [`super::standard_yaml`]) with one
 /// route `/bc/` to `{base}{BC_BASE}` for `erp` and `scanner`, `extra` lines (indented
@@ -24,14 +24,7 @@ pub fn yaml_with(idp: &FakeIdp, base: &str, server: &str, extra: &str) -> String
         r#"
 server:
   listen: 127.0.0.1:0
-{server}credentials:
-  bc:
-    type: client_secret
-    tenant_id: {TENANT}
-    authority: {authority}
-    client_id: app-1
-    client_secret: ${{BC_SECRET}}
-clients:
+{server}{credential}clients:
   erp:
     basic: {{ username: erp, password: "${{ERP_PASSWORD}}" }}
   scanner:
@@ -42,7 +35,7 @@ routes:
     credential: bc
     clients: [erp, scanner]
 {extra}"#,
-        authority = idp.authority(),
+        credential = bc_credential_yaml(TENANT, &idp.authority()),
     )
 }
 

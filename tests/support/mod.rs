@@ -87,6 +87,17 @@ pub enum IdpMode {
     Stall,
 }
 
+impl IdpMode {
+    /// Entra's answer to a wrong client secret: 401 with [`invalid_client_body`].
+    pub fn invalid_client() -> Self {
+        Self::Fail {
+            status: 401,
+            body: invalid_client_body(),
+            retry_after: None,
+        }
+    }
+}
+
 /// A token request as the fake IdP received it.
 #[derive(Debug, Clone)]
 pub struct TokenRequest {
@@ -360,6 +371,11 @@ impl ProxyHandle {
     }
 }
 
+/// The `Authorization` header of client `erp` (Basic erp / [`PASSWORD`]).
+pub fn erp() -> (&'static str, String) {
+    ("authorization", basic("erp", PASSWORD))
+}
+
 /// The standard variables of [`standard_yaml`].
 pub fn standard_vars() -> HashMap<String, String> {
     HashMap::from([
@@ -367,6 +383,24 @@ pub fn standard_vars() -> HashMap<String, String> {
         ("ERP_PASSWORD".to_owned(), PASSWORD.to_owned()),
         ("SCANNER_KEY".to_owned(), API_KEY.to_owned()),
     ])
+}
+
+/// The path under the fake upstream that the standard `/bc/` route points at.
+pub const BC_BASE: &str = "/v2.0/00000000-0000-0000-0000-0000000000t1/Production/";
+
+/// A `credentials:` block with one Entra-style credential `bc` (client `app-1`, secret
+/// `${BC_SECRET}`) for `tenant` at `authority`.
+pub fn bc_credential_yaml(tenant: &str, authority: &str) -> String {
+    format!(
+        r#"credentials:
+  bc:
+    type: client_secret
+    tenant_id: {tenant}
+    authority: {authority}
+    client_id: app-1
+    client_secret: ${{BC_SECRET}}
+"#
+    )
 }
 
 /// A config with one Entra-style credential `bc` pointing at `idp`, clients `erp` (Basic
@@ -377,14 +411,7 @@ pub fn standard_yaml(idp: &FakeIdp, upstream: &FakeUpstream) -> String {
         r#"
 server:
   listen: 127.0.0.1:0
-credentials:
-  bc:
-    type: client_secret
-    tenant_id: {TENANT}
-    authority: {authority}
-    client_id: app-1
-    client_secret: ${{BC_SECRET}}
-clients:
+{credential}clients:
   erp:
     basic: {{ username: erp, password: "${{ERP_PASSWORD}}" }}
   scanner:
@@ -393,7 +420,7 @@ clients:
     basic: {{ username: other, password: "${{ERP_PASSWORD}}" }}
 routes:
   - prefix: /bc/
-    upstream: {base}/v2.0/{TENANT}/Production/
+    upstream: {base}{BC_BASE}
     credential: bc
     clients: [erp, scanner]
   - prefix: /bc/sandbox/
@@ -401,7 +428,7 @@ routes:
     credential: bc
     clients: [erp]
 "#,
-        authority = idp.authority(),
+        credential = bc_credential_yaml(TENANT, &idp.authority()),
         base = upstream.base(),
     )
 }
@@ -573,6 +600,16 @@ pub fn admin_yaml(idp: &FakeIdp, upstream: &FakeUpstream) -> String {
     )
 }
 
+/// `yaml` with `limits: { <limits> }` under `server:` (after the first `listen:` line,
+/// which is the server's in [`standard_yaml`] and [`admin_yaml`]).
+pub fn with_limits(yaml: &str, limits: &str) -> String {
+    yaml.replacen(
+        "  listen: 127.0.0.1:0\n",
+        &format!("  listen: 127.0.0.1:0\n  limits: {{ {limits} }}\n"),
+        1,
+    )
+}
+
 /// A running proxy with its admin address and a handle to reload it.
 pub struct OpsProxy {
     pub handle: ProxyHandle,
@@ -595,6 +632,11 @@ pub async fn spawn_ops_proxy(config: Config, path: Option<&std::path::Path>) -> 
         admin,
         reload,
     }
+}
+
+/// Starts the proxy for [`admin_yaml`] with [`standard_vars`], without a config file.
+pub async fn spawn_admin_proxy(idp: &FakeIdp, upstream: &FakeUpstream) -> OpsProxy {
+    spawn_ops_proxy(config(&admin_yaml(idp, upstream), standard_vars()), None).await
 }
 
 /// A plain GET without credentials (admin endpoints).
