@@ -8,8 +8,6 @@
 //! (`client_secret_basic`, RFC 6749 §2.3.1). Entra secrets contain `~`, so everything is
 //! properly form-encoded.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Mutex, PoisonError};
 
 use base64::Engine;
@@ -17,7 +15,7 @@ use base64::engine::general_purpose::STANDARD;
 use http::HeaderValue;
 
 use super::rotation::{self, Rotation};
-use super::{IssuedToken, TokenError, TokenHttp, TokenSource};
+use super::{IssuedToken, TokenError, TokenFuture, TokenHttp, TokenSource};
 use crate::config::{ClientAuthMethod, ClientSecret, ConfiguredSecret};
 use crate::secret::Secret;
 
@@ -166,10 +164,7 @@ impl ClientSecretSource {
 }
 
 impl TokenSource for ClientSecretSource {
-    fn fetch<'a>(
-        &'a self,
-        scope: Option<&'a str>,
-    ) -> Pin<Box<dyn Future<Output = Result<IssuedToken, TokenError>> + Send + 'a>> {
+    fn fetch<'a>(&'a self, scope: Option<&'a str>) -> TokenFuture<'a> {
         Box::pin(self.request(scope))
     }
 

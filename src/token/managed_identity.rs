@@ -15,13 +15,11 @@
 //! (IMDS drops requests carrying it), no redirects. This is the only place the proxy talks to
 //! 169.254.169.254; configured upstreams and token URLs on link-local hosts stay refused.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::time::Duration;
 
 use http::StatusCode;
 
-use super::{IssuedToken, TokenError, TokenHttp, TokenSource};
+use super::{IssuedToken, TokenError, TokenFuture, TokenHttp, TokenSource};
 use crate::config::{IdentitySelector, ManagedIdentity, ManagedIdentityEndpoint};
 
 /// The instance metadata service's token endpoint.
@@ -187,10 +185,7 @@ impl ManagedIdentitySource {
 }
 
 impl TokenSource for ManagedIdentitySource {
-    fn fetch<'a>(
-        &'a self,
-        scope: Option<&'a str>,
-    ) -> Pin<Box<dyn Future<Output = Result<IssuedToken, TokenError>> + Send + 'a>> {
+    fn fetch<'a>(&'a self, scope: Option<&'a str>) -> TokenFuture<'a> {
         Box::pin(self.request(scope))
     }
 }

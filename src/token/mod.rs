@@ -52,13 +52,14 @@ pub use provider_error::{ProviderError, aadsts_hint};
 
 pub(crate) use transport::TokenHttp;
 
+/// What [`TokenSource::fetch`] returns: one token request in flight.
+pub type TokenFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<IssuedToken, TokenError>> + Send + 'a>>;
+
 /// One credential type: asks an identity provider for a token. No caching here.
 pub trait TokenSource: Send + Sync + fmt::Debug {
     /// Requests one token for `scope` (`None`: send no scope).
-    fn fetch<'a>(
-        &'a self,
-        scope: Option<&'a str>,
-    ) -> Pin<Box<dyn Future<Output = Result<IssuedToken, TokenError>> + Send + 'a>>;
+    fn fetch<'a>(&'a self, scope: Option<&'a str>) -> TokenFuture<'a>;
 
     /// Reads file-backed secrets and certificates again (configuration reload, rotation).
     fn reread_files(&self) {}
@@ -390,10 +391,7 @@ pub(crate) struct FailingSource {
 }
 
 impl TokenSource for FailingSource {
-    fn fetch<'a>(
-        &'a self,
-        _scope: Option<&'a str>,
-    ) -> Pin<Box<dyn Future<Output = Result<IssuedToken, TokenError>> + Send + 'a>> {
+    fn fetch<'a>(&'a self, _scope: Option<&'a str>) -> TokenFuture<'a> {
         let error = self.error.clone();
         Box::pin(async move { Err(error) })
     }

@@ -2,12 +2,10 @@
 //! client assertion is the projected service-account token in `AZURE_FEDERATED_TOKEN_FILE`
 //! (or `token_file`), read again for every token request because the kubelet rotates it.
 
-use std::future::Future;
 use std::io::Read;
 use std::path::PathBuf;
-use std::pin::Pin;
 
-use super::{IssuedToken, TokenError, TokenHttp, TokenSource};
+use super::{IssuedToken, TokenError, TokenFuture, TokenHttp, TokenSource};
 use crate::config::WorkloadIdentity;
 
 /// A projected token is about 1 KiB; anything this large is not one.
@@ -68,10 +66,7 @@ impl WorkloadIdentitySource {
 }
 
 impl TokenSource for WorkloadIdentitySource {
-    fn fetch<'a>(
-        &'a self,
-        scope: Option<&'a str>,
-    ) -> Pin<Box<dyn Future<Output = Result<IssuedToken, TokenError>> + Send + 'a>> {
+    fn fetch<'a>(&'a self, scope: Option<&'a str>) -> TokenFuture<'a> {
         Box::pin(self.request(scope))
     }
 }
