@@ -77,7 +77,7 @@ impl ClientCertificateSource {
         }
         let loaded = SigningCertificate::load(file, self.alg)
             .map(Arc::new)
-            .map_err(|e| TokenError::Config(format!("credential `{}`: {e}", self.credential)))?;
+            .map_err(|e| TokenError::config(&self.credential, e))?;
         *slot = Some(Arc::clone(&loaded));
         Ok(loaded)
     }
@@ -97,7 +97,7 @@ impl ClientCertificateSource {
                 self.send_chain,
                 SystemTime::now(),
             )
-            .map_err(|e| TokenError::Config(format!("credential `{}`: {e}", self.credential)))?;
+            .map_err(|e| TokenError::config(&self.credential, e))?;
         let result = http
             .post_assertion(&self.url, &self.client_id, &assertion, scope)
             .await;

@@ -137,10 +137,10 @@ impl ClientSecretSource {
                 );
                 let mut value = HeaderValue::from_str(&format!("Basic {}", STANDARD.encode(pair)))
                     .map_err(|_| {
-                        TokenError::Config(format!(
-                            "credential `{}`: cannot build the Basic authorization header",
-                            self.credential
-                        ))
+                        TokenError::config(
+                            &self.credential,
+                            "cannot build the Basic authorization header",
+                        )
                     })?;
                 value.set_sensitive(true);
                 request = request.header(http::header::AUTHORIZATION, value);

@@ -76,8 +76,7 @@ impl ManagedIdentitySource {
         http: Result<TokenHttp, TokenError>,
         imds: Imds,
     ) -> Result<Self, TokenError> {
-        let config_error =
-            |what: &str| TokenError::Config(format!("credential `{credential}`: {what}"));
+        let config_error = |what: &str| TokenError::config(credential, what);
         let target = match &settings.endpoint {
             ManagedIdentityEndpoint::Imds => Target::Imds(imds),
             ManagedIdentityEndpoint::AppService { url, header } => {
@@ -100,10 +99,10 @@ impl ManagedIdentitySource {
     async fn request(&self, scope: Option<&str>) -> Result<IssuedToken, TokenError> {
         let http = self.http.as_ref().map_err(Clone::clone)?;
         let Some(scope) = scope else {
-            return Err(TokenError::Config(format!(
-                "credential `{}`: a managed identity needs the route's scope",
-                self.credential
-            )));
+            return Err(TokenError::config(
+                &self.credential,
+                "a managed identity needs the route's scope",
+            ));
         };
         // The v1-style token services take the resource, not the scope (DYNAMICS.md §1.2).
         let resource = scope.strip_suffix("/.default").unwrap_or(scope);

@@ -37,11 +37,10 @@ impl WorkloadIdentitySource {
 
     fn read_assertion(&self) -> Result<String, TokenError> {
         let fail = |what: String| {
-            TokenError::Config(format!(
-                "credential `{}`: federated token file {}: {what}",
-                self.credential,
-                self.token_file.display()
-            ))
+            TokenError::config(
+                &self.credential,
+                format!("federated token file {}: {what}", self.token_file.display()),
+            )
         };
         let mut text = String::new();
         std::fs::File::open(&self.token_file)
