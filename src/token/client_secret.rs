@@ -127,7 +127,7 @@ impl ClientSecretSource {
     async fn send(&self, secret: &Secret, scope: Option<&str>) -> Result<IssuedToken, TokenError> {
         let http = self.http.as_ref().map_err(Clone::clone)?;
         let mut form: Vec<(&str, &str)> = vec![("grant_type", "client_credentials")];
-        let mut request = http.client().post(self.url.clone());
+        let mut authorization = None;
         match self.auth_method {
             ClientAuthMethod::Basic => {
                 let pair = format!(
@@ -143,7 +143,7 @@ impl ClientSecretSource {
                         )
                     })?;
                 value.set_sensitive(true);
-                request = request.header(http::header::AUTHORIZATION, value);
+                authorization = Some(value);
             }
             ClientAuthMethod::Post => {
                 form.push(("client_id", &self.client_id));
@@ -154,12 +154,8 @@ impl ClientSecretSource {
             form.push(("scope", scope));
         }
         form.extend(self.params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        let request = request
-            .header(http::header::ACCEPT, "application/json")
-            .form(&form);
-        http.send(request, &self.url)
-            .await?
-            .into_issued(Some(secret.expose()))
+        http.post_form(&self.url, &form, authorization, secret.expose())
+            .await
     }
 }
 
