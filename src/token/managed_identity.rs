@@ -108,15 +108,12 @@ impl ManagedIdentitySource {
         let resource = scope.strip_suffix("/.default").unwrap_or(scope);
         match &self.target {
             Target::AppService { url, header } => {
-                let mut url = url.clone();
-                {
-                    let mut query = url.query_pairs_mut();
-                    query.append_pair("api-version", APP_SERVICE_API_VERSION);
-                    query.append_pair("resource", resource);
-                    if let Some((name, value)) = self.selector("principal_id", "mi_res_id") {
-                        query.append_pair(name, value);
-                    }
-                }
+                let url = with_query(
+                    url,
+                    APP_SERVICE_API_VERSION,
+                    resource,
+                    self.selector("principal_id", "mi_res_id"),
+                );
                 let request = http
                     .client()
                     .get(url.clone())
@@ -128,15 +125,12 @@ impl ManagedIdentitySource {
                     .into_issued(header.to_str().ok())
             }
             Target::Imds(imds) => {
-                let mut url = imds.url.clone();
-                {
-                    let mut query = url.query_pairs_mut();
-                    query.append_pair("api-version", IMDS_API_VERSION);
-                    query.append_pair("resource", resource);
-                    if let Some((name, value)) = self.selector("object_id", "msi_res_id") {
-                        query.append_pair(name, value);
-                    }
-                }
+                let url = with_query(
+                    &imds.url,
+                    IMDS_API_VERSION,
+                    resource,
+                    self.selector("object_id", "msi_res_id"),
+                );
                 let mut attempt = 0;
                 loop {
                     let request = http
@@ -181,6 +175,25 @@ impl ManagedIdentitySource {
             IdentitySelector::ResourceId(id) => (resource_name, id.as_str()),
         })
     }
+}
+
+/// `base` with the `api-version`, `resource` and selector query pairs appended.
+fn with_query(
+    base: &reqwest::Url,
+    api_version: &str,
+    resource: &str,
+    selector: Option<(&str, &str)>,
+) -> reqwest::Url {
+    let mut url = base.clone();
+    {
+        let mut query = url.query_pairs_mut();
+        query.append_pair("api-version", api_version);
+        query.append_pair("resource", resource);
+        if let Some((name, value)) = selector {
+            query.append_pair(name, value);
+        }
+    }
+    url
 }
 
 impl TokenSource for ManagedIdentitySource {
