@@ -6,14 +6,12 @@
 //! its next use (a renewed certificate written over the old file needs no restart) and the
 //! next configured certificate is tried ([`super::rotation`]).
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
 use super::assertion::SigningCertificate;
 use super::rotation::{self, Rotation};
-use super::{IssuedToken, TokenError, TokenHttp, TokenSource};
+use super::{IssuedToken, TokenError, TokenFuture, TokenHttp, TokenSource};
 use crate::config::{AssertionAlg, CertificateFile, ClientCertificate};
 
 /// `client_certificate`: a freshly signed assertion for every token request, trying the
@@ -79,7 +77,7 @@ impl ClientCertificateSource {
         }
         let loaded = SigningCertificate::load(file, self.alg)
             .map(Arc::new)
-            .map_err(|e| TokenError::Config(format!("credential `{}`: {e}", self.credential)))?;
+            .map_err(|e| TokenError::config(&self.credential, e))?;
         *slot = Some(Arc::clone(&loaded));
         Ok(loaded)
     }
@@ -99,7 +97,7 @@ impl ClientCertificateSource {
                 self.send_chain,
                 SystemTime::now(),
             )
-            .map_err(|e| TokenError::Config(format!("credential `{}`: {e}", self.credential)))?;
+            .map_err(|e| TokenError::config(&self.credential, e))?;
         let result = http
             .post_assertion(&self.url, &self.client_id, &assertion, scope)
             .await;
@@ -127,10 +125,7 @@ impl ClientCertificateSource {
 }
 
 impl TokenSource for ClientCertificateSource {
-    fn fetch<'a>(
-        &'a self,
-        scope: Option<&'a str>,
-    ) -> Pin<Box<dyn Future<Output = Result<IssuedToken, TokenError>> + Send + 'a>> {
+    fn fetch<'a>(&'a self, scope: Option<&'a str>) -> TokenFuture<'a> {
         Box::pin(self.request(scope))
     }
 

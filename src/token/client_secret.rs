@@ -8,8 +8,6 @@
 //! (`client_secret_basic`, RFC 6749 §2.3.1). Entra secrets contain `~`, so everything is
 //! properly form-encoded.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Mutex, PoisonError};
 
 use base64::Engine;
@@ -17,7 +15,7 @@ use base64::engine::general_purpose::STANDARD;
 use http::HeaderValue;
 
 use super::rotation::{self, Rotation};
-use super::{IssuedToken, TokenError, TokenHttp, TokenSource};
+use super::{IssuedToken, TokenError, TokenFuture, TokenHttp, TokenSource};
 use crate::config::{ClientAuthMethod, ClientSecret, ConfiguredSecret};
 use crate::secret::Secret;
 
@@ -129,7 +127,7 @@ impl ClientSecretSource {
     async fn send(&self, secret: &Secret, scope: Option<&str>) -> Result<IssuedToken, TokenError> {
         let http = self.http.as_ref().map_err(Clone::clone)?;
         let mut form: Vec<(&str, &str)> = vec![("grant_type", "client_credentials")];
-        let mut request = http.client().post(self.url.clone());
+        let mut authorization = None;
         match self.auth_method {
             ClientAuthMethod::Basic => {
                 let pair = format!(
@@ -139,13 +137,13 @@ impl ClientSecretSource {
                 );
                 let mut value = HeaderValue::from_str(&format!("Basic {}", STANDARD.encode(pair)))
                     .map_err(|_| {
-                        TokenError::Config(format!(
-                            "credential `{}`: cannot build the Basic authorization header",
-                            self.credential
-                        ))
+                        TokenError::config(
+                            &self.credential,
+                            "cannot build the Basic authorization header",
+                        )
                     })?;
                 value.set_sensitive(true);
-                request = request.header(http::header::AUTHORIZATION, value);
+                authorization = Some(value);
             }
             ClientAuthMethod::Post => {
                 form.push(("client_id", &self.client_id));
@@ -156,20 +154,13 @@ impl ClientSecretSource {
             form.push(("scope", scope));
         }
         form.extend(self.params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        let request = request
-            .header(http::header::ACCEPT, "application/json")
-            .form(&form);
-        http.send(request, &self.url)
-            .await?
-            .into_issued(Some(secret.expose()))
+        http.post_form(&self.url, &form, authorization, secret.expose())
+            .await
     }
 }
 
 impl TokenSource for ClientSecretSource {
-    fn fetch<'a>(
-        &'a self,
-        scope: Option<&'a str>,
-    ) -> Pin<Box<dyn Future<Output = Result<IssuedToken, TokenError>> + Send + 'a>> {
+    fn fetch<'a>(&'a self, scope: Option<&'a str>) -> TokenFuture<'a> {
         Box::pin(self.request(scope))
     }
 

@@ -15,13 +15,11 @@
 //! (IMDS drops requests carrying it), no redirects. This is the only place the proxy talks to
 //! 169.254.169.254; configured upstreams and token URLs on link-local hosts stay refused.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::time::Duration;
 
 use http::StatusCode;
 
-use super::{IssuedToken, TokenError, TokenHttp, TokenSource};
+use super::{IssuedToken, TokenError, TokenFuture, TokenHttp, TokenSource};
 use crate::config::{IdentitySelector, ManagedIdentity, ManagedIdentityEndpoint};
 
 /// The instance metadata service's token endpoint.
@@ -78,8 +76,7 @@ impl ManagedIdentitySource {
         http: Result<TokenHttp, TokenError>,
         imds: Imds,
     ) -> Result<Self, TokenError> {
-        let config_error =
-            |what: &str| TokenError::Config(format!("credential `{credential}`: {what}"));
+        let config_error = |what: &str| TokenError::config(credential, what);
         let target = match &settings.endpoint {
             ManagedIdentityEndpoint::Imds => Target::Imds(imds),
             ManagedIdentityEndpoint::AppService { url, header } => {
@@ -102,24 +99,21 @@ impl ManagedIdentitySource {
     async fn request(&self, scope: Option<&str>) -> Result<IssuedToken, TokenError> {
         let http = self.http.as_ref().map_err(Clone::clone)?;
         let Some(scope) = scope else {
-            return Err(TokenError::Config(format!(
-                "credential `{}`: a managed identity needs the route's scope",
-                self.credential
-            )));
+            return Err(TokenError::config(
+                &self.credential,
+                "a managed identity needs the route's scope",
+            ));
         };
         // The v1-style token services take the resource, not the scope (DYNAMICS.md §1.2).
         let resource = scope.strip_suffix("/.default").unwrap_or(scope);
         match &self.target {
             Target::AppService { url, header } => {
-                let mut url = url.clone();
-                {
-                    let mut query = url.query_pairs_mut();
-                    query.append_pair("api-version", APP_SERVICE_API_VERSION);
-                    query.append_pair("resource", resource);
-                    if let Some((name, value)) = self.selector("principal_id", "mi_res_id") {
-                        query.append_pair(name, value);
-                    }
-                }
+                let url = with_query(
+                    url,
+                    APP_SERVICE_API_VERSION,
+                    resource,
+                    self.selector("principal_id", "mi_res_id"),
+                );
                 let request = http
                     .client()
                     .get(url.clone())
@@ -131,15 +125,12 @@ impl ManagedIdentitySource {
                     .into_issued(header.to_str().ok())
             }
             Target::Imds(imds) => {
-                let mut url = imds.url.clone();
-                {
-                    let mut query = url.query_pairs_mut();
-                    query.append_pair("api-version", IMDS_API_VERSION);
-                    query.append_pair("resource", resource);
-                    if let Some((name, value)) = self.selector("object_id", "msi_res_id") {
-                        query.append_pair(name, value);
-                    }
-                }
+                let url = with_query(
+                    &imds.url,
+                    IMDS_API_VERSION,
+                    resource,
+                    self.selector("object_id", "msi_res_id"),
+                );
                 let mut attempt = 0;
                 loop {
                     let request = http
@@ -186,11 +177,27 @@ impl ManagedIdentitySource {
     }
 }
 
+/// `base` with the `api-version`, `resource` and selector query pairs appended.
+fn with_query(
+    base: &reqwest::Url,
+    api_version: &str,
+    resource: &str,
+    selector: Option<(&str, &str)>,
+) -> reqwest::Url {
+    let mut url = base.clone();
+    {
+        let mut query = url.query_pairs_mut();
+        query.append_pair("api-version", api_version);
+        query.append_pair("resource", resource);
+        if let Some((name, value)) = selector {
+            query.append_pair(name, value);
+        }
+    }
+    url
+}
+
 impl TokenSource for ManagedIdentitySource {
-    fn fetch<'a>(
-        &'a self,
-        scope: Option<&'a str>,
-    ) -> Pin<Box<dyn Future<Output = Result<IssuedToken, TokenError>> + Send + 'a>> {
+    fn fetch<'a>(&'a self, scope: Option<&'a str>) -> TokenFuture<'a> {
         Box::pin(self.request(scope))
     }
 }

@@ -52,13 +52,14 @@ pub use provider_error::{ProviderError, aadsts_hint};
 
 pub(crate) use transport::TokenHttp;
 
+/// What [`TokenSource::fetch`] returns: one token request in flight.
+pub type TokenFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<IssuedToken, TokenError>> + Send + 'a>>;
+
 /// One credential type: asks an identity provider for a token. No caching here.
 pub trait TokenSource: Send + Sync + fmt::Debug {
     /// Requests one token for `scope` (`None`: send no scope).
-    fn fetch<'a>(
-        &'a self,
-        scope: Option<&'a str>,
-    ) -> Pin<Box<dyn Future<Output = Result<IssuedToken, TokenError>> + Send + 'a>>;
+    fn fetch<'a>(&'a self, scope: Option<&'a str>) -> TokenFuture<'a>;
 
     /// Reads file-backed secrets and certificates again (configuration reload, rotation).
     fn reread_files(&self) {}
@@ -156,6 +157,11 @@ impl TokenError {
             Self::Config(_) => "config",
             Self::Backoff { error, .. } => error.kind(),
         }
+    }
+
+    /// A [`TokenError::Config`] about one credential: "credential `name`: what".
+    pub(crate) fn config(credential: &str, what: impl fmt::Display) -> Self {
+        Self::Config(format!("credential `{credential}`: {what}"))
     }
 
     /// The underlying error, looking through [`TokenError::Backoff`].
@@ -353,10 +359,8 @@ pub(crate) fn endpoint_url(
     credential: &str,
     endpoint: &http::Uri,
 ) -> Result<reqwest::Url, TokenError> {
-    let config_error =
-        |what: &str| TokenError::Config(format!("credential `{credential}`: {what}"));
     let url = reqwest::Url::parse(&endpoint.to_string())
-        .map_err(|_| config_error("the token endpoint is not a valid URL"))?;
+        .map_err(|_| TokenError::config(credential, "the token endpoint is not a valid URL"))?;
     let loopback = match url.host_str() {
         Some(host) if host.eq_ignore_ascii_case("localhost") => true,
         Some(host) => host
@@ -367,7 +371,8 @@ pub(crate) fn endpoint_url(
         None => false,
     };
     if url.scheme() != "https" && !(url.scheme() == "http" && loopback) {
-        return Err(config_error(
+        return Err(TokenError::config(
+            credential,
             "the token endpoint must be https:// (plain http only on loopback)",
         ));
     }
@@ -390,10 +395,7 @@ pub(crate) struct FailingSource {
 }
 
 impl TokenSource for FailingSource {
-    fn fetch<'a>(
-        &'a self,
-        _scope: Option<&'a str>,
-    ) -> Pin<Box<dyn Future<Output = Result<IssuedToken, TokenError>> + Send + 'a>> {
+    fn fetch<'a>(&'a self, _scope: Option<&'a str>) -> TokenFuture<'a> {
         let error = self.error.clone();
         Box::pin(async move { Err(error) })
     }
@@ -457,6 +459,16 @@ mod tests {
         assert_eq!(token.usable_until() - now, Duration::from_millis(7200));
         let token = Token::new(&issued("t", 3600, None), now).unwrap();
         assert_eq!(token.usable_until() - now, Duration::from_secs(3570));
+    }
+
+    #[test]
+    fn config_errors_name_the_credential() {
+        let error = endpoint_url("bc", &"http://idp.example/token".parse().unwrap()).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "credential `bc`: the token endpoint must be https:// (plain http only on loopback)"
+        );
+        assert_eq!(error.public_message(), error.to_string());
     }
 
     #[test]

@@ -8,7 +8,7 @@
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, StatusCode};
+use http::{HeaderMap, HeaderValue, StatusCode};
 
 use super::provider_error::ProviderError;
 use super::{IssuedToken, TokenError, response};
@@ -96,12 +96,27 @@ impl TokenHttp {
         if let Some(scope) = scope {
             form.push(("scope", scope));
         }
-        let request = self
-            .client()
-            .post(url.clone())
+        self.post_form(url, &form, None, assertion).await
+    }
+
+    /// POSTs a token request form (with `authorization` as the `Authorization` header, if
+    /// any) and reads the answer. `secret`, whatever authenticated the request, is redacted
+    /// from any error text the provider echoes.
+    pub(crate) async fn post_form(
+        &self,
+        url: &reqwest::Url,
+        form: &[(&str, &str)],
+        authorization: Option<HeaderValue>,
+        secret: &str,
+    ) -> Result<IssuedToken, TokenError> {
+        let mut request = self.client().post(url.clone());
+        if let Some(authorization) = authorization {
+            request = request.header(http::header::AUTHORIZATION, authorization);
+        }
+        let request = request
             .header(http::header::ACCEPT, "application/json")
-            .form(&form);
-        self.send(request, url).await?.into_issued(Some(assertion))
+            .form(form);
+        self.send(request, url).await?.into_issued(Some(secret))
     }
 
     /// Sends a request and reads the answer. A 3xx is an error here; 4xx/5xx are returned

@@ -2,12 +2,10 @@
 //! client assertion is the projected service-account token in `AZURE_FEDERATED_TOKEN_FILE`
 //! (or `token_file`), read again for every token request because the kubelet rotates it.
 
-use std::future::Future;
 use std::io::Read;
 use std::path::PathBuf;
-use std::pin::Pin;
 
-use super::{IssuedToken, TokenError, TokenHttp, TokenSource};
+use super::{IssuedToken, TokenError, TokenFuture, TokenHttp, TokenSource};
 use crate::config::WorkloadIdentity;
 
 /// A projected token is about 1 KiB; anything this large is not one.
@@ -39,11 +37,10 @@ impl WorkloadIdentitySource {
 
     fn read_assertion(&self) -> Result<String, TokenError> {
         let fail = |what: String| {
-            TokenError::Config(format!(
-                "credential `{}`: federated token file {}: {what}",
-                self.credential,
-                self.token_file.display()
-            ))
+            TokenError::config(
+                &self.credential,
+                format!("federated token file {}: {what}", self.token_file.display()),
+            )
         };
         let mut text = String::new();
         std::fs::File::open(&self.token_file)
@@ -68,10 +65,7 @@ impl WorkloadIdentitySource {
 }
 
 impl TokenSource for WorkloadIdentitySource {
-    fn fetch<'a>(
-        &'a self,
-        scope: Option<&'a str>,
-    ) -> Pin<Box<dyn Future<Output = Result<IssuedToken, TokenError>> + Send + 'a>> {
+    fn fetch<'a>(&'a self, scope: Option<&'a str>) -> TokenFuture<'a> {
         Box::pin(self.request(scope))
     }
 }

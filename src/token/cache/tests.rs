@@ -1,15 +1,13 @@
 //! Cache behaviour against a scripted fake source, on tokio's paused clock.
 
 use std::collections::VecDeque;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::AtomicUsize;
 
 use http::StatusCode;
 
 use super::*;
 use crate::secret::Secret;
-use crate::token::{IssuedToken, ProviderError};
+use crate::token::{IssuedToken, ProviderError, TokenFuture};
 
 #[derive(Debug, Clone)]
 enum Outcome {
@@ -61,10 +59,7 @@ impl Fake {
 }
 
 impl TokenSource for Fake {
-    fn fetch<'a>(
-        &'a self,
-        _scope: Option<&'a str>,
-    ) -> Pin<Box<dyn Future<Output = Result<IssuedToken, TokenError>> + Send + 'a>> {
+    fn fetch<'a>(&'a self, _scope: Option<&'a str>) -> TokenFuture<'a> {
         Box::pin(async move {
             let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
             self.times.lock().unwrap().push(Instant::now());

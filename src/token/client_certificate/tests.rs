@@ -172,14 +172,15 @@ fn source(settings: &ClientCertificate) -> ClientCertificateSource {
     ClientCertificateSource::new("fo-cert", settings, fake::http()).unwrap()
 }
 
+/// A PS256 source for `files`, posting to `entra`.
+fn source_for(entra: &FakeEntra, files: Vec<CertificateFile>) -> ClientCertificateSource {
+    source(&settings(&entra.url(), files, AssertionAlg::Ps256))
+}
+
 #[tokio::test]
 async fn ps256_assertion_from_pem_is_accepted_and_fresh_each_time() {
     let entra = FakeEntra::spawn(vec![leaf("a.pem", None)]).await;
-    let source = source(&settings(
-        &entra.url(),
-        vec![file("a.pem", None)],
-        AssertionAlg::Ps256,
-    ));
+    let source = source_for(&entra, vec![file("a.pem", None)]);
     for _ in 0..2 {
         let token = source.fetch(Some(SCOPE)).await.unwrap();
         assert_eq!(token.access_token.expose(), "eyJ.cert-token.sig");
@@ -210,11 +211,7 @@ async fn rs256_sends_the_sha1_thumbprint_and_pkcs1_keys_load() {
 async fn pkcs12_with_password_including_legacy_encryption() {
     let entra = FakeEntra::spawn(vec![leaf("a.pem", None), leaf("b.pem", None)]).await;
     for name in ["a.pfx", "b-legacy.pfx"] {
-        let source = source(&settings(
-            &entra.url(),
-            vec![file(name, Some("test-pass"))],
-            AssertionAlg::Ps256,
-        ));
+        let source = source_for(&entra, vec![file(name, Some("test-pass"))]);
         source.fetch(Some(SCOPE)).await.unwrap();
     }
     assert_eq!(entra.seen().len(), 2);
@@ -265,11 +262,7 @@ fn ec_keys_are_refused_for_entra_with_a_clear_message() {
 async fn rotation_falls_back_to_the_next_certificate_and_stays_there() {
     // Only `a` is uploaded to the app registration.
     let entra = FakeEntra::spawn(vec![leaf("a.pem", None)]).await;
-    let source = source(&settings(
-        &entra.url(),
-        vec![file("b.pem", None), file("a.pem", None)],
-        AssertionAlg::Ps256,
-    ));
+    let source = source_for(&entra, vec![file("b.pem", None), file("a.pem", None)]);
     source.fetch(Some(SCOPE)).await.unwrap();
     assert_eq!(entra.server.requests().len(), 2, "b refused, then a");
     source.fetch(Some(SCOPE)).await.unwrap();
@@ -281,10 +274,6 @@ async fn rotation_falls_back_to_the_next_certificate_and_stays_there() {
     let error = source.fetch(Some(SCOPE)).await.unwrap_err();
     assert!(error.public_message().contains("AADSTS700027"), "{error}");
     assert_eq!(none.server.requests().len(), 2);
-}
-
-fn source_for(entra: &FakeEntra, files: Vec<CertificateFile>) -> ClientCertificateSource {
-    source(&settings(&entra.url(), files, AssertionAlg::Ps256))
 }
 
 #[test]

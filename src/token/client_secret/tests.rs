@@ -57,6 +57,14 @@ fn source(url: &str, auth_method: ClientAuthMethod) -> ClientSecretSource {
     ClientSecretSource::new("bc", &settings(url, auth_method), http).unwrap()
 }
 
+/// The error a `client_secret_post` fetch for [`SCOPE`] from `url` ends with.
+async fn fetch_error(url: &str) -> TokenError {
+    source(url, ClientAuthMethod::Post)
+        .fetch(Some(SCOPE))
+        .await
+        .unwrap_err()
+}
+
 /// No secret, no URL, no description in a client-facing message; no secret in logs.
 fn assert_no_leak(error: &TokenError, url: &str) {
     let public = error.public_message();
@@ -152,10 +160,7 @@ async fn wrong_secret_is_a_permanent_invalid_client_with_a_hint() {
         body,
     ))
     .await;
-    let error = source(&token_url(&endpoint), ClientAuthMethod::Post)
-        .fetch(Some(SCOPE))
-        .await
-        .unwrap_err();
+    let error = fetch_error(&token_url(&endpoint)).await;
     let TokenError::Provider(provider) = &error else {
         panic!("{error:?}");
     };
@@ -188,10 +193,7 @@ async fn plain_text_429_is_transient_and_carries_retry_after() {
         "Too Many Requests",
     ))
     .await;
-    let error = source(&token_url(&endpoint), ClientAuthMethod::Post)
-        .fetch(Some(SCOPE))
-        .await
-        .unwrap_err();
+    let error = fetch_error(&token_url(&endpoint)).await;
     assert!(matches!(error, TokenError::Provider(_)), "{error:?}");
     assert!(!error.is_permanent());
     assert_eq!(error.retry_after(), Some(Duration::from_secs(60)));
@@ -208,10 +210,7 @@ async fn redirects_are_not_followed() {
             "",
         ))
         .await;
-        let error = source(&token_url(&endpoint), ClientAuthMethod::Post)
-            .fetch(Some(SCOPE))
-            .await
-            .unwrap_err();
+        let error = fetch_error(&token_url(&endpoint)).await;
         assert!(matches!(error, TokenError::Redirect { .. }), "{error:?}");
         assert!(error.is_permanent());
         assert!(error.to_string().contains("redirects are not followed"));
@@ -234,10 +233,7 @@ async fn garbage_and_oversized_bodies_are_invalid_responses() {
         json_ok(&huge),
     ] {
         let endpoint = endpoint(reply).await;
-        let error = source(&token_url(&endpoint), ClientAuthMethod::Post)
-            .fetch(Some(SCOPE))
-            .await
-            .unwrap_err();
+        let error = fetch_error(&token_url(&endpoint)).await;
         assert!(matches!(error, TokenError::InvalidResponse(_)), "{error:?}");
         assert!(!error.is_permanent());
         assert!(!error.to_string().contains("Sign in"));
@@ -248,10 +244,7 @@ async fn garbage_and_oversized_bodies_are_invalid_responses() {
 async fn a_stalled_endpoint_times_out() {
     let endpoint = endpoint(Reply::Stall).await;
     let started = std::time::Instant::now();
-    let error = source(&token_url(&endpoint), ClientAuthMethod::Post)
-        .fetch(Some(SCOPE))
-        .await
-        .unwrap_err();
+    let error = fetch_error(&token_url(&endpoint)).await;
     assert!(matches!(error, TokenError::Timeout(_)), "{error:?}");
     assert!(!error.is_permanent());
     assert!(started.elapsed() < Duration::from_secs(3));
@@ -263,10 +256,7 @@ async fn a_refused_connection_is_a_transient_network_error_without_the_url() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/token", listener.local_addr().unwrap());
     drop(listener);
-    let error = source(&url, ClientAuthMethod::Post)
-        .fetch(Some(SCOPE))
-        .await
-        .unwrap_err();
+    let error = fetch_error(&url).await;
     assert!(matches!(error, TokenError::Network(_)), "{error:?}");
     assert!(!error.is_permanent());
     assert_no_leak(&error, &url);
