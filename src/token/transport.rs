@@ -18,10 +18,10 @@ pub(crate) const TOTAL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest token endpoint answer read (F3: a 100 MB body must not be buffered).
 pub(crate) const MAX_BODY: usize = 64 * 1024;
 
-/// A cheaply clonable client for token endpoints.
 /// `client_assertion_type` of a JWT client assertion (RFC 7523 §2.2).
 pub(crate) const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 
+/// A cheaply clonable client for token endpoints.
 #[derive(Debug, Clone)]
 pub(crate) struct TokenHttp {
     client: reqwest::Client,
