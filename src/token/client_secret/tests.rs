@@ -476,11 +476,11 @@ async fn rotation_tries_the_next_secret_after_invalid_client_and_keeps_it() {
 #[tokio::test]
 async fn file_secrets_are_read_again_after_invalid_client_and_on_reload() {
     let server = accepting("rotated-in-file").await;
-    let dir = std::env::temp_dir().join(format!("s2s-proxy-rot-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("secret"), "first-value\n").unwrap();
+    let temp = crate::test_support::TempDir::new("rot");
+    let dir = temp.path();
+    temp.write("secret", "first-value\n");
     let config = rotation_config(
-        &dir,
+        dir,
         &server.url("/token"),
         "    client_secret: ${file:secret}\n",
     );
@@ -508,7 +508,6 @@ async fn file_secrets_are_read_again_after_invalid_client_and_on_reload() {
             .as_deref(),
         Some("third-value")
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test]

@@ -66,10 +66,8 @@ async fn the_federated_token_file_is_read_for_every_request() {
         (200, fake::token_body("eyJ.wi.sig"))
     }))
     .await;
-    let dir = std::env::temp_dir().join(format!("s2s-proxy-wi-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("azure-identity-token");
-    std::fs::write(&file, "k8s.jwt.one\n").unwrap();
+    let dir = crate::test_support::TempDir::new("wi");
+    let file = dir.write("azure-identity-token", "k8s.jwt.one\n");
     let settings = WorkloadIdentity {
         endpoint: crate::config::TokenEndpoint::Generic {
             url: server.url("/t/oauth2/v2.0/token").parse().unwrap(),
@@ -100,5 +98,4 @@ async fn the_federated_token_file_is_read_for_every_request() {
     std::fs::remove_file(&file).unwrap();
     let error = source.fetch(Some(scope)).await.unwrap_err();
     assert!(error.to_string().contains("cannot read"), "{error}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
