@@ -242,7 +242,6 @@ fn chunk_start(size: u64) -> State {
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-const H2_PREFACE_LEN: usize = H2_PREFACE.len();
 /// The first read of a connection, kept for hyper: room for a typical request head, so
 /// hyper gets the whole head in its first read.
 const FIRST_READ: usize = 4096;
@@ -269,7 +268,6 @@ pub(crate) struct AuditedStream<S> {
     audit: Audit,
     /// Until the first request head (or the whole HTTP/2 preface) has arrived.
     first_bytes_deadline: Option<Pin<Box<Sleep>>>,
-    bytes_read: usize,
     /// Bytes read (and audited) by [`Self::protocol`], not yet handed to the reader.
     replay: Vec<u8>,
     replayed: usize,
@@ -288,16 +286,10 @@ impl<S> AuditedStream<S> {
                 heads: 0,
             },
             first_bytes_deadline: Some(Box::pin(tokio::time::sleep(first_request_within))),
-            bytes_read: 0,
             replay: Vec::new(),
             replayed: 0,
         };
         (stream, records)
-    }
-
-    fn first_request_arrived(&self) -> bool {
-        self.audit.heads > 0
-            || (matches!(self.audit.state, State::Off) && self.bytes_read >= H2_PREFACE_LEN)
     }
 }
 
@@ -320,11 +312,13 @@ impl<S: AsyncRead + Unpin> AuditedStream<S> {
                 break (filled > 0).then_some(Protocol::Http1);
             }
             filled += read;
-            let seen = filled.min(H2_PREFACE_LEN);
+            let seen = filled.min(H2_PREFACE.len());
             if first[..seen] != H2_PREFACE[..seen] {
                 break Some(Protocol::Http1);
             }
-            if seen == H2_PREFACE_LEN {
+            if seen == H2_PREFACE.len() {
+                // HTTP/2 has no request head to wait for: the preface was the first request.
+                self.first_bytes_deadline = None;
                 break Some(Protocol::Http2);
             }
             // A strict prefix of the preface: wait for more (bounded by the deadline).
@@ -353,9 +347,8 @@ impl<S: AsyncRead + Unpin> AuditedStream<S> {
         let result = Pin::new(&mut self.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = result {
             let read = &buf.filled()[before..];
-            self.bytes_read = self.bytes_read.saturating_add(read.len());
             self.audit.observe(read);
-            if self.first_bytes_deadline.is_some() && self.first_request_arrived() {
+            if self.first_bytes_deadline.is_some() && self.audit.heads > 0 {
                 self.first_bytes_deadline = None;
             }
         }
@@ -492,14 +485,16 @@ mod tests {
         let h1: &[&[u8]] = &[b"GET / HTTP/1.1\r\nHost: p\r\n\r\n"];
         let h2: &[&[u8]] = &[b"PRI * HT", b"TP/2.0\r\n\r\nSM\r\n\r\n", b"\0\0\x12\x04"];
         let short: &[&[u8]] = &[b"PRI"];
-        let cases: [(&[&[u8]], Option<Protocol>); 4] = [
-            (h1, Some(Protocol::Http1)),
-            (h2, Some(Protocol::Http2)),
+        // The pieces, the protocol, and whether the first-request deadline is over: a whole
+        // HTTP/1 head or the HTTP/2 preface ends it.
+        let cases: [(&[&[u8]], Option<Protocol>, bool); 4] = [
+            (h1, Some(Protocol::Http1), true),
+            (h2, Some(Protocol::Http2), true),
             // A prefix of the preface, then the end: whatever it is, it is not HTTP/2.
-            (short, Some(Protocol::Http1)),
-            (&[], None),
+            (short, Some(Protocol::Http1), false),
+            (&[], None, false),
         ];
-        for (pieces, expected) in cases {
+        for (pieces, expected, first_request_done) in cases {
             let (mut peer, server) = tokio::io::duplex(64 * 1024);
             let sent: Vec<u8> = pieces.concat();
             let pieces: Vec<Vec<u8>> = pieces.iter().map(|p| p.to_vec()).collect();
@@ -511,6 +506,11 @@ mod tests {
             });
             let (mut stream, _) = AuditedStream::new(server, Duration::from_secs(5));
             assert_eq!(stream.protocol().await.unwrap(), expected, "{sent:?}");
+            assert_eq!(
+                stream.first_bytes_deadline.is_none(),
+                first_request_done,
+                "{sent:?}"
+            );
             writer.await.unwrap();
             // Read back a byte at a time: the replay must cope with any buffer size.
             let mut read = Vec::new();
