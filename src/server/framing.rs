@@ -487,7 +487,8 @@ mod tests {
         let short: &[&[u8]] = &[b"PRI"];
         // The pieces, the protocol, and whether the first-request deadline is over: a whole
         // HTTP/1 head or the HTTP/2 preface ends it.
-        let cases: [(&[&[u8]], Option<Protocol>, bool); 4] = [
+        type Case<'a> = (&'a [&'a [u8]], Option<Protocol>, bool);
+        let cases: [Case<'_>; 4] = [
             (h1, Some(Protocol::Http1), true),
             (h2, Some(Protocol::Http2), true),
             // A prefix of the preface, then the end: whatever it is, it is not HTTP/2.
