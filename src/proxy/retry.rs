@@ -10,9 +10,10 @@
 
 use std::time::{Duration, SystemTime};
 
-use http::{HeaderMap, StatusCode, header};
+use http::{HeaderMap, StatusCode};
 
 use crate::config::RetryOn429;
+use crate::token::retry_after;
 
 /// What a 429 without `Retry-After` waits (the F&O samples' fallback, DYNAMICS.md §7).
 const DEFAULT_WAIT: Duration = Duration::from_secs(30);
@@ -41,19 +42,9 @@ pub(crate) fn throttled_wait(
     (wait <= policy.max_wait && wait < left).then_some(wait)
 }
 
-/// `Retry-After` as delay-seconds or an HTTP date (RFC 9110 §10.2.3).
-pub(crate) fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
-    let value = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
-    if let Ok(seconds) = value.parse::<u64>() {
-        return Some(Duration::from_secs(seconds));
-    }
-    let date = httpdate::parse_http_date(value).ok()?;
-    Some(date.duration_since(now).unwrap_or(Duration::ZERO))
-}
-
 #[cfg(test)]
 mod tests {
-    use http::HeaderValue;
+    use http::{HeaderValue, header};
 
     use super::*;
 

@@ -48,6 +48,7 @@ use crate::secret::Secret;
 pub use cache::{SlotStatus, TokenCache, TokenSlot};
 pub use claims::{Claims, decode_claims};
 pub use expiry::{CredentialExpiry, EXPIRY_WARNING, credential_expiries, warn_expiring};
+pub(crate) use provider_error::retry_after;
 pub use provider_error::{ProviderError, aadsts_hint};
 
 pub(crate) use transport::TokenHttp;

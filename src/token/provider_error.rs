@@ -66,7 +66,7 @@ impl ProviderError {
             codes,
             trace_id: field("trace_id").filter(|id| is_token(id, 64)),
             correlation_id: field("correlation_id").filter(|id| is_token(id, 64)),
-            retry_after: retry_after(headers, SystemTime::now()),
+            retry_after: capped_retry_after(headers, SystemTime::now()),
         }
     }
 
@@ -250,21 +250,24 @@ fn is_token(value: &str, max: usize) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
 }
 
-/// `Retry-After` as delay-seconds or HTTP-date (RFC 9110 §10.2.3), capped.
+/// `Retry-After` as delay-seconds or an HTTP date (RFC 9110 §10.2.3). The one parser of
+/// it, for identity providers here and for upstreams in `proxy::retry`.
 pub(crate) fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
     let value = headers
         .get(http::header::RETRY_AFTER)?
         .to_str()
         .ok()?
         .trim();
-    let delay = match value.parse::<u64>() {
-        Ok(secs) => Duration::from_secs(secs),
-        Err(_) => httpdate::parse_http_date(value)
-            .ok()?
-            .duration_since(now)
-            .unwrap_or(Duration::ZERO),
-    };
-    Some(delay.min(MAX_RETRY_AFTER))
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let date = httpdate::parse_http_date(value).ok()?;
+    Some(date.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// An identity provider's `Retry-After`, at most [`MAX_RETRY_AFTER`].
+fn capped_retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    retry_after(headers, now).map(|delay| delay.min(MAX_RETRY_AFTER))
 }
 
 #[cfg(test)]
@@ -346,14 +349,17 @@ mod tests {
         let mut headers = HeaderMap::new();
         let date = httpdate::fmt_http_date(now + Duration::from_secs(90));
         headers.insert(http::header::RETRY_AFTER, date.parse().unwrap());
-        assert_eq!(retry_after(&headers, now), Some(Duration::from_secs(90)));
+        assert_eq!(
+            capped_retry_after(&headers, now),
+            Some(Duration::from_secs(90))
+        );
         headers.insert(http::header::RETRY_AFTER, "86400".parse().unwrap());
-        assert_eq!(retry_after(&headers, now), Some(MAX_RETRY_AFTER));
+        assert_eq!(capped_retry_after(&headers, now), Some(MAX_RETRY_AFTER));
         let past = httpdate::fmt_http_date(now - Duration::from_secs(5));
         headers.insert(http::header::RETRY_AFTER, past.parse().unwrap());
-        assert_eq!(retry_after(&headers, now), Some(Duration::ZERO));
+        assert_eq!(capped_retry_after(&headers, now), Some(Duration::ZERO));
         headers.insert(http::header::RETRY_AFTER, "soon".parse().unwrap());
-        assert_eq!(retry_after(&headers, now), None);
+        assert_eq!(capped_retry_after(&headers, now), None);
     }
 
     #[test]
