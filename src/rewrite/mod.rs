@@ -262,6 +262,22 @@ enum Scanner {
     Multipart(Box<MultipartRewriter>),
 }
 
+impl Scanner {
+    fn push(&mut self, links: &LinkMap, input: &[u8], out: &mut BytesMut) {
+        match self {
+            Self::Json(json) => json.push(links, input, out),
+            Self::Multipart(multipart) => multipart.push(links, input, out),
+        }
+    }
+
+    fn finish(&mut self, out: &mut BytesMut) {
+        match self {
+            Self::Json(json) => json.finish(out),
+            Self::Multipart(multipart) => multipart.finish(out),
+        }
+    }
+}
+
 /// Why a body could not be rewritten to its end.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot decode the upstream response body: {0}")]
@@ -276,6 +292,8 @@ pub(crate) struct BodyRewriter {
     links: LinkMap,
     scanner: Scanner,
     decoder: Option<Decoder>,
+    /// Where the decoder writes, allocated once per body (empty without a decoder).
+    decoded: Box<[u8]>,
     /// Identity input not yet rewritten.
     pending: Option<Bytes>,
     input_ended: bool,
@@ -293,6 +311,10 @@ impl BodyRewriter {
         Self {
             links,
             scanner,
+            decoded: match coding {
+                Some(_) => vec![0; DECODE_CHUNK].into_boxed_slice(),
+                None => Box::default(),
+            },
             decoder: coding.map(Decoder::new),
             pending: None,
             input_ended: false,
@@ -343,34 +365,21 @@ impl BodyRewriter {
         let mut out = BytesMut::new();
         match &mut self.decoder {
             None => match self.pending.take() {
-                Some(data) => self.scan(&data, &mut out),
+                Some(data) => self.scanner.push(&self.links, &data, &mut out),
                 None if self.input_ended => self.finish(&mut out),
                 None => return Ok(None),
             },
-            Some(decoder) => {
-                let mut buffer = vec![0u8; DECODE_CHUNK];
-                match decoder.read(&mut buffer)? {
-                    None => return Ok(None),
-                    Some(0) => self.finish(&mut out),
-                    Some(n) => self.scan(&buffer[..n], &mut out),
-                }
-            }
+            Some(decoder) => match decoder.read(&mut self.decoded)? {
+                None => return Ok(None),
+                Some(0) => self.finish(&mut out),
+                Some(n) => self.scanner.push(&self.links, &self.decoded[..n], &mut out),
+            },
         }
         Ok(Some(out.freeze()))
     }
 
-    fn scan(&mut self, input: &[u8], out: &mut BytesMut) {
-        match &mut self.scanner {
-            Scanner::Json(json) => json.push(&self.links, input, out),
-            Scanner::Multipart(multipart) => multipart.push(&self.links, input, out),
-        }
-    }
-
     fn finish(&mut self, out: &mut BytesMut) {
-        match &mut self.scanner {
-            Scanner::Json(json) => json.finish(out),
-            Scanner::Multipart(multipart) => multipart.finish(out),
-        }
+        self.scanner.finish(out);
         self.done = true;
     }
 }
