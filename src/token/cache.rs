@@ -106,14 +106,6 @@ impl TokenCache {
         cache
     }
 
-    /// Reads every credential's file-backed secrets and certificates again (`${file:…}`
-    /// secrets, certificate files), for configuration reload. Cached tokens stay.
-    pub fn reread_credential_files(&self) {
-        for source in self.inner.sources.values() {
-            source.reread_files();
-        }
-    }
-
     /// A cache over the given sources (credential name → source); slots are created on
     /// demand. For tests and for other credential types under construction.
     pub(crate) fn with_sources(sources: HashMap<String, Arc<dyn TokenSource>>) -> Self {
@@ -212,8 +204,9 @@ impl TokenCache {
     }
 
     /// The cache for a reloaded `config`: every (credential, scope) whose credential
-    /// `unchanged` accepts keeps its slot — cached token, backoff, counters — and source;
-    /// the others start empty. Call [`TokenCache::start`] on the result; this cache's
+    /// `unchanged` accepts keeps its slot — cached token, backoff, counters — and source,
+    /// which reads its files again (a certificate renewed in place keeps its path, so its
+    /// settings compare equal); the others start empty. Call [`TokenCache::start`] on the result; this cache's
     /// renewal tasks end when it is dropped.
     pub(crate) fn reload(
         &self,
@@ -227,7 +220,10 @@ impl TokenCache {
             .iter()
             .map(|credential| {
                 let source = match self.inner.sources.get(&credential.name) {
-                    Some(source) if unchanged(&credential.name) => Arc::clone(source),
+                    Some(source) if unchanged(&credential.name) => {
+                        source.reread_files();
+                        Arc::clone(source)
+                    }
                     _ => build_source(credential, &http),
                 };
                 (credential.name.clone(), source)

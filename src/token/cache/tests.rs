@@ -20,6 +20,7 @@ enum Outcome {
 #[derive(Debug)]
 struct Fake {
     calls: AtomicUsize,
+    rereads: AtomicUsize,
     times: Mutex<Vec<Instant>>,
     delay: Duration,
     script: Mutex<VecDeque<Outcome>>,
@@ -34,6 +35,7 @@ impl Fake {
     fn with_delay(fallback: Outcome, delay: Duration) -> Arc<Self> {
         Arc::new(Self {
             calls: AtomicUsize::new(0),
+            rereads: AtomicUsize::new(0),
             times: Mutex::new(Vec::new()),
             delay,
             script: Mutex::new(VecDeque::new()),
@@ -81,6 +83,10 @@ impl TokenSource for Fake {
                 Outcome::Fail(error) => Err(error),
             }
         })
+    }
+
+    fn reread_files(&self) {
+        self.rereads.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -435,4 +441,38 @@ async fn slots_are_per_credential_and_scope_and_created_lazily() {
     assert_eq!(status[0].fetches_ok, 1);
     assert_eq!(status[2].credential, "nope");
     assert_eq!(status[2].fetches_failed, 1);
+}
+
+#[tokio::test]
+async fn a_reload_keeps_unchanged_sources_and_makes_them_read_their_files_again() {
+    let fake = Fake::new(Outcome::Token(3600));
+    let (cache, _) = cache(&fake);
+    let config = crate::config::Config::from_yaml_str(
+        "credentials:\n  bc:\n    type: client_secret\n    token_url: https://idp.example/token\n    \
+         client_id: app\n    client_secret: ${S}\nclients:\n  c:\n    networks: [10.0.0.0/8]\n\
+         routes:\n  - prefix: /bc/\n    upstream: https://api.example/\n    credential: bc\n    \
+         scope: https://api/.default\n    clients: [c]\n",
+        &crate::config::Source {
+            name: "proxy.yaml".to_owned(),
+            base_dir: std::env::temp_dir(),
+            variables: crate::config::Variables::map([("S".to_owned(), "s".to_owned())].into()),
+        },
+    )
+    .unwrap();
+    let kept = cache.reload(&config, &crate::token::fake::tls(), |_| true);
+    assert_eq!(fake.rereads.load(Ordering::SeqCst), 1);
+    assert!(Arc::ptr_eq(
+        &kept.inner.sources["bc"],
+        &(fake.clone() as Arc<dyn TokenSource>)
+    ));
+    let replaced = cache.reload(&config, &crate::token::fake::tls(), |_| false);
+    assert_eq!(
+        fake.rereads.load(Ordering::SeqCst),
+        1,
+        "a new source, not a re-read"
+    );
+    assert!(!Arc::ptr_eq(
+        &replaced.inner.sources["bc"],
+        &(fake as Arc<dyn TokenSource>)
+    ));
 }
