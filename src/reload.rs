@@ -83,6 +83,7 @@ pub(crate) struct Generation {
 impl Generation {
     fn new(config: Config, tokens: TokenCache) -> Self {
         let credential_expiries = crate::token::credential_expiries(&config);
+        crate::token::warn_expiring(&credential_expiries, std::time::SystemTime::now());
         Self {
             config,
             tokens,

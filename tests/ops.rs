@@ -585,3 +585,26 @@ async fn queued_requests_show_in_the_queue_gauge() {
     );
     proxy.handle.shutdown().await;
 }
+
+#[test]
+fn expired_credentials_are_warned_about_at_start_and_on_every_reload() {
+    let ((), logs) = support::capture_logs(async {
+        let idp = FakeIdp::start().await;
+        let upstream = FakeUpstream::start().await;
+        let yaml = admin_yaml(&idp, &upstream).replace(
+            "client_secret: ${BC_SECRET}\n",
+            "client_secret: ${BC_SECRET}\n    expires: 2020-01-31\n",
+        );
+        let proxy = spawn_ops_proxy(config(&yaml, standard_vars()), None).await;
+        idp.wait_for_calls(1).await;
+        let report = proxy.reload.apply(config(&yaml, standard_vars()));
+        assert_eq!(report.kept_credentials, ["bc"]);
+        proxy.handle.shutdown().await;
+    });
+    let text = logs.text();
+    assert_eq!(
+        text.matches("Credential has expired").count(),
+        2,
+        "once at start, once for the reload:\n{text}"
+    );
+}

@@ -102,7 +102,6 @@ impl TokenCache {
         for route in &config.routes {
             cache.slot(route);
         }
-        super::warn_expiring(config, std::time::SystemTime::now());
         cache
     }
 

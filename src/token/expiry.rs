@@ -1,7 +1,7 @@
 //! When configured secrets and certificates expire: a certificate's `notAfter`, a secret's
-//! `expires:` date. [`warn_expiring`] logs those due within [`EXPIRY_WARNING`] when the
-//! token cache is built (start-up, reload); [`credential_expiries`] is what a metric or a
-//! report reads.
+//! `expires:` date. [`credential_expiries`] reads them once per configuration generation
+//! (start-up, reload), for the metric and reports; [`warn_expiring`] logs those due within
+//! [`EXPIRY_WARNING`] then.
 
 use std::time::{Duration, SystemTime};
 
@@ -68,12 +68,13 @@ pub fn credential_expiries(config: &Config) -> Vec<CredentialExpiry> {
     out
 }
 
-/// Logs a warning for each secret or certificate that expires within [`EXPIRY_WARNING`] of
-/// `now` (or has expired), and returns them.
-pub fn warn_expiring(config: &Config, now: SystemTime) -> Vec<CredentialExpiry> {
-    let due: Vec<CredentialExpiry> = credential_expiries(config)
-        .into_iter()
+/// Logs a warning for each of `expiries` within [`EXPIRY_WARNING`] of `now` (or past), and
+/// returns them.
+pub fn warn_expiring(expiries: &[CredentialExpiry], now: SystemTime) -> Vec<CredentialExpiry> {
+    let due: Vec<CredentialExpiry> = expiries
+        .iter()
         .filter(|e| e.expires <= now + EXPIRY_WARNING)
+        .cloned()
         .collect();
     for expiry in &due {
         let epoch = expiry

@@ -308,8 +308,8 @@ fn config_loads_pfx_lists_cloud_and_reports_expiry() {
     assert_eq!(expiries[1].entry, "certificate_files[1]");
     assert!(expiries[0].expires > SystemTime::now() + Duration::from_secs(50 * 365 * 86_400));
     let far = SystemTime::now() + Duration::from_secs(200 * 365 * 86_400);
-    assert_eq!(crate::token::warn_expiring(&config, far).len(), 2);
-    assert!(crate::token::warn_expiring(&config, SystemTime::now()).is_empty());
+    assert_eq!(crate::token::warn_expiring(&expiries, far).len(), 2);
+    assert!(crate::token::warn_expiring(&expiries, SystemTime::now()).is_empty());
 
     // A wrong password and an EC key are reported by `check`, with the entry's path.
     let bad = yaml
