@@ -731,6 +731,13 @@ async fn bodies_over_the_limit_are_413() {
         "c".repeat(1000)
     );
     assert_eq!(raw_status(&raw(proxy.addr, chunked.as_bytes()).await), 413);
+    // Past the 64 KiB kept for a replay, the body streams upstream: the limit is found
+    // while the upstream request is being sent, and still answered 413.
+    let long = format!(
+        "POST /bc/x HTTP/1.1\r\nHost: p\r\nAuthorization: {auth}\r\nTransfer-Encoding: chunked\r\n\r\n{}0\r\n\r\n",
+        format!("4000\r\n{}\r\n", "d".repeat(0x4000)).repeat(6)
+    );
+    assert_eq!(raw_status(&raw(proxy.addr, long.as_bytes()).await), 413);
     assert_eq!(
         send(
             proxy.addr,

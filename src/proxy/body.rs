@@ -11,7 +11,7 @@
 use std::future::Future as _;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -45,25 +45,16 @@ pub(crate) struct DeadlineReached;
 #[error("no request body data within the body idle timeout")]
 pub(crate) struct BodyIdle;
 
-/// What the inbound side of one request did, shared with the upstream body.
+/// How much of the inbound body was read, shared with the upstream body. (Why a body
+/// failed travels as the error itself: [`BodyTooLarge`], [`BodyIdle`].)
 #[derive(Debug, Default)]
 pub(crate) struct InboundStats {
     received: AtomicU64,
-    too_large: AtomicBool,
-    idle: AtomicBool,
 }
 
 impl InboundStats {
     pub(crate) fn received(&self) -> u64 {
         self.received.load(Ordering::Relaxed)
-    }
-
-    pub(crate) fn too_large(&self) -> bool {
-        self.too_large.load(Ordering::Relaxed)
-    }
-
-    pub(crate) fn idle(&self) -> bool {
-        self.idle.load(Ordering::Relaxed)
     }
 }
 
@@ -96,16 +87,14 @@ pub(crate) async fn prepare(
         )
         .await;
         let Ok(frame) = frame else {
-            stats.idle.store(true, Ordering::Relaxed);
-            return Err(ProxyBodyError::Idle);
+            return Err(BodyIdle.into());
         };
         match frame {
             None => {
                 let body = buffer.freeze();
                 stats.received.store(body.len() as u64, Ordering::Relaxed);
                 if body.len() as u64 > max_bytes {
-                    stats.too_large.store(true, Ordering::Relaxed);
-                    return Err(ProxyBodyError::TooLarge);
+                    return Err(BodyTooLarge.into());
                 }
                 return Ok(UpstreamBody::Buffered(Some(body)));
             }
@@ -131,10 +120,10 @@ pub(crate) async fn prepare(
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ProxyBodyError {
-    #[error("request body exceeds the configured limit")]
-    TooLarge,
-    #[error("no request body data within the body idle timeout")]
-    Idle,
+    #[error(transparent)]
+    TooLarge(#[from] BodyTooLarge),
+    #[error(transparent)]
+    Idle(#[from] BodyIdle),
     #[error("reading the request body failed: {0}")]
     Inbound(hyper::Error),
 }
@@ -204,7 +193,6 @@ impl Body for UpstreamBody {
                     let frame = match Pin::new(&mut streaming.rest).poll_frame(cx) {
                         Poll::Pending => {
                             if streaming.idle.as_mut().poll(cx).is_ready() {
-                                streaming.stats.idle.store(true, Ordering::Relaxed);
                                 return Poll::Ready(Some(Err(BodyIdle.into())));
                             }
                             return Poll::Pending;
@@ -224,7 +212,6 @@ impl Body for UpstreamBody {
                     let len = data.len() as u64;
                     streaming.stats.received.fetch_add(len, Ordering::Relaxed);
                     if len > streaming.remaining {
-                        streaming.stats.too_large.store(true, Ordering::Relaxed);
                         return Poll::Ready(Some(Err(BodyTooLarge.into())));
                     }
                     streaming.remaining -= len;

@@ -32,7 +32,9 @@ use hyper::body::Incoming;
 use tokio::time::{Instant, timeout_at};
 
 use self::access_log::AccessLog;
-use self::body::{BodyLimits, InboundStats, ProxyBody, ProxyBodyError, UpstreamBody};
+use self::body::{
+    BodyIdle, BodyLimits, BodyTooLarge, InboundStats, ProxyBody, ProxyBodyError, UpstreamBody,
+};
 use self::error::ProxyError;
 use self::headers::{Forwarding, Peer, X_REQUEST_ID};
 use self::queue::RouteQueue;
@@ -277,8 +279,8 @@ impl Pipeline {
         .await
         .map_err(|_| ProxyError::UpstreamTimeout)?
         .map_err(|error| match error {
-            ProxyBodyError::TooLarge => ProxyError::PayloadTooLarge,
-            ProxyBodyError::Idle => ProxyError::RequestTimeout,
+            ProxyBodyError::TooLarge(_) => ProxyError::PayloadTooLarge,
+            ProxyBodyError::Idle(_) => ProxyError::RequestTimeout,
             ProxyBodyError::Inbound(_) => {
                 ProxyError::BadRequest("the request body could not be read")
             }
@@ -309,8 +311,12 @@ impl Pipeline {
             log.bytes_in = stats.received();
             let response = match result {
                 Err(_) => return Err(ProxyError::UpstreamTimeout),
-                Ok(Err(_)) if stats.too_large() => return Err(ProxyError::PayloadTooLarge),
-                Ok(Err(_)) if stats.idle() => return Err(ProxyError::RequestTimeout),
+                Ok(Err(error)) if caused_by::<BodyTooLarge>(&error) => {
+                    return Err(ProxyError::PayloadTooLarge);
+                }
+                Ok(Err(error)) if caused_by::<BodyIdle>(&error) => {
+                    return Err(ProxyError::RequestTimeout);
+                }
                 Ok(Err(error)) => return Err(ProxyError::UpstreamFailed(error_chain(&error))),
                 Ok(Ok(response)) => response,
             };
@@ -429,6 +435,19 @@ fn upstream_request(
     *request.uri_mut() = uri.clone();
     *request.headers_mut() = headers;
     request
+}
+
+/// Whether `E` is among `error`'s sources: the inbound body's own failure, seen through
+/// the upstream client's error that it caused.
+fn caused_by<E: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(error);
+    while let Some(cause) = source {
+        if cause.is::<E>() {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
 }
 
 /// An error and its sources on one line, for the log (never for a response body).
