@@ -2084,7 +2084,7 @@ fn classify_v4(ip: Ipv4Addr) -> HostKind {
 fn classify_v6(ip: Ipv6Addr) -> HostKind {
     if ip.is_loopback() {
         HostKind::Loopback
-    } else if ip.segments()[0] & 0xffc0 == 0xfe80 {
+    } else if ip.is_unicast_link_local() {
         HostKind::LinkLocal
     } else if ip.is_unspecified() {
         HostKind::Unusable
