@@ -185,8 +185,8 @@ impl Metrics {
         }
     }
 
-    /// The `s2s_proxy_queued{route}` gauge, for the route's queue to `inc`/`dec`. The same
-    /// series for the same prefix, across reloads.
+    /// The `s2s_proxy_queued{route}` gauge, set from the route's queue depth when `/metrics`
+    /// is scraped. The same series for the same prefix, across reloads.
     pub(crate) fn queued(&self, route: &str) -> Gauge {
         self.inner
             .queued

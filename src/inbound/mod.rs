@@ -169,9 +169,8 @@ impl Authenticator {
             .get_all(HeaderName::from_static("x-forwarded-for"))
             .iter()
             .filter_map(|value| value.to_str().ok())
-            .flat_map(|value| value.split(','))
-            .collect::<Vec<_>>();
-        for hop in hops.iter().rev() {
+            .flat_map(|value| value.split(','));
+        for hop in hops.rev() {
             match parse_hop(hop) {
                 Some(ip) => {
                     client = ip;
