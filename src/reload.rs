@@ -125,7 +125,6 @@ impl Runtime {
             &metrics,
             Arc::clone(&draining),
         );
-        metrics.prepare(&config);
         Self {
             pipelines: Arc::new(ArcSwap::from_pointee(pipeline)),
             current: ArcSwap::from_pointee(Generation::new(config, tokens)),
@@ -220,7 +219,6 @@ impl Runtime {
             &self.metrics,
             Arc::clone(&self.draining),
         );
-        self.metrics.prepare(&config);
         tokens.start();
         info!(
             routes = config.routes.len(),

@@ -84,6 +84,8 @@ impl Pipeline {
         metrics: &Metrics,
         draining: Arc<AtomicBool>,
     ) -> Self {
+        // Every configured route's series show up before its first request.
+        metrics.prepare(config);
         let authenticator = Authenticator::new(config);
         let routes = config
             .routes

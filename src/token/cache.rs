@@ -92,17 +92,8 @@ impl TokenCache {
         reason = "the pipeline's contract; callers hand over their Arc"
     )]
     pub fn new(config: &Config, tls: Arc<rustls::ClientConfig>) -> Self {
-        let http = TokenHttp::new(&tls);
-        let sources = config
-            .credentials
-            .iter()
-            .map(|credential| (credential.name.clone(), build_source(credential, &http)))
-            .collect();
-        let cache = Self::with_sources(sources);
-        for route in &config.routes {
-            cache.slot(route);
-        }
-        cache
+        // A reload from nothing: every source new, one slot per (credential, scope).
+        Self::with_sources(HashMap::new()).reload(config, &tls, |_| false)
     }
 
     /// A cache over the given sources (credential name → source); slots are created on
