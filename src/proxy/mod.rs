@@ -8,7 +8,8 @@
 //!    they can never cause a token request (429 for a locked-out source address or a
 //!    client over its `rate_limit`);
 //! 3. **route** by the longest prefix — 404 — and **authorize** the client for it — 403;
-//! 4. **token**: the route's cached bearer token — 503 when none is valid;
+//! 4. **token**: the route's cached bearer token — 503 when none is valid, or none comes
+//!    before the route's `timeout`;
 //! 5. **forward**: wait for a slot in the route's queue (`max_concurrent`) — 503 when
 //!    full or too slow — then send with the token injected, streaming both bodies. An
 //!    upstream 401 to the token we sent renews it and replays the request once, a 429
@@ -294,8 +295,9 @@ impl Pipeline {
         };
 
         // Taken only now, after waiting for a small body and a slot, so that the token is
-        // fresh when the request leaves.
-        let mut token = route.tokens.get().await?;
+        // fresh when the request leaves. Like every token wait below, it ends at the
+        // route's deadline (503 `token_unavailable`, README "Tokens").
+        let mut token = route.tokens.get_before(deadline).await?;
         // A small body is kept (with the headers) so the request can be sent again.
         let kept = body.replay().map(|body| (body, headers.clone()));
         let again = || {
@@ -328,7 +330,7 @@ impl Pipeline {
                 if renewed {
                     return Err(ProxyError::UpstreamRejectedToken);
                 }
-                match route.tokens.renew_rejected(&token).await {
+                match route.tokens.renew_rejected(&token, deadline).await {
                     Ok(Some(fresh)) if let Some(again) = again() => {
                         tracing::info!(
                             route = %route.prefix,
@@ -342,6 +344,9 @@ impl Pipeline {
                     }
                     // Renewed, but the body is gone; or renewed moments ago already.
                     Ok(_) => return Err(ProxyError::UpstreamRejectedToken),
+                    // No new token (the provider fails, or not before the deadline): 503
+                    // with the provider's reason and `Retry-After`. Not 502: no renewed
+                    // token was refused, and the old one stays in use for other requests.
                     Err(error) => return Err(ProxyError::TokenUnavailable(error)),
                 }
             }
@@ -364,7 +369,7 @@ impl Pipeline {
                 );
                 drop(response);
                 tokio::time::sleep(wait).await;
-                token = route.tokens.get().await?;
+                token = route.tokens.get_before(deadline).await?;
                 next = again;
                 throttled += 1;
                 continue;

@@ -7,25 +7,35 @@
 //! not backing off, fetches. The fetch runs in its own task holding the lock, so a caller
 //! that gives up (client gone, request timeout) neither cancels it nor lets a second fetch
 //! start: N concurrent cold callers cause exactly one provider call, success or failure.
+//! Requests wait through [`TokenSlot::get_before`], which gives up at the request's
+//! deadline with [`TokenError::Deadline`].
 //!
 //! Failures put the slot into backoff: 2 s doubling to 60 s with jitter, 60 s for
 //! permanent errors, never less than the provider's `Retry-After`. During backoff callers
 //! get the last error at once (with the remaining wait as `retry_after`) unless a usable
-//! token is still cached, which keeps being served until its skew-adjusted expiry.
+//! token is still cached, which keeps being served until its skew-adjusted expiry. A source
+//! whose fetch panics is such a failure too ([`TokenError::SourceFailed`]).
+//!
+//! An upstream 401 ([`TokenSlot::renew_rejected`]) starts a renewal but never drops the
+//! cached token: if the renewal fails, the token is served until it expires. Such renewals
+//! are rate-limited per slot: at most one per 5 s, the interval doubling up to 5 min while
+//! they keep coming (renewing did not help), back to 5 s after a quiet spell.
 //!
 //! [`TokenCache::start`] spawns one renewal task per slot: it fetches at once, then sleeps
 //! until the token's renewal point or the end of the backoff. Tasks end when the last
 //! `TokenCache` clone is dropped.
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
+use futures_util::FutureExt;
 use tokio::sync::{Notify, OwnedMutexGuard};
 use tokio::task::AbortHandle;
-use tokio::time::Instant;
+use tokio::time::{Instant, timeout_at};
 use tracing::{debug, error, info, warn};
 
 use super::{FailingSource, Token, TokenError, TokenHttp, TokenSource, build_source, claims};
@@ -36,8 +46,13 @@ use crate::metrics::Metrics;
 const BACKOFF_INITIAL: Duration = Duration::from_secs(2);
 /// Longest retry delay, and the interval for permanent errors.
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
-/// A 401-triggered refetch happens at most once per this interval per slot.
+/// A 401-triggered refetch happens at most once per this interval per slot…
 const REJECT_GUARD: Duration = Duration::from_secs(5);
+/// …which doubles up to this while such refetches keep coming.
+const REJECT_GUARD_MAX: Duration = Duration::from_secs(5 * 60);
+/// What a request that gave up waiting for a token in flight is told to wait: the fetch goes
+/// on, so its token may be there soon.
+const DEADLINE_RETRY_AFTER: Duration = Duration::from_secs(2);
 
 /// Cached tokens for every (credential, scope) the routes use. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -285,7 +300,7 @@ pub struct TokenSlot {
     metrics: OnceLock<Metrics>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct SlotState {
     last_error: Option<TokenError>,
     /// Set after a failure: no provider call before this instant.
@@ -294,6 +309,20 @@ struct SlotState {
     failures: u32,
     /// When a 401 last caused a refetch (storm guard).
     last_reject_refetch: Option<Instant>,
+    /// The storm guard's current interval: [`REJECT_GUARD`] doubling to [`REJECT_GUARD_MAX`].
+    reject_guard: Duration,
+}
+
+impl Default for SlotState {
+    fn default() -> Self {
+        Self {
+            last_error: None,
+            retry_at: None,
+            failures: 0,
+            last_reject_refetch: None,
+            reject_guard: REJECT_GUARD,
+        }
+    }
 }
 
 /// Why a fetch runs, for logs.
@@ -334,11 +363,23 @@ impl TokenSlot {
     }
 
     /// A usable token: the cached one, or a freshly fetched one. Never an expired token.
+    /// Waits as long as the fetch takes (the token client's own timeouts bound it).
     pub async fn get(&self) -> Result<Arc<Token>, TokenError> {
         if let Some(token) = self.usable(Instant::now()) {
             return Ok(token);
         }
         self.get_slow().await
+    }
+
+    /// [`TokenSlot::get`] for a request: waits for a fetch at most until `deadline`, then
+    /// gives up with [`TokenError::Deadline`]. The fetch itself goes on for the others.
+    pub async fn get_before(&self, deadline: Instant) -> Result<Arc<Token>, TokenError> {
+        if let Some(token) = self.usable(Instant::now()) {
+            return Ok(token);
+        }
+        timeout_at(deadline, self.get_slow())
+            .await
+            .unwrap_or_else(|_| Err(self.deadline_error()))
     }
 
     async fn get_slow(&self) -> Result<Arc<Token>, TokenError> {
@@ -357,14 +398,31 @@ impl TokenSlot {
     }
 
     /// Upstream answered 401 to `rejected`. Returns the token to retry with, or `None` when
-    /// the request must not be retried (a 401-triggered refetch happened less than 5 s ago).
+    /// the request must not be retried (a 401-triggered refetch happened moments ago: within
+    /// the storm guard's interval). Waits at most until `deadline`, like
+    /// [`TokenSlot::get_before`].
+    ///
+    /// The rejected token stays cached: one caller's 401 (a resource the app may not use, a
+    /// replica that lags behind a key rollover) must not take the token away from every
+    /// other request. A successful renewal replaces it; a failed one leaves it to be served
+    /// until it expires, and this caller gets the failure.
     pub async fn renew_rejected(
         &self,
         rejected: &Arc<Token>,
+        deadline: Instant,
     ) -> Result<Option<Arc<Token>>, TokenError> {
         if let Some(token) = self.other_usable(rejected, Instant::now()) {
             return Ok(Some(token));
         }
+        timeout_at(deadline, self.renew_rejected_locked(rejected))
+            .await
+            .unwrap_or_else(|_| Err(self.deadline_error()))
+    }
+
+    async fn renew_rejected_locked(
+        &self,
+        rejected: &Arc<Token>,
+    ) -> Result<Option<Arc<Token>>, TokenError> {
         let guard = Arc::clone(&self.fetch_lock).lock_owned().await;
         let now = Instant::now();
         if let Some(token) = self.other_usable(rejected, now) {
@@ -372,24 +430,31 @@ impl TokenSlot {
         }
         {
             let mut state = self.lock_state();
-            if state
-                .last_reject_refetch
-                .is_some_and(|at| now.duration_since(at) < REJECT_GUARD)
-            {
-                return Ok(None);
-            }
+            // First: the callers that queued behind a failed renewal get its error too.
             if let Some(error) = backoff_error(&state, now) {
                 return Err(error);
             }
+            let interval = state.reject_guard;
+            match state.last_reject_refetch.map(|at| now.duration_since(at)) {
+                Some(since) if since < interval => return Ok(None),
+                // Renewing again soon after the last one: it did not help, so widen.
+                Some(since) if since < interval * 2 => {
+                    state.reject_guard = (interval * 2).min(REJECT_GUARD_MAX);
+                }
+                _ => state.reject_guard = REJECT_GUARD,
+            }
             state.last_reject_refetch = Some(now);
         }
-        // Drop the rejected token only if it is still the cached one (another caller may
-        // have replaced it with a token that has since expired; that one goes too).
-        let current = self.current.load_full();
-        if current.is_some_and(|c| Arc::ptr_eq(&c, rejected) || !c.is_usable_at(now)) {
-            self.current.store(None);
-        }
         self.fetch_detached(guard, Reason::Rejected).await.map(Some)
+    }
+
+    /// What a caller whose deadline passed while waiting gets: the slot's backoff if the
+    /// fetch has just failed, otherwise [`TokenError::Deadline`].
+    fn deadline_error(&self) -> TokenError {
+        self.backoff_error(Instant::now())
+            .unwrap_or(TokenError::Deadline {
+                retry_after: DEADLINE_RETRY_AFTER,
+            })
     }
 
     /// The cached token if it may be injected at `now`.
@@ -429,21 +494,26 @@ impl TokenSlot {
             drop(guard);
             result
         });
-        task.await.unwrap_or_else(|join_error| {
-            Err(TokenError::Config(format!(
-                "token fetch task failed: {join_error}"
-            )))
+        // `fetch_locked` catches the source's panics; should its own bookkeeping fail, that
+        // is a failed token request too (backed off, so the renewal task cannot spin).
+        // Nothing of the join error is shown: a panic's text could carry anything.
+        task.await.unwrap_or_else(|_join_error| {
+            let error = self.record_failure(TokenError::SourceFailed, reason, Instant::now());
+            self.changed.notify_one();
+            Err(error)
         })
     }
 
     /// One provider call and its bookkeeping. The caller holds the fetch lock.
     async fn fetch_locked(&self, reason: Reason) -> Result<Arc<Token>, TokenError> {
         let started = Instant::now();
-        let result = self
-            .source
-            .fetch(self.scope.as_deref())
+        // A panicking source is a failure like any other: counted, backed off, logged once.
+        // Its message is dropped unread (it could contain anything, a secret included).
+        let fetched = AssertUnwindSafe(self.source.fetch(self.scope.as_deref()))
+            .catch_unwind()
             .await
-            .and_then(|issued| Token::new(&issued, started).map(|t| (t, issued)));
+            .unwrap_or_else(|_panic| Err(TokenError::SourceFailed));
+        let result = fetched.and_then(|issued| Token::new(&issued, started).map(|t| (t, issued)));
         let now = Instant::now();
         let result = result.and_then(|(token, issued)| {
             if token.is_usable_at(now) {
@@ -480,29 +550,32 @@ impl TokenSlot {
                 }
                 Ok(token)
             }
-            Err(err) => {
-                let err = err.cause().clone();
-                let delay = {
-                    let mut state = self.lock_state();
-                    state.failures = state.failures.saturating_add(1);
-                    let delay = backoff_delay(state.failures, &err);
-                    state.retry_at = Some(now + delay);
-                    state.last_error = Some(err.clone());
-                    delay
-                };
-                self.fetches_failed.fetch_add(1, Ordering::Relaxed);
-                if let Some(metrics) = self.metrics.get() {
-                    metrics.record_token_fetch(&self.credential, err.kind());
-                }
-                self.log_failure(&err, reason, delay, now);
-                Err(TokenError::Backoff {
-                    error: Box::new(err),
-                    retry_after: whole_seconds(delay),
-                })
-            }
+            Err(err) => Err(self.record_failure(err.cause().clone(), reason, now)),
         };
         self.changed.notify_one();
         outcome
+    }
+
+    /// A failed token request's bookkeeping: counted, backed off, logged once. Returns the
+    /// error for the callers, with the backoff as its `retry_after`.
+    fn record_failure(&self, err: TokenError, reason: Reason, now: Instant) -> TokenError {
+        let delay = {
+            let mut state = self.lock_state();
+            state.failures = state.failures.saturating_add(1);
+            let delay = backoff_delay(state.failures, &err);
+            state.retry_at = Some(now + delay);
+            state.last_error = Some(err.clone());
+            delay
+        };
+        self.fetches_failed.fetch_add(1, Ordering::Relaxed);
+        if let Some(metrics) = self.metrics.get() {
+            metrics.record_token_fetch(&self.credential, err.kind());
+        }
+        self.log_failure(&err, reason, delay, now);
+        TokenError::Backoff {
+            error: Box::new(err),
+            retry_after: whole_seconds(delay),
+        }
     }
 
     fn log_failure(&self, err: &TokenError, reason: Reason, delay: Duration, now: Instant) {
@@ -514,7 +587,8 @@ impl TokenSlot {
             Reason::Renewal | Reason::Demand => "Token fetch failed.",
             Reason::Rejected => "Token refetch after upstream 401 failed.",
         };
-        if err.is_permanent() {
+        // A panicked source is a bug of ours: an error, though worth retrying.
+        if err.is_permanent() || matches!(err, TokenError::SourceFailed) {
             error!(credential = %self.credential, scope, error = %err, retry_in, serving_cached = serving, "{message}");
         } else {
             warn!(credential = %self.credential, scope, error = %err, retry_in, serving_cached = serving, "{message}");

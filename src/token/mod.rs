@@ -97,6 +97,15 @@ pub enum TokenError {
     /// A configuration problem found while building or using the credential.
     #[error("{0}")]
     Config(String),
+    /// The credential's [`TokenSource`] itself failed (its fetch panicked). What it said is
+    /// not kept: it could carry anything, secrets included.
+    #[error("the token source failed unexpectedly")]
+    SourceFailed,
+    /// A request's deadline (its route's `timeout`) passed while it waited for a token
+    /// request still in flight; that request goes on for the others. Handed to waiting
+    /// callers only, never the outcome of a token request.
+    #[error("no token within the request's deadline; the token request goes on (retry in {}s)", retry_after.as_secs())]
+    Deadline { retry_after: Duration },
     /// The slot is backing off after `error`; the next attempt is due in `retry_after`.
     #[error("{error} (next attempt in {}s)", retry_after.as_secs())]
     Backoff {
@@ -119,6 +128,10 @@ impl TokenError {
                 format!("token endpoint returned an unusable response: {reason}")
             }
             Self::Config(message) => message.clone(),
+            Self::SourceFailed => "the token source failed unexpectedly".to_owned(),
+            Self::Deadline { .. } => {
+                "the identity provider did not issue a token within the route's timeout".to_owned()
+            }
             Self::Backoff { error, .. } => error.public_message(),
         }
     }
@@ -128,12 +141,15 @@ impl TokenError {
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::Provider(e) => e.retry_after,
-            Self::Backoff { retry_after, .. } => Some(*retry_after),
+            Self::Backoff { retry_after, .. } | Self::Deadline { retry_after } => {
+                Some(*retry_after)
+            }
             Self::Redirect { .. }
             | Self::Network(_)
             | Self::Timeout(_)
             | Self::InvalidResponse(_)
-            | Self::Config(_) => None,
+            | Self::Config(_)
+            | Self::SourceFailed => None,
         }
     }
 
@@ -142,7 +158,11 @@ impl TokenError {
         match self {
             Self::Provider(e) => e.is_permanent(),
             Self::Redirect { .. } | Self::Config(_) => true,
-            Self::Network(_) | Self::Timeout(_) | Self::InvalidResponse(_) => false,
+            Self::Network(_)
+            | Self::Timeout(_)
+            | Self::InvalidResponse(_)
+            | Self::SourceFailed
+            | Self::Deadline { .. } => false,
             Self::Backoff { error, .. } => error.is_permanent(),
         }
     }
@@ -156,6 +176,8 @@ impl TokenError {
             Self::Timeout(_) => "timeout",
             Self::InvalidResponse(_) => "invalid_response",
             Self::Config(_) => "config",
+            Self::SourceFailed => "source_failed",
+            Self::Deadline { .. } => "deadline",
             Self::Backoff { error, .. } => error.kind(),
         }
     }

@@ -118,6 +118,11 @@ fn provider(status: u16, body: &str, retry_after: Option<u64>) -> TokenError {
     )))
 }
 
+/// A deadline that never passes within a test.
+fn a_day() -> Instant {
+    Instant::now() + Duration::from_secs(24 * 3600)
+}
+
 fn value(token: &Token) -> &str {
     token.header().to_str().unwrap()
 }
@@ -177,6 +182,58 @@ async fn a_caller_that_gives_up_does_not_cancel_the_fetch() {
     let token = slot.get().await.unwrap();
     assert_eq!(value(&token), "Bearer tok-1");
     assert_eq!(fake.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_get_gives_up_at_its_deadline_and_the_fetch_goes_on() {
+    let fake = Fake::with_delay(Outcome::Token(3600), Duration::from_secs(10));
+    let slot = slot(&fake);
+    let start = Instant::now();
+    let waiters: Vec<_> = [1, 3]
+        .into_iter()
+        .map(|secs| {
+            let slot = Arc::clone(&slot);
+            tokio::spawn(async move {
+                let result = slot.get_before(start + Duration::from_secs(secs)).await;
+                (result, start.elapsed())
+            })
+        })
+        .collect();
+    for (waiter, secs) in waiters.into_iter().zip([1, 3]) {
+        let (result, elapsed) = waiter.await.unwrap();
+        let error = result.unwrap_err();
+        assert!(matches!(error, TokenError::Deadline { .. }), "{error}");
+        assert_eq!(error.retry_after(), Some(DEADLINE_RETRY_AFTER));
+        assert!(!error.is_permanent());
+        assert_eq!(elapsed, Duration::from_secs(secs));
+    }
+    // Nobody cancelled the fetch, and nobody started a second one.
+    let token = slot.get().await.unwrap();
+    assert_eq!(start.elapsed(), Duration::from_secs(10));
+    assert_eq!(value(&token), "Bearer tok-1");
+    assert_eq!(fake.calls(), 1);
+    // With a token cached, the deadline does not matter.
+    assert!(slot.get_before(Instant::now()).await.is_ok());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_401_renewal_gives_up_at_its_deadline_and_the_old_token_stays() {
+    let fake = Fake::with_delay(Outcome::Token(3600), Duration::from_secs(10));
+    let slot = slot(&fake);
+    let first = slot.get().await.unwrap();
+    let start = Instant::now();
+    let error = slot
+        .renew_rejected(&first, start + Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, TokenError::Deadline { .. }), "{error}");
+    assert_eq!(start.elapsed(), Duration::from_secs(1));
+    // The renewal goes on in the background; meanwhile the old token is still served.
+    assert!(Arc::ptr_eq(&slot.get().await.unwrap(), &first));
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let second = slot.get().await.unwrap();
+    assert_eq!(value(&second), "Bearer tok-2");
+    assert_eq!(fake.calls(), 2);
 }
 
 /// Intervals between background fetches, in seconds.
@@ -339,7 +396,7 @@ async fn renew_rejected_is_single_flight_and_only_for_the_same_token() {
         .map(|_| {
             let slot = Arc::clone(&slot);
             let first = Arc::clone(&first);
-            tokio::spawn(async move { slot.renew_rejected(&first).await })
+            tokio::spawn(async move { slot.renew_rejected(&first, a_day()).await })
         })
         .collect();
     let mut renewed = Vec::new();
@@ -354,7 +411,7 @@ async fn renew_rejected_is_single_flight_and_only_for_the_same_token() {
 
     // A late 401 for the old token gets the current one, without a fetch.
     tokio::time::advance(Duration::from_secs(10)).await;
-    let again = slot.renew_rejected(&first).await.unwrap().unwrap();
+    let again = slot.renew_rejected(&first, a_day()).await.unwrap().unwrap();
     assert!(Arc::ptr_eq(&again, second));
     assert_eq!(fake.calls(), 2);
 }
@@ -364,30 +421,173 @@ async fn storm_guard_stops_repeated_refetches() {
     let fake = Fake::new(Outcome::Token(3600));
     let slot = slot(&fake);
     let first = slot.get().await.unwrap();
-    let second = slot.renew_rejected(&first).await.unwrap().unwrap();
+    let second = slot.renew_rejected(&first, a_day()).await.unwrap().unwrap();
     assert_eq!(fake.calls(), 2);
     // The new token is rejected too within 5 s: pass the 401 through, keep the token.
     tokio::time::advance(Duration::from_secs(4)).await;
-    assert!(slot.renew_rejected(&second).await.unwrap().is_none());
+    assert!(
+        slot.renew_rejected(&second, a_day())
+            .await
+            .unwrap()
+            .is_none()
+    );
     assert_eq!(fake.calls(), 2);
     assert!(Arc::ptr_eq(&slot.get().await.unwrap(), &second));
     tokio::time::advance(Duration::from_secs(2)).await;
-    let third = slot.renew_rejected(&second).await.unwrap().unwrap();
+    let third = slot
+        .renew_rejected(&second, a_day())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(!Arc::ptr_eq(&third, &second));
     assert_eq!(fake.calls(), 3);
 }
 
 #[tokio::test(start_paused = true)]
-async fn renew_rejected_reports_a_failed_refetch_and_drops_the_token() {
-    let fake = Fake::new(Outcome::Token(3600));
+async fn a_failed_401_renewal_keeps_the_old_token_until_it_expires() {
+    let fake = Fake::new(Outcome::Token(100)); // skew 10 s: usable for 90 s
     let slot = slot(&fake);
     let first = slot.get().await.unwrap();
     fake.set_fallback(Outcome::Fail(network()));
-    let error = slot.renew_rejected(&first).await.unwrap_err();
+    let error = slot.renew_rejected(&first, a_day()).await.unwrap_err();
     assert!(matches!(error.cause(), TokenError::Network(_)));
-    // The rejected token is not handed out again.
-    assert!(slot.get().await.is_err());
+    assert!(error.retry_after().unwrap() >= Duration::from_secs(1));
     assert_eq!(fake.calls(), 2);
+    // One caller's 401 does not evict the shared token: the others keep using it.
+    for _ in 0..80 {
+        assert!(Arc::ptr_eq(&slot.get().await.unwrap(), &first));
+        tokio::time::advance(Duration::from_secs(1)).await;
+    }
+    // Until it expires (minus skew), never after.
+    tokio::time::advance(Duration::from_secs(11)).await;
+    let error = slot.get().await.unwrap_err();
+    assert!(matches!(error.cause(), TokenError::Network(_)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_thousand_concurrent_401s_make_one_renewal_even_when_it_fails() {
+    let fake = Fake::with_delay(Outcome::Token(3600), Duration::from_millis(200));
+    let slot = slot(&fake);
+    let first = slot.get().await.unwrap();
+    fake.set_fallback(Outcome::Fail(network()));
+    let tasks: Vec<_> = (0..1000)
+        .map(|_| {
+            let slot = Arc::clone(&slot);
+            let first = Arc::clone(&first);
+            tokio::spawn(async move { slot.renew_rejected(&first, a_day()).await })
+        })
+        .collect();
+    for task in tasks {
+        // Every one of them is told that no new token can be had, and when to retry.
+        let error = task.await.unwrap().unwrap_err();
+        assert!(matches!(error.cause(), TokenError::Network(_)));
+        assert!(error.retry_after().unwrap() >= Duration::from_secs(1));
+    }
+    assert_eq!(fake.calls(), 2);
+    assert!(Arc::ptr_eq(&slot.get().await.unwrap(), &first));
+}
+
+#[tokio::test(start_paused = true)]
+async fn renewals_after_401s_are_rate_limited_and_widen_while_they_keep_coming() {
+    let fake = Fake::new(Outcome::Token(24 * 3600));
+    let slot = slot(&fake);
+    let start = Instant::now();
+    slot.get().await.unwrap();
+    // A caller hammers a resource that always answers 401, once a second for ten minutes.
+    let mut renewed_at = Vec::new();
+    while Instant::now() < start + Duration::from_secs(600) {
+        let current = slot.get().await.unwrap();
+        let before = fake.calls();
+        let _ = slot.renew_rejected(&current, a_day()).await.unwrap();
+        if fake.calls() > before {
+            renewed_at.push(Instant::now());
+        }
+        tokio::time::advance(Duration::from_secs(1)).await;
+    }
+    // 5 s, 10 s, 20 s, … up to 5 min between renewals: 8 instead of 120.
+    let gaps = intervals(&renewed_at);
+    assert!(
+        renewed_at.len() <= 9,
+        "{} renewals: {gaps:?}",
+        renewed_at.len()
+    );
+    assert!(gaps.windows(2).all(|w| w[1] >= w[0]), "{gaps:?}");
+    assert!(gaps.iter().all(|g| *g <= 301.0), "{gaps:?}");
+    // After a quiet spell a single 401 renews at once again.
+    tokio::time::advance(Duration::from_secs(3600)).await;
+    let current = slot.get().await.unwrap();
+    let before = fake.calls();
+    let fresh = slot
+        .renew_rejected(&current, a_day())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!Arc::ptr_eq(&fresh, &current));
+    assert_eq!(fake.calls(), before + 1);
+}
+
+/// A source whose fetch future panics, with a message that must not reach a body.
+#[derive(Debug, Default)]
+struct Panicking {
+    calls: AtomicUsize,
+    times: Mutex<Vec<Instant>>,
+}
+
+impl TokenSource for Panicking {
+    fn fetch<'a>(&'a self, _scope: Option<&'a str>) -> TokenFuture<'a> {
+        Box::pin(async move {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            self.times.lock().unwrap().push(Instant::now());
+            panic!("source blew up holding PANIC_CANARY_secret");
+        })
+    }
+}
+
+fn panicking_cache() -> (Arc<Panicking>, TokenCache, Arc<TokenSlot>) {
+    let source = Arc::new(Panicking::default());
+    let dyn_source: Arc<dyn TokenSource> = source.clone();
+    let cache = TokenCache::with_sources(HashMap::from([("bc".to_owned(), dyn_source)]));
+    let slot = cache.slot_for("bc", None);
+    (source, cache, slot)
+}
+
+#[tokio::test]
+async fn a_panicking_source_is_a_failure_with_backoff_and_a_generic_message() {
+    let (source, cache, slot) = panicking_cache();
+    cache.start();
+    // Real time: before the fix, the renewal task retried in a loop (14,000 calls here).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The background fetch failed once and now backs off (2 s at least), no spinning.
+    assert_eq!(source.calls.load(Ordering::SeqCst), 1);
+    let error = slot.get().await.unwrap_err();
+    assert_eq!(source.calls.load(Ordering::SeqCst), 1);
+    assert!(error.retry_after().unwrap() >= Duration::from_secs(1));
+    assert!(!error.is_permanent());
+    assert_eq!(
+        error.public_message(),
+        "the token source failed unexpectedly"
+    );
+    for text in [error.public_message(), error.to_string()] {
+        assert!(!text.contains("PANIC_CANARY"), "{text}");
+    }
+    let status = &cache.status()[0];
+    assert_eq!(status.fetches_failed, 1);
+    assert_eq!(
+        status.last_error.as_deref(),
+        Some("the token source failed unexpectedly")
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_source_retries_on_the_transient_backoff_schedule() {
+    let (source, cache, _slot) = panicking_cache();
+    cache.start();
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    let gaps = intervals(&source.times.lock().unwrap());
+    assert!((1.6..=2.0).contains(&gaps[0]), "{gaps:?}");
+    assert!((3.2..=4.0).contains(&gaps[1]), "{gaps:?}");
+    assert!(gaps.iter().all(|g| (1.6..=60.0).contains(g)), "{gaps:?}");
+    assert_eq!(cache.status()[0].fetches_failed as usize, gaps.len() + 1);
 }
 
 #[tokio::test(start_paused = true)]
