@@ -51,6 +51,8 @@ pub struct Server {
     pub trusted_proxies: Vec<IpNet>,
     pub upstream_ca_file: Option<PathBuf>,
     pub api_key_header: HeaderName,
+    /// Forward request headers whose names contain `_` (dropped by default).
+    pub allow_underscore_headers: bool,
     pub workers: Option<usize>,
     pub tls: Option<ServerTls>,
     pub limits: Limits,
@@ -327,6 +329,8 @@ pub struct Route {
     pub queue_timeout: Option<Duration>,
     pub retry_on_429: Option<RetryOn429>,
     pub allow_plain_http: bool,
+    /// Request headers removed before forwarding, besides the built-in header policy.
+    pub strip_request_headers: Vec<HeaderName>,
     /// What `s2s-proxy doctor` requests, relative to the upstream base; `None`: derived
     /// from the service (BC `companies`, Dataverse `WhoAmI`, F&O `$metadata`).
     pub doctor_path: Option<String>,

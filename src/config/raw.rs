@@ -127,6 +127,7 @@ pub(super) struct RawServer {
     pub(super) trusted_proxies: Option<Vec<String>>,
     pub(super) upstream_ca_file: Option<String>,
     pub(super) api_key_header: Option<String>,
+    pub(super) allow_underscore_headers: Option<bool>,
     pub(super) workers: Option<u64>,
     pub(super) tls: Option<RawTls>,
     pub(super) limits: Option<RawLimits>,
@@ -385,6 +386,7 @@ pub(super) struct RawRoute {
     pub(super) queue_timeout: Option<String>,
     pub(super) retry_on_429: Option<RawRetryOn429>,
     pub(super) allow_plain_http: Option<bool>,
+    pub(super) strip_request_headers: Option<Vec<String>>,
     pub(super) doctor_path: Option<String>,
 }
 

@@ -1239,6 +1239,9 @@ fn api_key_header_cannot_be_one_the_proxy_strips_or_a_content_header() {
     for header in [
         "X-Original-URL",
         "X-Forwarded-Uri",
+        "X-Forwarded-Port",
+        "X-MS-CLIENT-PRINCIPAL-NAME",
+        "True-Client-IP",
         "Upgrade",
         "Cookie",
         "Content-Type",
@@ -1254,4 +1257,52 @@ fn api_key_header_cannot_be_one_the_proxy_strips_or_a_content_header() {
             "{header}: {found}"
         );
     }
+}
+
+#[test]
+fn header_policy_fields_are_typed_and_validated() {
+    let config = load(&format!(
+        "server:\n  allow_underscore_headers: true\n{}",
+        one_route(
+            "https://api.example.com/",
+            "    strip_request_headers: [X-Debug-User, x-tenant-override, X-DEBUG-USER]\n"
+        )
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(config.server.allow_underscore_headers);
+    let names: Vec<&str> = config.routes[0]
+        .strip_request_headers
+        .iter()
+        .map(HeaderName::as_str)
+        .collect();
+    assert_eq!(names, ["x-debug-user", "x-tenant-override"]);
+
+    let config = load(&one_route("https://api.example.com/", "")).unwrap_or_else(|e| panic!("{e}"));
+    assert!(!config.server.allow_underscore_headers);
+    assert!(config.routes[0].strip_request_headers.is_empty());
+
+    let found = problems(&one_route(
+        "https://api.example.com/",
+        "    strip_request_headers: [\"X Debug\", X-Forwarded-For, Host, Content-Length, X-Request-Id, X-Ok]\n",
+    ));
+    assert_eq!(
+        found,
+        [
+            "routes[0].strip_request_headers[0]: `X Debug` is not a valid header name; write it as in X-Debug-User",
+            "routes[0].strip_request_headers[1]: `X-Forwarded-For` is set by the proxy itself or frames the body and cannot be stripped; remove it from the list",
+            "routes[0].strip_request_headers[2]: `Host` is set by the proxy itself or frames the body and cannot be stripped; remove it from the list",
+            "routes[0].strip_request_headers[3]: `Content-Length` is set by the proxy itself or frames the body and cannot be stripped; remove it from the list",
+            "routes[0].strip_request_headers[4]: `X-Request-Id` is set by the proxy itself or frames the body and cannot be stripped; remove it from the list",
+        ]
+    );
+    let found = load(&format!(
+        "server:\n  allow_underscore_headers: yes please\n{}",
+        one_route("https://api.example.com/", "")
+    ))
+    .expect_err("not a boolean")
+    .to_string();
+    assert!(
+        found.contains("server.allow_underscore_headers: invalid type"),
+        "{found}"
+    );
 }

@@ -126,6 +126,8 @@ impl Validator<'_> {
         }
         .unwrap_or(HeaderName::from_static("x-api-key"));
 
+        let allow_underscore_headers = raw.allow_underscore_headers.unwrap_or(false);
+
         let workers = raw
             .workers
             .and_then(|n| self.count("server.workers", n, 1, 1024));
@@ -141,6 +143,7 @@ impl Validator<'_> {
             trusted_proxies,
             upstream_ca_file,
             api_key_header,
+            allow_underscore_headers,
             workers,
             tls,
             limits,
@@ -1079,6 +1082,11 @@ impl Validator<'_> {
             None => defaults.and_then(|d| d.retry_on_429),
         };
 
+        let strip_request_headers = self.strip_request_headers(
+            &path("strip_request_headers"),
+            raw.strip_request_headers.as_ref(),
+        );
+
         let doctor_path = match &raw.doctor_path {
             None => Some(None),
             Some(text) => self.string(&path("doctor_path"), text).and_then(|p| {
@@ -1110,6 +1118,7 @@ impl Validator<'_> {
             queue_timeout,
             retry_on_429,
             allow_plain_http,
+            strip_request_headers,
             doctor_path: doctor_path?,
             preset,
         })
@@ -1501,6 +1510,39 @@ impl Validator<'_> {
             return None;
         }
         Some(name)
+    }
+
+    /// `routes[].strip_request_headers`: header names, each once. The headers the proxy
+    /// sets itself cannot be stripped, nor `Content-Length`, which frames the body.
+    fn strip_request_headers(&mut self, path: &str, raw: Option<&Vec<String>>) -> Vec<HeaderName> {
+        let mut names: Vec<HeaderName> = Vec::new();
+        for (i, text) in raw.into_iter().flatten().enumerate() {
+            let path = format!("{path}[{i}]");
+            let Some(value) = self.string(&path, text) else {
+                continue;
+            };
+            let Ok(name) = HeaderName::from_str(value.trim()) else {
+                self.problem(
+                    &path,
+                    format!("`{value}` is not a valid header name; write it as in X-Debug-User"),
+                );
+                continue;
+            };
+            if crate::proxy::headers::is_proxy_set(&name) || name == http::header::CONTENT_LENGTH {
+                self.problem(
+                    &path,
+                    format!(
+                        "`{value}` is set by the proxy itself or frames the body and cannot be \
+                         stripped; remove it from the list"
+                    ),
+                );
+                continue;
+            }
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+        names
     }
 
     fn tenant_id(&mut self, path: &str, text: &str) -> Option<String> {

@@ -347,6 +347,7 @@ mod tests {
                 trusted_proxies: trusted.iter().map(|n| n.parse().unwrap()).collect(),
                 upstream_ca_file: None,
                 api_key_header: HeaderName::from_static("x-api-key"),
+                allow_underscore_headers: false,
                 workers: None,
                 tls: None,
                 limits: Limits::default(),

@@ -3,8 +3,12 @@
 //!
 //! Fields are structured (so `--log-format json` gives one JSON object per request) and
 //! come from configuration or from the request line only: never header values, never the
-//! query string (it can carry `$filter` values and keys), never credentials.
+//! query string (it can carry `$filter` values and keys), never credentials. Every field
+//! taken from the request is written through [`Printable`]: a byte outside printable ASCII
+//! becomes `\xHH`, so no C0/C1 control, line or paragraph separator (U+2028, U+2029) or
+//! bidirectional override (U+202E) reaches a log line, in text or JSON format.
 
+use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,11 +50,11 @@ impl AccessLog {
         );
         tracing::info!(
             target: TARGET,
-            request_id = self.request_id.to_str().unwrap_or("-"),
+            request_id = %Printable(self.request_id.as_bytes()),
             client = self.client.as_deref().unwrap_or("-"),
             route = self.route.as_deref().unwrap_or("-"),
-            method = %self.method,
-            path = %self.path,
+            method = %Printable(self.method.as_str().as_bytes()),
+            path = %Printable(self.path.as_bytes()),
             status = self.status,
             error = self.error.unwrap_or("-"),
             total_ms,
@@ -60,5 +64,57 @@ impl AccessLog {
             complete,
             "Request."
         );
+    }
+}
+
+/// Request-derived bytes for a log line: printable ASCII as is, anything else (and `\`,
+/// so the escapes stay unambiguous) as `\xHH`. Written without allocating.
+struct Printable<'a>(&'a [u8]);
+
+impl fmt::Display for Printable<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut rest = self.0;
+        while !rest.is_empty() {
+            let safe = rest
+                .iter()
+                .position(|&b| !(b' '..=b'~').contains(&b) || b == b'\\')
+                .unwrap_or(rest.len());
+            // Printable ASCII is valid UTF-8.
+            f.write_str(std::str::from_utf8(&rest[..safe]).map_err(|_| fmt::Error)?)?;
+            if let Some(&byte) = rest.get(safe) {
+                write!(f, "\\x{byte:02x}")?;
+                rest = &rest[safe + 1..];
+            } else {
+                rest = &[];
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn anything_but_printable_ascii_is_escaped() {
+        let shown = |bytes: &[u8]| Printable(bytes).to_string();
+        assert_eq!(
+            shown(b"/bc/companies('A%20B')?x"),
+            "/bc/companies('A%20B')?x"
+        );
+        assert_eq!(shown(b""), "");
+        assert_eq!(
+            shown(b"\x1b[31m\n\r\t\x7f"),
+            "\\x1b[31m\\x0a\\x0d\\x09\\x7f"
+        );
+        // NEL (C1), LINE SEPARATOR, RIGHT-TO-LEFT OVERRIDE, as UTF-8.
+        assert_eq!(
+            shown("a\u{85}b\u{2028}c\u{202e}".as_bytes()),
+            "a\\xc2\\x85b\\xe2\\x80\\xa8c\\xe2\\x80\\xae"
+        );
+        // A literal backslash cannot pass for an escape.
+        assert_eq!(shown(b"a\\xe2"), "a\\x5cxe2");
+        assert_eq!(shown(&[0xff, b'/']), "\\xff/");
     }
 }

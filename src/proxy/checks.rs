@@ -5,11 +5,14 @@
 //! passes on and this module refuses: methods outside the allow-list (405; `TRACE` would
 //! reflect the injected token, `CONNECT` would open a tunnel), absolute-form and asterisk
 //! targets, missing or duplicate `Host` (RFC 9112 §3.2), duplicate `Authorization` or API
-//! key headers (never check one value and forward another), `Content-Length` together with
+//! key headers (never check one value and forward another), HTTP/2 `:scheme` other than
+//! `http`/`https`, user info in `:authority` or `Host`, `:authority` and `Host` naming
+//! different hosts (RFC 9113 §8.3.1), `Content-Length` together with
 //! `Transfer-Encoding` (seen by the connection's framing audit, since hyper removes the
 //! length before the request gets here), and unsafe paths.
 
-use http::{HeaderMap, HeaderName, Method, Request, Version, header};
+use http::uri::{Authority, Scheme};
+use http::{HeaderMap, HeaderName, Method, Request, Uri, Version, header};
 
 use super::error::ProxyError;
 use crate::routing;
@@ -34,6 +37,7 @@ pub(crate) fn check<B>(
         ));
     }
     check_headers(request.headers(), request.version(), api_key_header)?;
+    check_authority(uri, request.headers())?;
     // hyper drops Content-Length when Transfer-Encoding is present; the audit saw both.
     if request
         .extensions()
@@ -115,6 +119,49 @@ fn check_headers(
         if !single_chunked {
             return Err(ProxyError::BadRequest(
                 "Transfer-Encoding must be exactly `chunked`",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The target's scheme and authority as the caller states them: HTTP/2's `:scheme` and
+/// `:authority` (absolute-form is refused for HTTP/1 before this) and `Host`. hyper
+/// accepts any `:scheme`, user info in `:authority`, and a `Host` naming another host.
+fn check_authority(uri: &Uri, headers: &HeaderMap) -> Result<(), ProxyError> {
+    let scheme = uri.scheme().map_or("http", Scheme::as_str);
+    let https = scheme.eq_ignore_ascii_case("https");
+    if !https && !scheme.eq_ignore_ascii_case("http") {
+        return Err(ProxyError::BadRequest("the :scheme must be http or https"));
+    }
+    // RFC 9113 §8.3.1: `:authority` MUST NOT include the userinfo subcomponent; RFC 9110
+    // §7.2: neither does `Host`. It would reach the upstream in `X-Forwarded-Host`.
+    let authority = uri.authority();
+    if authority.is_some_and(|authority| authority.as_str().contains('@')) {
+        return Err(ProxyError::BadRequest(
+            "the :authority must not carry user information",
+        ));
+    }
+    let Some(host) = headers.get(header::HOST) else {
+        return Ok(());
+    };
+    if host.as_bytes().contains(&b'@') {
+        return Err(ProxyError::BadRequest(
+            "the Host header must not carry user information",
+        ));
+    }
+    // RFC 9113 §8.3.1: a `Host` that identifies another entity than `:authority` makes
+    // the request malformed; compared after normalisation (RFC 3986 §6.2.2.1, §6.2.3).
+    if let Some(authority) = authority {
+        let default_port = if https { 443 } else { 80 };
+        let same = Authority::try_from(host.as_bytes()).is_ok_and(|host| {
+            host.host().eq_ignore_ascii_case(authority.host())
+                && host.port_u16().unwrap_or(default_port)
+                    == authority.port_u16().unwrap_or(default_port)
+        });
+        if !same {
+            return Err(ProxyError::BadRequest(
+                "the :authority and Host headers name different hosts",
             ));
         }
     }
@@ -217,6 +264,46 @@ mod tests {
         assert_eq!(
             status(&request("GET", "http://proxy/bc/x", Version::HTTP_2, &[])),
             None
+        );
+    }
+
+    #[test]
+    fn http2_scheme_and_authority_must_be_plain_and_agree_with_host() {
+        let h2 = |target: &str, headers: &[(&str, &str)]| {
+            status(&request("GET", target, Version::HTTP_2, headers))
+        };
+        assert_eq!(h2("https://proxy/bc/x", &[]), None);
+        assert_eq!(h2("HTTP://proxy/bc/x", &[]), None);
+        assert_eq!(h2("ftp://proxy/bc/x", &[]), Some(400));
+        assert_eq!(h2("ws://proxy/bc/x", &[]), Some(400));
+        assert_eq!(h2("http://user:pw@proxy/bc/x", &[]), Some(400));
+        assert_eq!(
+            h2("http://user@proxy/bc/x", &[("host", "proxy")]),
+            Some(400)
+        );
+        assert_eq!(h2("http://proxy/bc/x", &[("host", "evil.test")]), Some(400));
+        assert_eq!(
+            h2("http://proxy/bc/x", &[("host", "proxy:8080")]),
+            Some(400)
+        );
+        assert_eq!(
+            h2("http://proxy/bc/x", &[("host", "not a host")]),
+            Some(400)
+        );
+        // The same entity, normalised (RFC 3986 §6.2.2.1, §6.2.3).
+        assert_eq!(h2("http://proxy/bc/x", &[("host", "PROXY")]), None);
+        assert_eq!(h2("http://proxy:80/bc/x", &[("host", "proxy")]), None);
+        assert_eq!(h2("https://proxy/bc/x", &[("host", "proxy:443")]), None);
+        assert_eq!(h2("https://proxy/bc/x", &[("host", "proxy:80")]), Some(400));
+        // No user info in Host either, whatever the version.
+        assert_eq!(
+            status(&request(
+                "GET",
+                "/bc/x",
+                Version::HTTP_11,
+                &[("host", "admin@proxy")]
+            )),
+            Some(400)
         );
     }
 

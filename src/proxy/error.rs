@@ -42,6 +42,8 @@ pub(crate) enum ProxyError {
     UpstreamFailed(String),
     #[error("upstream answered 401 to a freshly renewed token")]
     UpstreamRejectedToken,
+    #[error("upstream answered 101 Switching Protocols; the proxy performs no upgrades")]
+    UpstreamSwitchedProtocols,
     #[error("upstream did not answer within the route timeout")]
     UpstreamTimeout,
     #[error("the proxy is shutting down")]
@@ -94,7 +96,9 @@ impl ProxyError {
             | Self::ShuttingDown
             | Self::QueueFull(_)
             | Self::QueueTimeout(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Self::UpstreamFailed(_) | Self::UpstreamRejectedToken => StatusCode::BAD_GATEWAY,
+            Self::UpstreamFailed(_)
+            | Self::UpstreamRejectedToken
+            | Self::UpstreamSwitchedProtocols => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -114,6 +118,7 @@ impl ProxyError {
             Self::TokenUnavailable(_) => "token_unavailable",
             Self::UpstreamFailed(_) => "upstream_failed",
             Self::UpstreamRejectedToken => "upstream_rejected_token",
+            Self::UpstreamSwitchedProtocols => "upstream_switched_protocols",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::ShuttingDown => "shutting_down",
             Self::QueueFull(_) => "queue_full",
@@ -147,6 +152,9 @@ impl ProxyError {
             Self::UpstreamRejectedToken => "the upstream rejected this route's access token; \
                 check that the app registration is enabled and consented for this service"
                 .to_owned(),
+            Self::UpstreamSwitchedProtocols => {
+                "the upstream tried to switch protocols; the proxy performs no upgrades".to_owned()
+            }
             Self::UpstreamTimeout => "the upstream did not answer in time".to_owned(),
             Self::ShuttingDown => "the proxy is shutting down; retry".to_owned(),
             Self::QueueFull(_) => {
@@ -177,6 +185,7 @@ impl ProxyError {
             | Self::RequestTimeout
             | Self::UpstreamFailed(_)
             | Self::UpstreamRejectedToken
+            | Self::UpstreamSwitchedProtocols
             | Self::UpstreamTimeout => None,
         }
     }
@@ -233,6 +242,7 @@ impl ProxyError {
             | Self::TokenUnavailable(_)
             | Self::UpstreamFailed(_)
             | Self::UpstreamRejectedToken
+            | Self::UpstreamSwitchedProtocols
             | Self::UpstreamTimeout
             | Self::QueueFull(_)
             | Self::QueueTimeout(_) => {}

@@ -37,7 +37,7 @@ use self::body::{
     BodyIdle, BodyLimits, BodyTooLarge, InboundStats, ProxyBody, ProxyBodyError, UpstreamBody,
 };
 use self::error::ProxyError;
-use self::headers::{Forwarding, Peer, X_REQUEST_ID};
+use self::headers::{Forwarding, Peer, RequestPolicy, X_REQUEST_ID};
 use self::queue::RouteQueue;
 use crate::config::{Config, DEFAULT_MAX_QUEUE, DEFAULT_QUEUE_TIMEOUT, Limits, Route};
 use crate::inbound::tls::TlsSession;
@@ -71,6 +71,8 @@ pub(crate) struct Pipeline {
     upstream: UpstreamClient<UpstreamBody>,
     limits: Limits,
     public_url: Option<Uri>,
+    /// `server.allow_underscore_headers`.
+    allow_underscore_headers: bool,
     /// The runtime's shutdown flag: set, new requests get 503 `shutting_down`.
     draining: Arc<AtomicBool>,
     /// The series of requests that match no route.
@@ -119,6 +121,7 @@ impl Pipeline {
             upstream,
             limits: config.server.limits.clone(),
             public_url: config.server.public_url.clone(),
+            allow_underscore_headers: config.server.allow_underscore_headers,
             draining,
             unrouted: Arc::new(metrics.route(None)),
         }
@@ -258,7 +261,11 @@ impl Pipeline {
             } else {
                 "http"
             },
-            api_key_header: self.authenticator.api_key_header(),
+            policy: RequestPolicy {
+                api_key_header: self.authenticator.api_key_header(),
+                allow_underscores: self.allow_underscore_headers,
+                strip: &route.config.strip_request_headers,
+            },
             request_id: &log.request_id,
             authority: parts.uri.authority(),
         };
@@ -324,6 +331,12 @@ impl Pipeline {
                 Ok(Err(error)) => return Err(ProxyError::UpstreamFailed(error_chain(&error))),
                 Ok(Ok(response)) => response,
             };
+            // No request asked for an upgrade (`Upgrade` is never forwarded); relaying a
+            // 101 would hand the caller's connection to a protocol the proxy does not
+            // speak (HTTP/2 has no 101 at all, RFC 9113 §8.6).
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                return Err(ProxyError::UpstreamSwitchedProtocols);
+            }
             if response.status() == StatusCode::UNAUTHORIZED {
                 // The upstream refuses the proxy's token, not the caller: the caller's own
                 // credentials were fine. Renew (whatever the body), retry once if we can.

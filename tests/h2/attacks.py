@@ -160,8 +160,17 @@ CASES = {
     "duplicate_authorization": lambda: headers_case(base(p("dupauth"), extra=[("authorization", "Bearer evil")])),
     "no_credentials": lambda: headers_case([h for h in base(p("nocreds")) if h[0] != "authorization"]),
     "authority_mismatch": lambda: headers_case(
-        [(":method", "GET"), (":scheme", "http"), (":authority", "evil.test"), (":path", p("authority")),
+        [(":method", "GET"), (":scheme", "http"), (":authority", "evil.test"), (":path", p("mismatch")),
          ("host", "proxy"), ("authorization", AUTH)]),
+    "authority_only": lambda: headers_case(
+        [(":method", "GET"), (":scheme", "http"), (":authority", "evil.test"), (":path", p("authority")),
+         ("authorization", AUTH)]),
+    "authority_userinfo": lambda: headers_case(
+        [(":method", "GET"), (":scheme", "http"), (":authority", "admin:pw@proxy"), (":path", p("userinfo")),
+         ("authorization", AUTH)]),
+    "scheme_not_http": lambda: headers_case(
+        [(":method", "GET"), (":scheme", "ftp"), (":authority", "proxy"), (":path", p("scheme")),
+         ("authorization", AUTH)]),
     "rapid_reset": rapid_reset,
     "continuation_flood": continuation_flood,
 }

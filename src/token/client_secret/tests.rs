@@ -303,6 +303,7 @@ fn route(prefix: &str, credential: &str) -> Route {
         queue_timeout: None,
         retry_on_429: None,
         allow_plain_http: false,
+        strip_request_headers: Vec::new(),
         doctor_path: None,
         preset: None,
     }
@@ -316,6 +317,7 @@ fn config(token_url: &str) -> Config {
             trusted_proxies: Vec::new(),
             upstream_ca_file: None::<PathBuf>,
             api_key_header: http::HeaderName::from_static("x-api-key"),
+            allow_underscore_headers: false,
             workers: None,
             tls: None,
             limits: Limits::default(),
