@@ -159,6 +159,9 @@ impl Pipeline {
             bytes_in: 0,
             metrics: self.unrouted.clone(),
             in_flight: None,
+            // Dropped unwritten (this future dropped: the caller went away), it is
+            // written as 499.
+            written: false,
         };
         let mut response = match self.pipeline(request, &peer, &mut log).await {
             Ok(response) => response,
