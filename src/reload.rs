@@ -2,11 +2,14 @@
 //!
 //! A [`Runtime`] holds what one configuration builds — the validated [`Config`], its
 //! [`TokenCache`] and the request [`Pipeline`] — behind `ArcSwap`s, plus what outlives
-//! configurations: the upstream connection pool, the TLS roots, the metrics. A reload
-//! validates the new file first and changes nothing when it is invalid. Otherwise it builds
-//! a new cache that keeps the slots (and cached tokens) of every credential whose settings
-//! are equal, a new pipeline over the same upstream client, and swaps both. Requests
-//! already running keep the pipeline they started on.
+//! configurations: the upstream connection pool, the TLS roots, the metrics, and the
+//! limiters ([`Limiters`]: route queues by prefix, the failed-authentication lockouts,
+//! client rate-limit buckets by name). A reload validates the new file first and changes
+//! nothing when it is invalid. Otherwise it builds a new cache that keeps the slots (and
+//! cached tokens) of every credential whose settings are equal, a new pipeline over the
+//! same upstream client and the same limiters (resized to the new limits), and swaps
+//! both. Requests already running keep the pipeline they started on; they share its
+//! queues with the new one, so `max_concurrent` holds across the swap.
 //!
 //! Settings bound to the listener or the runtime (`server.listen`, `server.workers`,
 //! `server.limits`, `server.tls`, `server.upstream_ca_file`, `admin.listen`) keep their
@@ -26,8 +29,8 @@ use tracing::{error, info, warn};
 
 use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
-use crate::proxy::Pipeline;
 use crate::proxy::body::UpstreamBody;
+use crate::proxy::{Limiters, Pipeline};
 use crate::token::{SlotStatus, TokenCache};
 use crate::upstream::{self, UpstreamClient};
 
@@ -107,6 +110,8 @@ pub(crate) struct Runtime {
     reloading: Mutex<()>,
     /// Set once shutdown starts; shared with every pipeline, which then answers 503.
     draining: Arc<AtomicBool>,
+    /// Route queues, lockouts and rate-limit buckets, carried from pipeline to pipeline.
+    limiters: Limiters,
 }
 
 impl Runtime {
@@ -118,12 +123,14 @@ impl Runtime {
         tokens.count_fetches(&metrics);
         let upstream = upstream::client((*tls).clone());
         let draining = Arc::new(AtomicBool::new(false));
+        let limiters = Limiters::default();
         let pipeline = Pipeline::new(
             &config,
             &tokens,
             upstream.clone(),
             &metrics,
             Arc::clone(&draining),
+            &limiters,
         );
         Self {
             pipelines: Arc::new(ArcSwap::from_pointee(pipeline)),
@@ -135,6 +142,7 @@ impl Runtime {
             config_path: path,
             reloading: Mutex::new(()),
             draining,
+            limiters,
         }
     }
 
@@ -218,6 +226,7 @@ impl Runtime {
             self.upstream.clone(),
             &self.metrics,
             Arc::clone(&self.draining),
+            &self.limiters,
         );
         tokens.start();
         info!(

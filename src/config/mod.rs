@@ -325,7 +325,10 @@ pub struct Route {
     pub timeout: Duration,
     pub rewrite_links: bool,
     pub max_concurrent: Option<usize>,
+    /// Set exactly when `max_concurrent` is: validation applies the default (or the
+    /// preset's) here, once.
     pub max_queue: Option<usize>,
+    /// Set exactly when `max_concurrent` is, like `max_queue`.
     pub queue_timeout: Option<Duration>,
     pub retry_on_429: Option<RetryOn429>,
     pub allow_plain_http: bool,

@@ -12,8 +12,9 @@
 //!
 //! The caller's address is the TCP peer, or — only when the peer is one of
 //! `server.trusted_proxies` — the right-most untrusted address of `X-Forwarded-For`.
-//! Abuse limits live in [`throttle`]: failed attempts lock a source address out for a
-//! minute, and a client's `rate_limit` caps its requests.
+//! Abuse limits live in [`throttle`]: failed attempts lock a source address (an IPv6
+//! /64) out for a minute, and a client's `rate_limit` caps its requests; their state is
+//! the running proxy's ([`Throttles`]), carried across reloads.
 
 mod basic;
 mod throttle;
@@ -26,6 +27,7 @@ use std::sync::Arc;
 use http::{HeaderMap, HeaderName, header};
 use ipnet::IpNet;
 
+pub(crate) use self::throttle::Throttles;
 use self::throttle::{FailedAuthLimiter, RateLimiter};
 use self::tls::PeerCertificate;
 use crate::config::{CertificateMatch, Config};
@@ -76,13 +78,20 @@ pub(crate) struct Authenticator {
     trusted_proxies: Vec<IpNet>,
     /// Compared against when the user is unknown, so both paths cost the same.
     dummy: SecretDigest,
-    failures: FailedAuthLimiter,
-    /// `clients.<name>.rate_limit`, by client index.
-    rate_limits: Vec<Option<RateLimiter>>,
+    /// The running proxy's, shared with every configuration.
+    failures: Arc<FailedAuthLimiter>,
+    /// `clients.<name>.rate_limit`, by client index (the running buckets, by name).
+    rate_limits: Vec<Option<Arc<RateLimiter>>>,
 }
 
 impl Authenticator {
+    /// An authenticator with limiter state of its own.
     pub(crate) fn new(config: &Config) -> Self {
+        Self::with_throttles(config, &Throttles::default())
+    }
+
+    /// An authenticator that keeps the lockouts and rate-limit buckets in `throttles`.
+    pub(crate) fn with_throttles(config: &Config, throttles: &Throttles) -> Self {
         let mut basic = HashMap::new();
         let mut api_keys = Vec::new();
         let mut certificates = Vec::new();
@@ -123,12 +132,8 @@ impl Authenticator {
             api_key_header: config.server.api_key_header.clone(),
             trusted_proxies: config.server.trusted_proxies.clone(),
             dummy: SecretDigest::of(&fastrand::u64(..).to_le_bytes()),
-            failures: FailedAuthLimiter::default(),
-            rate_limits: config
-                .clients
-                .iter()
-                .map(|client| client.rate_limit.map(RateLimiter::new))
-                .collect(),
+            failures: throttles.failures(),
+            rate_limits: throttles.rate_limiters(&config.clients),
         }
     }
 

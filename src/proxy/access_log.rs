@@ -1,6 +1,12 @@
 //! The access log: one line per request, written when the response body is finished.
 //! Writing it also records the request's metrics, so both count the same requests.
 //!
+//! A line is written even when no response ever is: an [`AccessLog`] dropped unwritten
+//! belongs to a request whose handler was dropped before it answered — the caller closed
+//! the connection (or reset its HTTP/2 stream) while it was queued or waiting for the
+//! upstream — and is logged and counted with status 499 (nginx's "client closed
+//! request"), `error=client_closed`, `complete=false`; during a panic, with status 500.
+//!
 //! Fields are structured (so `--log-format json` gives one JSON object per request) and
 //! come from configuration or from the request line only: never header values, never the
 //! query string (it can carry `$filter` values and keys), never credentials. Every field
@@ -20,6 +26,12 @@ use crate::metrics::{InFlight, RouteMetrics};
 /// Target of access-log events, to filter them with `RUST_LOG=s2s_proxy::access=off`.
 pub(crate) const TARGET: &str = "s2s_proxy::access";
 
+/// Status of a request whose caller went away before the answer (nginx's code; no
+/// response carries it).
+pub(crate) const CLIENT_CLOSED: u16 = 499;
+
+/// One request's line, filled in as the request runs; written by [`AccessLog::write`] or,
+/// failing that, when dropped (see the module header).
 #[derive(Debug)]
 pub(crate) struct AccessLog {
     pub(crate) request_id: HeaderValue,
@@ -36,10 +48,33 @@ pub(crate) struct AccessLog {
     pub(crate) metrics: Arc<RouteMetrics>,
     /// Held from routing until the line is written: `s2s_proxy_in_flight{route}`.
     pub(crate) in_flight: Option<InFlight>,
+    /// Set by [`AccessLog::write`]: nothing left for `Drop` to do.
+    pub(crate) written: bool,
+}
+
+impl Drop for AccessLog {
+    fn drop(&mut self) {
+        if self.written {
+            return;
+        }
+        if std::thread::panicking() {
+            self.status = 500;
+            self.error = Some("internal_error");
+        } else {
+            self.status = CLIENT_CLOSED;
+            self.error = Some("client_closed");
+        }
+        self.emit(0, false);
+    }
 }
 
 impl AccessLog {
-    pub(crate) fn write(self, bytes_out: u64, complete: bool) {
+    pub(crate) fn write(mut self, bytes_out: u64, complete: bool) {
+        self.emit(bytes_out, complete);
+    }
+
+    fn emit(&mut self, bytes_out: u64, complete: bool) {
+        self.written = true;
         let total = self.started.elapsed();
         let total_ms = total.as_millis() as u64;
         self.metrics.record(

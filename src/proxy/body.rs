@@ -66,7 +66,10 @@ pub(crate) struct BodyLimits {
 }
 
 /// Reads the inbound body until it ends or passes [`REPLAY_LIMIT`]. Returns the complete
-/// body when it fits, or a streaming body that starts with what was already read.
+/// body when it fits, or a streaming body that starts with what was already read. Every
+/// byte read here counts against `max_bytes` (whatever the framing: a chunked body has no
+/// length to check up front), so a body found too large before anything was sent is
+/// refused before anything is sent.
 pub(crate) async fn prepare(
     mut inbound: Incoming,
     limits: BodyLimits,
@@ -93,9 +96,6 @@ pub(crate) async fn prepare(
             None => {
                 let body = buffer.freeze();
                 stats.received.store(body.len() as u64, Ordering::Relaxed);
-                if body.len() as u64 > max_bytes {
-                    return Err(BodyTooLarge.into());
-                }
                 return Ok(UpstreamBody::Buffered(Some(body)));
             }
             Some(Err(error)) => return Err(ProxyBodyError::Inbound(error)),
@@ -103,6 +103,10 @@ pub(crate) async fn prepare(
                 // Trailers are not forwarded.
                 if let Ok(data) = frame.into_data() {
                     buffer.extend_from_slice(&data);
+                }
+                if buffer.len() as u64 > max_bytes {
+                    stats.received.store(buffer.len() as u64, Ordering::Relaxed);
+                    return Err(BodyTooLarge.into());
                 }
                 if buffer.len() > REPLAY_LIMIT {
                     let prefix = buffer.freeze();

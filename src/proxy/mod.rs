@@ -38,10 +38,10 @@ use self::body::{
 };
 use self::error::ProxyError;
 use self::headers::{Forwarding, Peer, RequestPolicy, X_REQUEST_ID};
-use self::queue::RouteQueue;
-use crate::config::{Config, DEFAULT_MAX_QUEUE, DEFAULT_QUEUE_TIMEOUT, Limits, Route};
+use self::queue::{QueueLimits, Queues, RouteQueue};
+use crate::config::{Config, Limits, Route};
 use crate::inbound::tls::TlsSession;
-use crate::inbound::{Authenticator, ClientSet};
+use crate::inbound::{Authenticator, ClientSet, Throttles};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::rewrite::{self, LinkMap};
 use crate::routing::{self, RouteTable};
@@ -55,11 +55,22 @@ struct RouteState {
     config: Route,
     clients: ClientSet,
     tokens: Arc<TokenSlot>,
-    /// `max_concurrent` and its queue, when set.
-    queue: Option<RouteQueue>,
+    /// `max_concurrent` and its queue, when set (shared with the other configurations
+    /// that have the route).
+    queue: Option<Arc<RouteQueue>>,
     /// The upstream URL as links in responses start with it (`rewrite_links`).
     upstream_url: String,
     metrics: Arc<RouteMetrics>,
+}
+
+/// Limiter state that outlives a configuration, owned by the runtime and handed to every
+/// new pipeline: route queues by prefix, the failed-authentication table, the clients'
+/// rate-limit buckets by name. So a reload neither multiplies `max_concurrent` nor lifts
+/// lockouts or refills rate limits.
+#[derive(Debug, Default)]
+pub(crate) struct Limiters {
+    pub(crate) queues: Queues,
+    pub(crate) throttles: Throttles,
 }
 
 /// Shared state of the request pipeline for one configuration.
@@ -86,10 +97,11 @@ impl Pipeline {
         upstream: UpstreamClient<UpstreamBody>,
         metrics: &Metrics,
         draining: Arc<AtomicBool>,
+        limiters: &Limiters,
     ) -> Self {
         // Every configured route's series show up before its first request.
         metrics.prepare(config);
-        let authenticator = Authenticator::new(config);
+        let authenticator = Authenticator::with_throttles(config, &limiters.throttles);
         let routes = config
             .routes
             .iter()
@@ -102,13 +114,8 @@ impl Pipeline {
                         .filter_map(|name| authenticator.client_id(name)),
                 ),
                 tokens: tokens.slot(route),
-                queue: route.max_concurrent.map(|n| {
-                    RouteQueue::new(
-                        n,
-                        route.max_queue.unwrap_or(DEFAULT_MAX_QUEUE),
-                        route.queue_timeout.unwrap_or(DEFAULT_QUEUE_TIMEOUT),
-                    )
-                }),
+                queue: QueueLimits::of(route)
+                    .map(|limits| limiters.queues.route(&route.prefix, limits)),
                 upstream_url: route.upstream.url.to_string(),
                 metrics: Arc::new(metrics.route(Some(&route.prefix))),
                 config: route.clone(),
@@ -156,6 +163,9 @@ impl Pipeline {
             bytes_in: 0,
             metrics: self.unrouted.clone(),
             in_flight: None,
+            // Dropped unwritten (this future dropped: the caller went away), it is
+            // written as 499.
+            written: false,
         };
         let mut response = match self.pipeline(request, &peer, &mut log).await {
             Ok(response) => response,

@@ -712,3 +712,94 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogCapture {
         self.clone()
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Limits: an upstream the test paces
+
+/// An upstream that holds every request until the test lets it go
+/// ([`GatedUpstream::release`]), answering 200 then; it records the order requests
+/// arrived in and the most it held at once.
+#[derive(Clone)]
+pub struct GatedUpstream {
+    pub addr: SocketAddr,
+    gate: Arc<tokio::sync::Semaphore>,
+    arrived: Arc<Mutex<Vec<String>>>,
+    in_flight: Arc<AtomicUsize>,
+    max_in_flight: Arc<AtomicUsize>,
+}
+
+/// Counts a request out of [`GatedUpstream`]'s in-flight count however it ends (the
+/// proxy may drop it half-way).
+struct Held(Arc<AtomicUsize>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl GatedUpstream {
+    pub async fn start() -> Self {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let arrived = Arc::new(Mutex::new(Vec::new()));
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let max_in_flight = Arc::new(AtomicUsize::new(0));
+        let (g, a, now, max) = (
+            gate.clone(),
+            arrived.clone(),
+            in_flight.clone(),
+            max_in_flight.clone(),
+        );
+        let addr = serve(move |request: Request<Incoming>| {
+            let (gate, arrived, now, max) = (g.clone(), a.clone(), now.clone(), max.clone());
+            async move {
+                let current = now.fetch_add(1, Ordering::SeqCst) + 1;
+                let _held = Held(now);
+                max.fetch_max(current, Ordering::SeqCst);
+                let target = request.uri().path().to_owned();
+                arrived.lock().unwrap().push(target);
+                let _ = request.into_body().collect().await;
+                gate.acquire().await.unwrap().forget();
+                json_response(StatusCode::OK, r#"{"value":[]}"#.to_owned())
+            }
+        })
+        .await;
+        Self {
+            addr,
+            gate,
+            arrived,
+            in_flight,
+            max_in_flight,
+        }
+    }
+
+    pub fn base(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Lets `n` more requests (held now or arriving later) be answered.
+    pub fn release(&self, n: usize) {
+        self.gate.add_permits(n);
+    }
+
+    /// Paths of the requests received so far, in arrival order.
+    pub fn arrived(&self) -> Vec<String> {
+        self.arrived.lock().unwrap().clone()
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    pub fn max_in_flight(&self) -> usize {
+        self.max_in_flight.load(Ordering::SeqCst)
+    }
+}
+
+/// The value of the `/metrics` sample `series` (name and labels, exactly as rendered).
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let (name, value) = line.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok())?
+    })
+}
