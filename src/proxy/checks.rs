@@ -7,7 +7,8 @@
 //! targets, missing or duplicate `Host` (RFC 9112 §3.2), duplicate `Authorization` or API
 //! key headers (never check one value and forward another), `Content-Length` together with
 //! `Transfer-Encoding` (seen by the connection's framing audit, since hyper removes the
-//! length before the request gets here), and unsafe paths.
+//! length before the request gets here), and unsafe request targets (`routing::check_target`:
+//! the path, and raw bytes outside printable ASCII in the query).
 
 use http::{HeaderMap, HeaderName, Method, Request, Version, header};
 
@@ -44,7 +45,7 @@ pub(crate) fn check<B>(
             "Content-Length and Transfer-Encoding together are ambiguous",
         ));
     }
-    routing::check_path(uri.path())?;
+    routing::check_target(uri.path(), uri.query())?;
     Ok(())
 }
 
