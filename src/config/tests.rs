@@ -771,6 +771,27 @@ fn duplicate_prefix_names_both_routes() {
 }
 
 #[test]
+fn prefixes_differing_only_in_case_name_both_routes() {
+    let route = |prefix: &str| {
+        format!(
+            "  - prefix: {prefix}\n    upstream: https://example.com/\n    credential: bc\n    clients: [erp]\n"
+        )
+    };
+    let yaml = with_routes(&format!(
+        "{}{}{}",
+        route("/bc/Admin/"),
+        route("/bc/"),
+        route("/BC/admin/")
+    ));
+    assert_eq!(
+        problem(&yaml),
+        "routes[2].prefix: `/BC/admin/` differs from routes[0].prefix `/bc/Admin/` only in \
+         case; paths are matched without regard to case, so both would claim the same \
+         requests: make them differ in more than case"
+    );
+}
+
+#[test]
 fn bad_prefixes_are_refused() {
     for (prefix, message) in [
         ("bc/", "`bc/` must start and end with `/`, such as `/bc/`"),
@@ -780,6 +801,11 @@ fn bad_prefixes_are_refused() {
             "`/a/../b/` must not contain `..` or `.` segments",
         ),
         ("/a//b/", "`/a//b/` must not contain `//`"),
+        (
+            "/a;b/",
+            "a prefix must not contain `;` (requests with it are refused)",
+        ),
+        ("/v2./", "`/v2./` must not contain a segment ending in `.`"),
         (
             "/a%2fb/",
             "a prefix must not contain `%` (percent-encoding)",

@@ -1214,16 +1214,27 @@ impl Validator<'_> {
             .required(&path, raw.prefix.as_ref(), "a path such as /bc/")
             .and_then(|text| self.prefix(&path, text))?;
         // `seen` holds every earlier route's prefix or an empty placeholder, by index.
-        let first = seen.iter().position(|p| *p == prefix);
+        // Requests are routed with ASCII case ignored (README "Request handling"), so
+        // prefixes that differ only in case would claim the same requests.
+        let first = seen
+            .iter()
+            .position(|p| !p.is_empty() && p.eq_ignore_ascii_case(&prefix));
         seen.resize(index, String::new());
         seen.push(prefix.clone());
         if let Some(first) = first {
-            self.problem(
-                &path,
+            let message = if seen[first] == prefix {
                 format!(
                     "`{prefix}` is also the prefix of routes[{first}]; each prefix must be unique"
-                ),
-            );
+                )
+            } else {
+                format!(
+                    "`{prefix}` differs from routes[{first}].prefix `{}` only in case; paths \
+                     are matched without regard to case, so both would claim the same \
+                     requests: make them differ in more than case",
+                    seen[first]
+                )
+            };
+            self.problem(&path, message);
             return None;
         }
         Some(prefix)
@@ -1934,12 +1945,20 @@ fn check_prefix(prefix: &str) -> Result<(), String> {
     {
         return Err(format!("`{prefix}` must not contain `..` or `.` segments"));
     }
+    // Requests with such segments are refused (Windows strips a trailing dot), so a
+    // prefix holding one could never match.
+    if prefix.split('/').any(|segment| segment.ends_with('.')) {
+        return Err(format!(
+            "`{prefix}` must not contain a segment ending in `.`"
+        ));
+    }
     for c in prefix.chars() {
         let problem = match c {
             '%' => "`%` (percent-encoding)",
             '\\' => "`\\`",
             '?' => "`?` (a query)",
             '#' => "`#` (a fragment)",
+            ';' => "`;` (requests with it are refused)",
             c if c.is_control() => "a control character",
             c if c.is_whitespace() => "whitespace",
             c if !c.is_ascii() => {
@@ -2188,7 +2207,7 @@ mod tests {
         }
         for bad in [
             "bc/", "/bc", "", "/a//b/", "/../", "/a/../", "/./", "/a..b/", "/a%2f/", "/a\\b/",
-            "/a?b/", "/a#b/", "/a\tb/", "/a b/", "/é/",
+            "/a?b/", "/a#b/", "/a\tb/", "/a b/", "/é/", "/a;b/", "/a./", "/v2./x/",
         ] {
             assert!(check_prefix(bad).is_err(), "{bad}");
         }

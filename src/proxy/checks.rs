@@ -9,7 +9,8 @@
 //! `http`/`https`, user info in `:authority` or `Host`, `:authority` and `Host` naming
 //! different hosts (RFC 9113 §8.3.1), `Content-Length` together with
 //! `Transfer-Encoding` (seen by the connection's framing audit, since hyper removes the
-//! length before the request gets here), and unsafe paths.
+//! length before the request gets here), and unsafe request targets (`routing::check_target`:
+//! the path, and raw bytes outside printable ASCII in the query).
 
 use http::uri::{Authority, Scheme};
 use http::{HeaderMap, HeaderName, Method, Request, Uri, Version, header};
@@ -48,7 +49,7 @@ pub(crate) fn check<B>(
             "Content-Length and Transfer-Encoding together are ambiguous",
         ));
     }
-    routing::check_path(uri.path())?;
+    routing::check_target(uri.path(), uri.query())?;
     Ok(())
 }
 
