@@ -1,17 +1,23 @@
 //! The route's bearer token never reaches the caller (SECURITY.md "Header handling"): an
 //! upstream that reflects the request's headers into its answer (headers, JSON, HTML, tiny
 //! chunked frames, gzip, on link-rewriting routes and not) has the token replaced by
-//! `[redacted]`, while binary bodies and bodies without a token pass unchanged.
+//! `[redacted]`, while binary bodies and bodies without a token pass unchanged. And the
+//! client secret never reaches the log when a token endpoint echoes the request form
+//! (SECURITY.md "Secrets handling").
 
 mod support;
 
+use std::convert::Infallible;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use http::{Response, StatusCode};
-use http_body_util::Full;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -20,8 +26,44 @@ use support::*;
 /// A JWT-shaped token, as Entra issues them (base64url segments and dots).
 const JWT: &str = "eyJ0eXAiOiJKV1QiLCJhbGciOiJSUzI1NiIsIng1dCI6IkNBTkFSWSJ9.eyJhdWQiOiJodHRwczovL2FwaS5idXNpbmVzc2NlbnRyYWwuZHluYW1pY3MuY29tIiwicm9sZXMiOlsiQXV0b21hdGlvbi5SZWFkV3JpdGUuQWxsIl0sImV4cCI6MTc5OTk5OTk5OX0.Q0FOQVJZLXNpZ25hdHVyZS1ub3QtcmVhbC1fLWFiY2RlZmdoaWprbG1ub3BxcnN0dXZ3eHl6MDEyMzQ1Njc4OQ";
 
+/// A global dispatcher that records nothing but keeps every callsite's interest at
+/// "sometimes", so the log capture of one test is not defeated by another test thread
+/// hitting a callsite first while no dispatcher exists (tracing-core's interest cache is
+/// process-wide). Every test calls it before anything can log.
+fn quiet_global_dispatch() {
+    use tracing::level_filters::LevelFilter;
+    use tracing::subscriber::Interest;
+    use tracing::{Event, Metadata, span};
+
+    struct Quiet;
+    impl tracing::Subscriber for Quiet {
+        fn register_callsite(&self, _: &'static Metadata<'static>) -> Interest {
+            Interest::sometimes()
+        }
+        fn max_level_hint(&self) -> Option<LevelFilter> {
+            Some(LevelFilter::TRACE)
+        }
+        fn enabled(&self, _: &Metadata<'_>) -> bool {
+            false
+        }
+        fn new_span(&self, _: &span::Attributes<'_>) -> span::Id {
+            span::Id::from_u64(1)
+        }
+        fn record(&self, _: &span::Id, _: &span::Record<'_>) {}
+        fn record_follows_from(&self, _: &span::Id, _: &span::Id) {}
+        fn event(&self, _: &Event<'_>) {}
+        fn enter(&self, _: &span::Id) {}
+        fn exit(&self, _: &span::Id) {}
+    }
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = tracing::subscriber::set_global_default(Quiet);
+    });
+}
+
 /// Fake IdP issuing [`JWT`], fake upstream, and the proxy of [`yaml`] in front of them.
 async fn setup() -> (FakeIdp, FakeUpstream, ProxyHandle) {
+    quiet_global_dispatch();
     let idp = FakeIdp::start_with(IdpMode::IssueToken(JWT.to_owned())).await;
     let upstream = FakeUpstream::start().await;
     let proxy = spawn_proxy(config(&yaml(&idp, &upstream.base()), standard_vars())).await;
@@ -224,6 +266,7 @@ async fn chunking_upstream(size: usize, gzip_it: bool) -> SocketAddr {
 
 #[tokio::test]
 async fn a_token_split_across_tiny_chunks_is_redacted() {
+    quiet_global_dispatch();
     for (size, gzip_it) in [(7, false), (1, false), (5, true)] {
         let idp = FakeIdp::start_with(IdpMode::IssueToken(JWT.to_owned())).await;
         let addr = chunking_upstream(size, gzip_it).await;
@@ -422,6 +465,7 @@ async fn head_204_and_304_answers_are_scrubbed_in_their_headers() {
 async fn a_token_rejected_with_401_and_its_successor_are_both_redacted() {
     // `tok-<n>` tokens: the first is refused, the retry carries the renewed one, and the
     // page reflects the authorization of every request it has seen.
+    quiet_global_dispatch();
     let (_idp, upstream, proxy) = standard().await;
     let seen = upstream.clone();
     upstream.respond(move |_| {
@@ -492,4 +536,122 @@ async fn a_textual_body_in_a_coding_the_proxy_cannot_read_is_not_sent() {
 fn erp_auth() -> (&'static str, &'static str) {
     let (name, value) = erp();
     (name, Box::leak(value.into_boxed_str()))
+}
+
+// ---------------------------------------------------------------------------------------
+// Secret masking: a token endpoint that echoes the request form in its error.
+
+/// Where the echoed secret starts in the error description: across the 600-character cut
+/// the proxy applies to descriptions.
+const SECRET_AT: usize = 590;
+
+/// A token endpoint answering `invalid_client` with the request's form body echoed in
+/// `error_description`, placed so that the secret starts at [`SECRET_AT`]; with
+/// `lowercase`, its percent-escapes in lowercase hex (`%7e`).
+async fn echoing_idp(lowercase: bool) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let service = service_fn(move |request: Request<Incoming>| async move {
+                    let body = request.into_body().collect().await.unwrap().to_bytes();
+                    let mut form = String::from_utf8_lossy(&body).into_owned();
+                    if lowercase {
+                        form = lowercase_escapes(&form);
+                    }
+                    let at = form.find("client_secret=").unwrap() + "client_secret=".len();
+                    let description = format!(
+                        "AADSTS7000215: Invalid client secret provided. Request was: {form}"
+                    );
+                    let shift = SECRET_AT - (description.len() - form.len() + at);
+                    let description = description.replacen(
+                        "Request was:",
+                        &format!("Request was ({}):", "x".repeat(shift - 3)),
+                        1,
+                    );
+                    let json = serde_json::json!({
+                        "error": "invalid_client",
+                        "error_description": description,
+                        "error_codes": [7000215],
+                    });
+                    Ok::<_, Infallible>(
+                        Response::builder()
+                            .status(401)
+                            .header("content-type", "application/json")
+                            .body(Full::new(Bytes::from(json.to_string())))
+                            .unwrap(),
+                    )
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// `%7E` → `%7e`: percent-escapes in lowercase hex, as some stacks write them.
+fn lowercase_escapes(form: &str) -> String {
+    let mut out = String::with_capacity(form.len());
+    let mut rest = form;
+    while let Some(at) = rest.find('%') {
+        out.push_str(&rest[..at]);
+        let escape = &rest[at..(at + 3).min(rest.len())];
+        out.push_str(&escape.to_ascii_lowercase());
+        rest = &rest[at + escape.len()..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[test]
+fn a_client_secret_echoed_form_encoded_across_the_cut_never_reaches_the_log() {
+    quiet_global_dispatch();
+    // The planted secret has a `~` (form-encoded `%7E`) and a `+` (`%2B`).
+    assert!(CLIENT_SECRET.contains('~') && CLIENT_SECRET.contains('+'));
+    let (answers, logs) = capture_logs(async {
+        let mut answers = Vec::new();
+        for lowercase in [false, true] {
+            let idp = echoing_idp(lowercase).await;
+            let upstream = FakeUpstream::start().await;
+            let yaml = format!(
+                r#"
+server:
+  listen: 127.0.0.1:0
+{credential}clients:
+  erp:
+    basic: {{ username: erp, password: "${{ERP_PASSWORD}}" }}
+routes:
+  - prefix: /bc/
+    upstream: {base}{BC_BASE}
+    credential: bc
+    clients: [erp]
+"#,
+                credential = bc_credential_yaml(TENANT, &format!("http://{idp}")),
+                base = upstream.base(),
+            );
+            let proxy = spawn_proxy(config(&yaml, standard_vars())).await;
+            let answer = send(proxy.addr, "GET", "/bc/x", &[erp_auth()], "").await;
+            assert_eq!(answer.status, 503);
+            answers.push(answer.text());
+            proxy.shutdown().await;
+        }
+        answers
+    });
+    let logs = logs.text();
+    // The provider's description did reach the log (so the sweep means something), with
+    // the secret masked where it stood.
+    assert!(logs.contains("AADSTS7000215"), "{logs}");
+    assert!(logs.contains("client_secret=****"), "{logs}");
+    assert!(!logs.contains("client_secret=cs_"), "{logs}");
+    for text in answers.iter().chain([&logs]) {
+        // Nothing of the secret, in any form, whole or in part.
+        assert!(!text.contains("CANARY"), "{text}");
+        assert!(!text.contains("7f3a"), "{text}");
+    }
 }
