@@ -5,7 +5,7 @@
 //! read while finding that out), counted against `server.limits.max_body_bytes`.
 //! [`ProxyBody`] is what the caller receives: a proxy-made JSON body or the upstream's
 //! stream, cut off at the route deadline and, on `rewrite_links` routes, passed through the
-//! link rewriter; when it is done (or dropped) it releases the route's queue slot and
+//! link rewriter, then (textual bodies) through the token [`Scrubber`]; when it is done (or dropped) it releases the route's queue slot and
 //! writes the access-log line, so the line carries the real byte count.
 
 use std::future::Future as _;
@@ -22,6 +22,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::access_log::AccessLog;
 use super::queue::Permit;
+use super::scrub::Scrubber;
 use crate::rewrite::BodyRewriter;
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -270,6 +271,7 @@ enum Kind {
         body: Incoming,
         deadline: Pin<Box<Sleep>>,
         rewriter: Option<Box<BodyRewriter>>,
+        scrubber: Option<Box<Scrubber>>,
     },
 }
 
@@ -284,17 +286,20 @@ impl ProxyBody {
         }
     }
 
-    /// The upstream's body, rewritten on the way when `rewriter` is set.
+    /// The upstream's body, rewritten (or decoded) on the way when `rewriter` is set, then
+    /// scrubbed of tokens when `scrubber` is.
     pub(crate) fn upstream(
         body: Incoming,
         deadline: Instant,
         rewriter: Option<BodyRewriter>,
+        scrubber: Option<Scrubber>,
     ) -> Self {
         Self {
             kind: Kind::Upstream {
                 body,
                 deadline: Box::pin(tokio::time::sleep_until(deadline)),
                 rewriter: rewriter.map(Box::new),
+                scrubber: scrubber.map(Box::new),
             },
             sent: 0,
             log: None,
@@ -337,15 +342,20 @@ impl Body for ProxyBody {
                 body,
                 deadline,
                 rewriter,
+                scrubber,
             } => {
                 if deadline.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Some(Err(DeadlineReached.into())));
                 }
-                match rewriter {
-                    None => {
-                        ready!(Pin::new(body).poll_frame(cx)).map(|r| r.map_err(BoxError::from))
-                    }
-                    Some(rewriter) => ready!(poll_rewritten(body, rewriter, cx)),
+                let mut inner = |cx: &mut Context<'_>| match rewriter {
+                    None => Pin::new(&mut *body)
+                        .poll_frame(cx)
+                        .map(|frame| frame.map(|r| r.map_err(BoxError::from))),
+                    Some(rewriter) => poll_rewritten(body, rewriter, cx),
+                };
+                match scrubber {
+                    None => ready!(inner(cx)),
+                    Some(scrubber) => ready!(scrubber.poll_frame(cx, inner)),
                 }
             }
         };
@@ -365,12 +375,18 @@ impl Body for ProxyBody {
         match &self.kind {
             Kind::Full(body) => body.is_none(),
             Kind::Upstream {
+                scrubber: Some(scrubber),
+                ..
+            } => scrubber.is_done(),
+            Kind::Upstream {
                 body,
                 rewriter: None,
+                scrubber: None,
                 ..
             } => body.is_end_stream(),
             Kind::Upstream {
                 rewriter: Some(rewriter),
+                scrubber: None,
                 ..
             } => rewriter.is_done(),
         }
@@ -382,11 +398,11 @@ impl Body for ProxyBody {
             Kind::Upstream {
                 body,
                 rewriter: None,
+                scrubber: None,
                 ..
             } => body.size_hint(),
-            Kind::Upstream {
-                rewriter: Some(_), ..
-            } => SizeHint::default(),
+            // Rewriting and scrubbing change the length.
+            Kind::Upstream { .. } => SizeHint::default(),
         }
     }
 }

@@ -15,7 +15,8 @@
 //!    upstream 401 to the token we sent renews it and replays the request once, a 429
 //!    (`retry_on_429`) waits out `Retry-After` and replays it, both only when the body was
 //!    small enough to keep — 502 / 504 on upstream failure. On `rewrite_links` routes the
-//!    response's upstream links are rewritten to proxy links as it streams back.
+//!    response's upstream links are rewritten to proxy links as it streams back; on every
+//!    route the tokens of the exchange are scrubbed from the response (`scrub`).
 
 pub(crate) mod access_log;
 pub(crate) mod body;
@@ -24,6 +25,7 @@ mod error;
 pub(crate) mod headers;
 pub(crate) mod queue;
 mod retry;
+mod scrub;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -281,9 +283,9 @@ impl Pipeline {
         };
         let links = self.link_map(route, &parts.headers, &forwarding);
         let mut headers = headers::to_upstream(parts.headers, &forwarding);
-        if links.is_some() {
-            rewrite::narrow_accept_encoding(&mut headers);
-        }
+        // Textual answers are searched for the token, links or not: only codings the
+        // proxy can decode are asked for.
+        rewrite::narrow_accept_encoding(&mut headers);
         let stats = Arc::new(InboundStats::default());
         let body = timeout_at(
             deadline,
@@ -315,6 +317,8 @@ impl Pipeline {
         // fresh when the request leaves. Like every token wait below, it ends at the
         // route's deadline (503 `token_unavailable`, README "Tokens").
         let mut token = route.tokens.get_before(deadline).await?;
+        // Every token this exchange sends: the response is scrubbed of each.
+        let mut sent = vec![token.clone()];
         // A small body is kept (with the headers) so the request can be sent again.
         let kept = body.replay().map(|body| (body, headers.clone()));
         let again = || {
@@ -361,6 +365,7 @@ impl Pipeline {
                             "Upstream rejected the token; retrying once with a new one."
                         );
                         token = fresh;
+                        sent.push(token.clone());
                         next = again;
                         renewed = true;
                         continue;
@@ -393,6 +398,7 @@ impl Pipeline {
                 drop(response);
                 tokio::time::sleep(wait).await;
                 token = route.tokens.get_before(deadline).await?;
+                sent.push(token.clone());
                 next = again;
                 throttled += 1;
                 continue;
@@ -401,15 +407,18 @@ impl Pipeline {
             let (mut parts_out, body) = response.into_parts();
             headers::to_client(&mut parts_out.headers);
             parts_out.version = Version::default();
-            let rewriter = links.and_then(|links| {
-                let has_body = parts.method != Method::HEAD
-                    && !matches!(
-                        parts_out.status,
-                        StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED
-                    );
-                rewrite::prepare(links, &mut parts_out.headers, has_body)
-            });
-            let mut body = ProxyBody::upstream(body, deadline, rewriter);
+            let has_body = parts.method != Method::HEAD
+                && !matches!(
+                    parts_out.status,
+                    StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED
+                );
+            let mut rewriter =
+                links.and_then(|links| rewrite::prepare(links, &mut parts_out.headers, has_body));
+            // The slot's current token too: it may have been renewed since it was sent.
+            let tokens = scrub::Tokens::new(sent.iter().chain(route.tokens.cached().as_ref()));
+            let scrubber = scrub::prepare(tokens, &mut parts_out.headers, has_body, &mut rewriter)
+                .map_err(|error| ProxyError::UpstreamFailed(error.to_string()))?;
+            let mut body = ProxyBody::upstream(body, deadline, rewriter, scrubber);
             body.hold(slot);
             return Ok(Response::from_parts(parts_out, body));
         }

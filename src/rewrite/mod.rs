@@ -13,8 +13,9 @@
 //! `br`) are decoded and sent on uncompressed, with `Content-Encoding` removed: the
 //! compressed hop is the one over the internet to Microsoft, while the proxy's callers sit
 //! next to it, and re-compressing would cost CPU on every byte for little gain. What the
-//! proxy cannot decode it does not ask for: on rewrite routes the caller's
-//! `Accept-Encoding` is narrowed to these three codings.
+//! proxy cannot decode it does not ask for: the caller's `Accept-Encoding` is narrowed to
+//! these three codings (on every route, since token scrubbing reads textual bodies too). The same decoders serve token
+//! scrubbing on routes that do not rewrite ([`decoding`]: decode only, same header rules).
 //!
 //! This module does not decide which routes rewrite, nor when (see `proxy`).
 
@@ -160,9 +161,9 @@ pub(crate) fn public_base(
     Some(format!("{scheme}://{parsed}"))
 }
 
-/// On a rewrite route, keeps only the codings the proxy can decode in the caller's
-/// `Accept-Encoding` (`identity` when none is left), so the upstream never compresses a
-/// body in a way that would stop its links from being rewritten.
+/// Keeps only the codings the proxy can decode in the caller's `Accept-Encoding`
+/// (`identity` when none is left), so the upstream never compresses a body in a way that
+/// would stop its links from being rewritten or its text from being searched for tokens.
 pub(crate) fn narrow_accept_encoding(headers: &mut HeaderMap) {
     if !headers.contains_key(header::ACCEPT_ENCODING) {
         return;
@@ -256,24 +257,50 @@ pub(crate) fn prepare(
     has_body.then(|| BodyRewriter::new(links, content, coding))
 }
 
+/// Prepares a response body that is not rewritten but must be read as plain bytes (token
+/// scrubbing searches textual bodies): a body in a coding the proxy can decode gets a
+/// decode-only [`BodyRewriter`] and, as with rewriting, loses `Content-Encoding` and
+/// `Content-Length`; an identity body needs none (`Ok(None)`). `Err` for a coding the proxy
+/// cannot undo, headers untouched. `has_body` as for [`prepare`].
+pub(crate) fn decoding(
+    headers: &mut HeaderMap,
+    has_body: bool,
+) -> Result<Option<BodyRewriter>, UnknownCoding> {
+    let Some(coding) = coding(headers).map_err(|()| UnknownCoding)? else {
+        return Ok(None);
+    };
+    headers.remove(header::CONTENT_ENCODING);
+    headers.remove(header::CONTENT_LENGTH);
+    Ok(has_body.then(|| BodyRewriter::with_scanner(Scanner::Plain, Some(coding))))
+}
+
+/// A `Content-Encoding` other than `gzip`, `deflate`, `br` (or more than one of them).
+#[derive(Debug, thiserror::Error)]
+#[error("response body in a content coding the proxy cannot decode")]
+pub(crate) struct UnknownCoding;
+
 #[derive(Debug)]
 enum Scanner {
-    Json(JsonRewriter),
-    Multipart(Box<MultipartRewriter>),
+    Json(JsonRewriter, LinkMap),
+    Multipart(Box<MultipartRewriter>, LinkMap),
+    /// Decoding only: the body is passed on as decoded (see [`decoding`]).
+    Plain,
 }
 
 impl Scanner {
-    fn push(&mut self, links: &LinkMap, input: &[u8], out: &mut BytesMut) {
+    fn push(&mut self, input: &[u8], out: &mut BytesMut) {
         match self {
-            Self::Json(json) => json.push(links, input, out),
-            Self::Multipart(multipart) => multipart.push(links, input, out),
+            Self::Json(json, links) => json.push(links, input, out),
+            Self::Multipart(multipart, links) => multipart.push(links, input, out),
+            Self::Plain => out.extend_from_slice(input),
         }
     }
 
     fn finish(&mut self, out: &mut BytesMut) {
         match self {
-            Self::Json(json) => json.finish(out),
-            Self::Multipart(multipart) => multipart.finish(out),
+            Self::Json(json, _) => json.finish(out),
+            Self::Multipart(multipart, _) => multipart.finish(out),
+            Self::Plain => {}
         }
     }
 }
@@ -289,7 +316,6 @@ const DECODE_CHUNK: usize = 32 * 1024;
 /// One response body being rewritten: push the upstream's chunks, pull rewritten output.
 #[derive(Debug)]
 pub(crate) struct BodyRewriter {
-    links: LinkMap,
     scanner: Scanner,
     decoder: Option<Decoder>,
     /// Where the decoder writes, allocated once per body (empty without a decoder).
@@ -303,13 +329,16 @@ pub(crate) struct BodyRewriter {
 impl BodyRewriter {
     fn new(links: LinkMap, content: Content, coding: Option<Coding>) -> Self {
         let scanner = match content {
-            Content::Json => Scanner::Json(JsonRewriter::new()),
+            Content::Json => Scanner::Json(JsonRewriter::new(), links),
             Content::Multipart(boundary) => {
-                Scanner::Multipart(Box::new(MultipartRewriter::new(&boundary)))
+                Scanner::Multipart(Box::new(MultipartRewriter::new(&boundary)), links)
             }
         };
+        Self::with_scanner(scanner, coding)
+    }
+
+    fn with_scanner(scanner: Scanner, coding: Option<Coding>) -> Self {
         Self {
-            links,
             scanner,
             decoded: match coding {
                 Some(_) => vec![0; DECODE_CHUNK].into_boxed_slice(),
@@ -348,8 +377,9 @@ impl BodyRewriter {
     /// Bytes held between calls: bounded whatever the body size.
     pub(crate) fn buffered(&mut self) -> usize {
         let scanner = match &self.scanner {
-            Scanner::Json(json) => json.buffered(),
-            Scanner::Multipart(multipart) => multipart.buffered(),
+            Scanner::Json(json, _) => json.buffered(),
+            Scanner::Multipart(multipart, _) => multipart.buffered(),
+            Scanner::Plain => 0,
         };
         scanner
             + self.pending.as_ref().map_or(0, Bytes::len)
@@ -365,14 +395,14 @@ impl BodyRewriter {
         let mut out = BytesMut::new();
         match &mut self.decoder {
             None => match self.pending.take() {
-                Some(data) => self.scanner.push(&self.links, &data, &mut out),
+                Some(data) => self.scanner.push(&data, &mut out),
                 None if self.input_ended => self.finish(&mut out),
                 None => return Ok(None),
             },
             Some(decoder) => match decoder.read(&mut self.decoded)? {
                 None => return Ok(None),
                 Some(0) => self.finish(&mut out),
-                Some(n) => self.scanner.push(&self.links, &self.decoded[..n], &mut out),
+                Some(n) => self.scanner.push(&self.decoded[..n], &mut out),
             },
         }
         Ok(Some(out.freeze()))

@@ -362,6 +362,11 @@ impl TokenSlot {
         self.scope.as_deref()
     }
 
+    /// The cached token, usable or not, without fetching (responses are scrubbed of it).
+    pub(crate) fn cached(&self) -> Option<Arc<Token>> {
+        self.current.load_full()
+    }
+
     /// A usable token: the cached one, or a freshly fetched one. Never an expired token.
     /// Waits as long as the fetch takes (the token client's own timeouts bound it).
     pub async fn get(&self) -> Result<Arc<Token>, TokenError> {

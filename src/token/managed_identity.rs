@@ -122,7 +122,7 @@ impl ManagedIdentitySource {
                     .header(http::header::ACCEPT, "application/json");
                 http.send(request, &url)
                     .await?
-                    .into_issued(header.to_str().ok())
+                    .into_issued(header.to_str().ok().as_slice())
             }
             Target::Imds(imds) => {
                 let url = with_query(
@@ -142,12 +142,12 @@ impl ManagedIdentitySource {
                     let retryable = matches!(response.status.as_u16(), 404 | 410 | 429)
                         || response.status.is_server_error();
                     let Some(delay) = imds.retry_delays.get(attempt).filter(|_| retryable) else {
-                        return response.into_issued(None);
+                        return response.into_issued(&[]);
                     };
                     let delay = match response.status {
                         StatusCode::TOO_MANY_REQUESTS => {
                             let hinted = response
-                                .into_issued(None)
+                                .into_issued(&[])
                                 .err()
                                 .and_then(|e| e.retry_after());
                             hinted.map_or(*delay, |h| h.min(MAX_IMDS_WAIT).max(*delay))

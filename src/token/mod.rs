@@ -199,6 +199,8 @@ impl TokenError {
 /// A cached access token, ready to be injected.
 pub struct Token {
     header: HeaderValue,
+    /// The bare token's searcher, built once per token: responses are scrubbed of it.
+    finder: memchr::memmem::Finder<'static>,
     issued_at: Instant,
     expires_at: Instant,
     usable_until: Instant,
@@ -234,6 +236,7 @@ impl Token {
         let expires_at = issued_at + lifetime;
         Ok(Self {
             header,
+            finder: memchr::memmem::Finder::new(value.as_bytes()).into_owned(),
             issued_at,
             expires_at,
             usable_until: expires_at - MAX_SKEW.min(lifetime / 10),
@@ -244,6 +247,11 @@ impl Token {
     /// `Bearer <token>`, marked sensitive.
     pub fn header(&self) -> &HeaderValue {
         &self.header
+    }
+
+    /// A searcher for the bare token (without `Bearer `), for scrubbing responses.
+    pub(crate) fn finder(&self) -> &memchr::memmem::Finder<'static> {
+        &self.finder
     }
 
     pub fn issued_at(&self) -> Instant {

@@ -6,6 +6,13 @@
 //! `Too Many Requests` (§1.6) and other providers send whatever they like, so every field is
 //! optional. Microsoft asks clients to branch on `error` only; the AADSTS code just picks a
 //! hint.
+//!
+//! What authenticated the request (client secret, client assertion, the Basic credentials,
+//! the App Service identity header) is masked in every field kept, in every form a provider
+//! may echo it: raw, form-encoded as it was sent (`~` → `%7E`, hex in either case, `+` for
+//! a space), percent-encoded, JSON-escaped, or any mix of these ([`mask`]); and before the
+//! description is cut to its first line and [`MAX_DESCRIPTION`] characters, so a secret
+//! straddling the cut cannot survive in part.
 
 use std::fmt;
 use std::time::{Duration, SystemTime};
@@ -36,13 +43,25 @@ pub struct ProviderError {
 
 impl ProviderError {
     /// Parses an error answer. Never fails: a body that is not JSON leaves the fields empty.
+    #[cfg(test)]
     pub(crate) fn from_response(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Self {
+        Self::from_response_masked(status, headers, body, &[])
+    }
+
+    /// [`from_response`](Self::from_response) with each of `secrets` masked in every field
+    /// kept, before anything is cut or filtered.
+    pub(crate) fn from_response_masked(
+        status: StatusCode,
+        headers: &HeaderMap,
+        body: &[u8],
+        secrets: &[&str],
+    ) -> Self {
         let json: Option<Value> = serde_json::from_slice(body).ok();
         let field = |name: &str| {
             json.as_ref()
                 .and_then(|v| v.get(name))
                 .and_then(Value::as_str)
-                .map(str::to_owned)
+                .map(|value| mask(value, secrets))
         };
         let description = field("error_description").and_then(|d| clean_description(&d));
         let mut codes: Vec<u64> = json
@@ -67,18 +86,6 @@ impl ProviderError {
             trace_id: field("trace_id").filter(|id| is_token(id, 64)),
             correlation_id: field("correlation_id").filter(|id| is_token(id, 64)),
             retry_after: capped_retry_after(headers, SystemTime::now()),
-        }
-    }
-
-    /// Replaces `secret` wherever a provider echoed it (defence in depth: Entra does not).
-    pub(crate) fn redact(&mut self, secret: &str) {
-        if secret.len() < 4 {
-            return;
-        }
-        if let Some(description) = &mut self.description
-            && description.contains(secret)
-        {
-            *description = description.replace(secret, "****");
         }
     }
 
@@ -226,6 +233,113 @@ fn aadsts_prefix(description: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
+/// Secrets shorter than this are not masked: masking every `abc` would garble the text
+/// and a secret that short protects nothing.
+const MIN_MASKED: usize = 4;
+
+/// `text` with every occurrence of each of `secrets` replaced by `****`, however it was
+/// written (see [`encoded_match`]). Longer matches win where secrets overlap.
+pub(crate) fn mask(text: &str, secrets: &[&str]) -> String {
+    let secrets: Vec<&[u8]> = secrets
+        .iter()
+        .map(|s| s.as_bytes())
+        .filter(|s| s.len() >= MIN_MASKED)
+        .collect();
+    if secrets.is_empty() {
+        return text.to_owned();
+    }
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let end = secrets
+            .iter()
+            .filter_map(|secret| encoded_match(bytes, i, secret))
+            .max();
+        match end {
+            Some(end) => {
+                out.extend_from_slice(b"****");
+                i = end;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    // Matches start and end on character boundaries (an escape is ASCII; a raw match
+    // starts with a secret's first byte and ends with its last), so this is lossless.
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Where an occurrence of `secret` starting at `text[start]` ends, each of its bytes
+/// written raw, percent-encoded (`%7E` or `%7e`, as form encoding writes it;
+/// application/x-www-form-urlencoded also writes a space as `+`), or JSON-escaped (`\"`,
+/// `\\`, `\/`, `\n`…, `\u007e`), in any mix. The longest such end.
+fn encoded_match(text: &[u8], start: usize, secret: &[u8]) -> Option<usize> {
+    // The text positions reachable after each secret byte; a byte has at most a few
+    // spellings, so this stays tiny.
+    let mut positions = vec![start];
+    for &byte in secret {
+        let mut next = Vec::with_capacity(positions.len() + 1);
+        for &at in &positions {
+            for end in spellings_at(text, at, byte) {
+                if !next.contains(&end) {
+                    next.push(end);
+                }
+            }
+        }
+        if next.is_empty() {
+            return None;
+        }
+        positions = next;
+    }
+    positions.into_iter().max()
+}
+
+/// Ends of the ways `byte` may be written at `text[at..]`.
+fn spellings_at(text: &[u8], at: usize, byte: u8) -> impl Iterator<Item = usize> {
+    let rest = text.get(at..).unwrap_or_default();
+    let raw = (rest.first() == Some(&byte)).then_some(at + 1);
+    let plus = (byte == b' ' && rest.first() == Some(&b'+')).then_some(at + 1);
+    let percent = match rest {
+        [b'%', high, low, ..] => (hex_pair(*high, *low) == Some(byte)).then_some(at + 3),
+        _ => None,
+    };
+    let json = match rest {
+        [b'\\', b'u', a, b, c, d, ..] if byte.is_ascii() => {
+            let value = [*a, *b, *c, *d]
+                .iter()
+                .try_fold(0u32, |acc, &h| Some(acc * 16 + (h as char).to_digit(16)?));
+            (value == Some(u32::from(byte))).then_some(at + 6)
+        }
+        [b'\\', escape, ..] => (json_unescape(*escape) == Some(byte)).then_some(at + 2),
+        _ => None,
+    };
+    [raw, plus, percent, json].into_iter().flatten()
+}
+
+fn hex_pair(high: u8, low: u8) -> Option<u8> {
+    let high = (high as char).to_digit(16)?;
+    let low = (low as char).to_digit(16)?;
+    Some((high * 16 + low) as u8)
+}
+
+/// The byte a two-character JSON escape stands for (RFC 8259 §7).
+fn json_unescape(escape: u8) -> Option<u8> {
+    Some(match escape {
+        b'"' => b'"',
+        b'\\' => b'\\',
+        b'/' => b'/',
+        b'b' => 0x08,
+        b'f' => 0x0c,
+        b'n' => b'\n',
+        b'r' => b'\r',
+        b't' => b'\t',
+        _ => return None,
+    })
+}
+
 /// Keeps the first line (Entra appends `\r\nTrace ID: …` lines), drops control
 /// characters and shortens, so a description cannot forge log lines.
 fn clean_description(description: &str) -> Option<String> {
@@ -365,8 +479,78 @@ mod tests {
     #[test]
     fn secret_echoed_in_a_description_is_redacted() {
         let body = br#"{"error":"invalid_client","error_description":"bad secret s3cr~et+value"}"#;
-        let mut e = ProviderError::from_response(StatusCode::UNAUTHORIZED, &HeaderMap::new(), body);
-        e.redact("s3cr~et+value");
+        let e = ProviderError::from_response_masked(
+            StatusCode::UNAUTHORIZED,
+            &HeaderMap::new(),
+            body,
+            &["s3cr~et+value"],
+        );
         assert!(!e.to_string().contains("s3cr~et+value"));
+        assert_eq!(e.description.as_deref(), Some("bad secret ****"));
+    }
+
+    #[test]
+    fn secrets_are_masked_in_every_form_a_provider_echoes() {
+        let secret = r#"Ab1~x+y z/"q\w"#;
+        for echoed in [
+            // Raw, and as serde_urlencoded (form_urlencoded) writes it.
+            r#"Ab1~x+y z/"q\w"#.to_owned(),
+            "Ab1%7Ex%2By+z%2F%22q%5Cw".to_owned(),
+            // Lowercase hex, %20 for the space, and a mix of raw and encoded.
+            "Ab1%7ex%2by%20z%2f%22q%5cw".to_owned(),
+            r#"Ab1%7Ex+y z/"q\w"#.to_owned(),
+            // JSON-escaped (a JSON document inside the description), incl. \/ and \u.
+            r#"Ab1~x+y z\/\"q\\w"#.to_owned(),
+            r#"Ab1\u007ex\u002By z/\"q\\w"#.to_owned(),
+        ] {
+            let text = format!("client_secret={echoed}&scope=x");
+            assert_eq!(
+                mask(&text, &[secret]),
+                "client_secret=****&scope=x",
+                "{echoed}"
+            );
+        }
+        // Near misses stay; short secrets are not masked at all.
+        assert_eq!(mask("Ab1~x+y z/", &[secret]), "Ab1~x+y z/");
+        assert_eq!(mask("abc abc", &["abc"]), "abc abc");
+        // Several secrets, several occurrences, non-ASCII around them.
+        assert_eq!(
+            mask(
+                "é s3cr3t-1 ü s3cr3t%2D1 eyJa.b.c",
+                &["s3cr3t-1", "eyJa.b.c"]
+            ),
+            "é **** ü **** ****"
+        );
+    }
+
+    #[test]
+    fn masking_comes_before_the_cut_and_covers_every_field() {
+        let secret = "cs_LONG~secret~value~0123456789";
+        // The form-encoded secret straddles the 600-character cut.
+        let form = format!("client_secret={}", secret.replace('~', "%7E"));
+        let description = format!("{}{form}", "x".repeat(MAX_DESCRIPTION - 20));
+        let body = serde_json::json!({
+            "error": "invalid_client",
+            "error_description": description,
+            "trace_id": secret,
+        })
+        .to_string();
+        let e = ProviderError::from_response_masked(
+            StatusCode::UNAUTHORIZED,
+            &HeaderMap::new(),
+            body.as_bytes(),
+            &[secret],
+        );
+        let shown = e.to_string();
+        assert!(shown.contains("client_secret=****"), "{shown}");
+        assert!(!shown.contains("cs_LONG"), "{shown}");
+        assert_eq!(e.trace_id, None);
+        // Without masking first, the cut would have left a piece of it.
+        let unmasked = ProviderError::from_response(
+            StatusCode::UNAUTHORIZED,
+            &HeaderMap::new(),
+            body.as_bytes(),
+        );
+        assert!(unmasked.to_string().contains("client_secret=cs_LO"));
     }
 }

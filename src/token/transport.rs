@@ -100,8 +100,9 @@ impl TokenHttp {
     }
 
     /// POSTs a token request form (with `authorization` as the `Authorization` header, if
-    /// any) and reads the answer. `secret`, whatever authenticated the request, is redacted
-    /// from any error text the provider echoes.
+    /// any) and reads the answer. `secret`, whatever authenticated the request, and the
+    /// credentials of a `Basic` authorization are masked in any error text the provider
+    /// echoes.
     pub(crate) async fn post_form(
         &self,
         url: &reqwest::Url,
@@ -109,14 +110,23 @@ impl TokenHttp {
         authorization: Option<HeaderValue>,
         secret: &str,
     ) -> Result<IssuedToken, TokenError> {
+        let mut secrets = vec![secret.to_owned()];
         let mut request = self.client().post(url.clone());
         if let Some(authorization) = authorization {
+            if let Some(credentials) = authorization
+                .to_str()
+                .ok()
+                .and_then(|value| value.strip_prefix("Basic "))
+            {
+                secrets.push(credentials.to_owned());
+            }
             request = request.header(http::header::AUTHORIZATION, authorization);
         }
         let request = request
             .header(http::header::ACCEPT, "application/json")
             .form(form);
-        self.send(request, url).await?.into_issued(Some(secret))
+        let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
+        self.send(request, url).await?.into_issued(&secrets)
     }
 
     /// Sends a request and reads the answer. A 3xx is an error here; 4xx/5xx are returned
@@ -168,9 +178,9 @@ impl TokenHttp {
 }
 
 impl RawResponse {
-    /// A 2xx becomes an [`IssuedToken`], anything else a [`ProviderError`]. `secret` is
-    /// scrubbed from anything kept from the body.
-    pub(crate) fn into_issued(self, secret: Option<&str>) -> Result<IssuedToken, TokenError> {
+    /// A 2xx becomes an [`IssuedToken`], anything else a [`ProviderError`]. `secrets` are
+    /// masked in anything kept from the body, in whatever form it echoes them.
+    pub(crate) fn into_issued(self, secrets: &[&str]) -> Result<IssuedToken, TokenError> {
         if self.status.is_success() {
             if self.truncated {
                 return Err(TokenError::InvalidResponse(format!(
@@ -180,10 +190,8 @@ impl RawResponse {
             }
             return response::parse_success(&self.body, SystemTime::now());
         }
-        let mut error = ProviderError::from_response(self.status, &self.headers, &self.body);
-        if let Some(secret) = secret {
-            error.redact(secret);
-        }
+        let error =
+            ProviderError::from_response_masked(self.status, &self.headers, &self.body, secrets);
         Err(TokenError::Provider(Box::new(error)))
     }
 }
