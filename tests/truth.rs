@@ -1,0 +1,221 @@
+//! What the binary does is what the README says: `check` refuses what `run` refuses and
+//! shows what `run` warns about, `doctor` names the step that failed, the documented
+//! command-line behaviour, examples and metrics hold, and every answer the proxy makes
+//! carries an `X-Request-Id`.
+
+mod support;
+
+#[path = "support/cli.rs"]
+#[allow(dead_code)]
+mod cli;
+
+use cli::{TempDir, command, free_port, run_to_end};
+use support::*;
+
+/// A certificate for `localhost` and its key, PEM.
+fn server_pair() -> (String, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+/// A config that is valid apart from what `server` adds; nothing in it is ever contacted.
+fn minimal_yaml(server: &str) -> String {
+    format!(
+        "server:\n  listen: 127.0.0.1:0\n{server}\
+         credentials:\n  app:\n    type: client_secret\n    token_url: http://127.0.0.1:9/token\n    \
+         client_id: app\n    client_secret: ${{TRUTH_SECRET}}\n\
+         clients:\n  c:\n    networks: [10.0.0.0/8]\n\
+         routes:\n  - prefix: /r/\n    upstream: http://127.0.0.1:9/api/\n    credential: app\n    \
+         scope: x/.default\n    clients: [c]\n"
+    )
+}
+
+// ---------------------------------------------------------------------------------------
+// check and run agree
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn check_and_run_both_refuse_a_tls_key_that_does_not_match_the_certificate() {
+    let dir = TempDir::new("truth-tls-mismatch");
+    let (cert, _) = server_pair();
+    let (_, other_key) = server_pair();
+    dir.write("tls.crt", &cert);
+    dir.write("tls.key", &other_key);
+    let path = dir.write(
+        "proxy.yaml",
+        &minimal_yaml("  tls:\n    cert_file: tls.crt\n    key_file: tls.key\n"),
+    );
+    for subcommand in ["check", "run"] {
+        let mut cmd = command([subcommand, "--config"]);
+        cmd.arg(&path).env("TRUTH_SECRET", "s3cret");
+        let out = run_to_end(cmd, None).await;
+        assert_eq!(out.code, Some(1), "{subcommand}: {out:?}");
+        let problem = out
+            .stderr
+            .lines()
+            .find(|line| line.contains("server.tls.key_file"))
+            .unwrap_or_else(|| panic!("{subcommand}: no server.tls.key_file problem: {out:?}"));
+        assert!(problem.contains("does not belong to"), "{problem}");
+        assert!(!out.all().contains("PRIVATE KEY"), "{out:?}");
+        assert!(!out.stdout.contains("configuration OK"), "{out:?}");
+    }
+}
+
+#[tokio::test]
+async fn check_refuses_an_upstream_ca_file_that_run_cannot_read() {
+    let dir = TempDir::new("truth-upstream-ca");
+    dir.write("ca.pem", "-----BEGIN CERTIFICATE-----\nnot base64\n");
+    let path = dir.write("proxy.yaml", &minimal_yaml("  upstream_ca_file: ca.pem\n"));
+    let mut cmd = command(["check", "--config"]);
+    cmd.arg(&path).env("TRUTH_SECRET", "s3cret");
+    let out = run_to_end(cmd, None).await;
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(
+        out.stderr
+            .lines()
+            .any(|line| line.contains("server.upstream_ca_file") && line.contains("ca.pem")),
+        "{out:?}"
+    );
+}
+
+#[tokio::test]
+async fn relative_certificate_paths_resolve_against_the_config_directory() {
+    let dir = TempDir::new("truth-relative");
+    let elsewhere = TempDir::new("truth-cwd");
+    std::fs::create_dir(dir.path().join("tls")).unwrap();
+    let (cert, key) = server_pair();
+    dir.write("tls/server.crt", &cert);
+    dir.write("tls/server.key", &key);
+    dir.write("tls/clients-ca.pem", &cert);
+    // A client certificate credential (ES256: a generic token endpoint takes EC keys),
+    // certificate and key in one PEM file.
+    let (client_pem, client_key) = server_pair();
+    dir.write("tls/app.pem", &format!("{client_pem}{client_key}"));
+    let yaml = "server:\n  listen: 127.0.0.1:0\n  tls:\n    cert_file: tls/server.crt\n    \
+         key_file: tls/server.key\n    client_ca_file: tls/clients-ca.pem\n\
+         credentials:\n  app:\n    type: client_certificate\n    token_url: http://127.0.0.1:9/token\n    \
+         client_id: app\n    certificate_file: tls/app.pem\n    assertion_alg: ES256\n\
+         clients:\n  c:\n    networks: [10.0.0.0/8]\n\
+         routes:\n  - prefix: /r/\n    upstream: http://127.0.0.1:9/api/\n    credential: app\n    \
+         scope: x/.default\n    clients: [c]\n";
+    dir.write("proxy.yaml", yaml);
+    let mut cmd = command(["check", "--config"]);
+    cmd.arg(dir.path().join("proxy.yaml"))
+        .current_dir(elsewhere.path());
+    let out = run_to_end(cmd, None).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(out.stdout.contains("configuration OK"), "{out:?}");
+
+    // The same names from the working directory's point of view do not exist.
+    let mut cmd = command(["check", "--config"]);
+    cmd.arg(dir.path().join("proxy.yaml"))
+        .current_dir(dir.path().join("tls"));
+    let out = run_to_end(cmd, None).await;
+    assert_eq!(
+        out.code,
+        Some(0),
+        "the working directory must not matter: {out:?}"
+    );
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn check_prints_the_inline_secret_warning_for_flow_style_yaml() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("truth-inline");
+    let yaml = minimal_yaml("").replace(
+        "  app:\n    type: client_secret\n    token_url: http://127.0.0.1:9/token\n    \
+         client_id: app\n    client_secret: ${TRUTH_SECRET}\n",
+        "  app: { type: client_secret, token_url: \"http://127.0.0.1:9/token\", \
+         client_id: app, client_secret: \"x~CANARY\" }\n",
+    );
+    assert!(yaml.contains("{ type: client_secret"), "{yaml}");
+    let path = dir.write("proxy.yaml", &yaml);
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut cmd = command(["check", "--config"]);
+    // Whatever the log filter says, `check` shows it.
+    cmd.arg(&path).env("RUST_LOG", "off");
+    let out = run_to_end(cmd, None).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let warning = out
+        .stderr
+        .lines()
+        .find(|line| line.starts_with("warning:"))
+        .unwrap_or_else(|| panic!("no warning: {out:?}"));
+    assert!(
+        warning.contains("credentials.app.client_secret") && warning.contains("mode 644"),
+        "{warning}"
+    );
+    assert!(!out.all().contains("CANARY"), "{out:?}");
+
+    // Not readable by others: no warning.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut cmd = command(["check", "--config"]);
+    cmd.arg(&path);
+    let out = run_to_end(cmd, None).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(!out.all().contains("inline secret"), "{out:?}");
+}
+
+// ---------------------------------------------------------------------------------------
+// doctor
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn doctor_says_the_upstream_refused_the_connection_not_the_token_request() {
+    let idp = FakeIdp::start().await;
+    // A port that was free a moment ago: nothing listens there.
+    let closed = free_port();
+    let yaml = format!(
+        "{credential}clients:\n  c:\n    networks: [10.0.0.0/8]\nroutes:\n  - prefix: /r/\n    \
+         upstream: http://{closed}/api/\n    credential: bc\n    scope: x/.default\n    clients: [c]\n",
+        credential = bc_credential_yaml(TENANT, &idp.authority()),
+    );
+    let config = config(&yaml, standard_vars());
+    let (text, ok) = s2s_proxy::doctor::run(&config).await;
+    assert!(!ok, "{text}");
+    let line = text.lines().next().unwrap();
+    assert!(line.contains("FAIL"), "{text}");
+    assert!(line.contains("GET /: cannot reach the upstream"), "{text}");
+    assert!(!line.contains("token request failed"), "{text}");
+    assert!(!line.contains("token endpoint"), "{text}");
+    assert_eq!(idp.calls(), 1, "the token step passed");
+}
+
+// ---------------------------------------------------------------------------------------
+// Command line as documented
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn token_failures_go_to_stderr_and_leave_stdout_empty() {
+    let idp = FakeIdp::start_with(IdpMode::invalid_client()).await;
+    let dir = TempDir::new("truth-token");
+    let yaml = format!(
+        "{credential}clients:\n  c:\n    networks: [10.0.0.0/8]\nroutes:\n  - prefix: /bc/\n    \
+         upstream: https://api.businesscentral.dynamics.com/v2.0/{TENANT}/Production/\n    \
+         credential: bc\n    clients: [c]\n",
+        credential = bc_credential_yaml(TENANT, &idp.authority()),
+    );
+    let path = dir.write("proxy.yaml", &yaml);
+    let mut cmd = command(["token", "--route", "/bc/", "--config"]);
+    cmd.arg(&path).envs(standard_vars());
+    let out = run_to_end(cmd, None).await;
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert_eq!(out.stdout, "", "a failure prints nothing on stdout");
+    assert!(out.stderr.contains("AADSTS7000215"), "{out:?}");
+    assert!(
+        out.stderr.lines().any(|line| line.starts_with("hint:")),
+        "{out:?}"
+    );
+    // And the documented claims go to stdout on success.
+    idp.set_mode(IdpMode::Issue { expires_in: 3599 });
+    let mut cmd = command(["token", "--route", "/bc/", "--config"]);
+    cmd.arg(&path).envs(standard_vars());
+    let out = run_to_end(cmd, None).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(!out.stdout.is_empty(), "{out:?}");
+}
