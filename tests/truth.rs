@@ -219,3 +219,59 @@ async fn token_failures_go_to_stderr_and_leave_stdout_empty() {
     assert_eq!(out.code, Some(0), "{out:?}");
     assert!(!out.stdout.is_empty(), "{out:?}");
 }
+
+#[tokio::test]
+async fn the_readme_hash_secret_example_is_what_the_binary_prints() {
+    let readme = include_str!("../README.md");
+    let mut lines = readme.lines();
+    let command_line = lines
+        .find(|line| line.contains("| s2s-proxy hash-secret") && line.starts_with("printf"))
+        .expect("the README shows a hash-secret example");
+    let password = command_line
+        .split('\'')
+        .nth(3)
+        .unwrap_or_else(|| panic!("no quoted password in {command_line:?}"));
+    let shown = lines
+        .next()
+        .and_then(|line| line.strip_prefix("# "))
+        .expect("the example's output follows it")
+        .trim();
+    let then = lines.next().unwrap_or_default();
+    assert!(then.contains(&format!("\"{shown}\"")), "{then}");
+    let out = run_to_end(command(["hash-secret"]), Some(password.as_bytes())).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(
+        out.stdout.trim(),
+        shown,
+        "the README's hash is not the binary's"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Metrics present from the start
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn metrics_whose_labels_come_from_config_are_present_at_zero_from_the_start() {
+    let idp = FakeIdp::start().await;
+    let upstream = FakeUpstream::start().await;
+    let proxy = spawn_admin_proxy(&idp, &upstream).await;
+    idp.wait_for_calls(1).await;
+    let text = get(proxy.admin, "/metrics").await.text();
+    for line in [
+        // The README's alert: increase(...{outcome="error"}[5m]) > 0 needs a 0 first.
+        r#"s2s_proxy_config_reloads_total{outcome="error"} 0"#,
+        r#"s2s_proxy_config_reloads_total{outcome="ok"} 0"#,
+        r#"s2s_proxy_token_fetches_total{credential="bc",outcome="network"} 0"#,
+        r#"s2s_proxy_token_fetches_total{credential="bc",outcome="provider_error"} 0"#,
+        r#"s2s_proxy_token_fetches_total{credential="bc",outcome="timeout"} 0"#,
+        r#"s2s_proxy_request_duration_seconds_count{route="/bc/"} 0"#,
+        r#"s2s_proxy_upstream_duration_seconds_count{route="/bc/sandbox/"} 0"#,
+        r#"s2s_proxy_in_flight{route="/bc/"} 0"#,
+    ] {
+        assert!(text.contains(line), "{line} missing in:\n{text}");
+    }
+    // Nothing that request data decides: no series for the unrouted.
+    assert!(!text.contains(r#"route="none""#), "{text}");
+    proxy.handle.shutdown().await;
+}
