@@ -9,6 +9,8 @@ mod support;
 #[allow(dead_code)]
 mod cli;
 
+use std::time::Duration;
+
 use cli::{TempDir, command, free_port, run_to_end};
 use support::*;
 
@@ -274,4 +276,133 @@ async fn metrics_whose_labels_come_from_config_are_present_at_zero_from_the_star
     // Nothing that request data decides: no series for the unrouted.
     assert!(!text.contains(r#"route="none""#), "{text}");
     proxy.handle.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// 431 is the proxy's own answer, with X-Request-Id
+// ---------------------------------------------------------------------------------------
+
+/// The status line, header lines and body of a raw HTTP/1 response.
+fn parse_raw(response: &str) -> (u16, Vec<(String, String)>, String) {
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((response, ""));
+    let mut lines = head.lines();
+    let status = raw_status(lines.next().unwrap_or_default());
+    let headers = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_owned()))
+        .collect();
+    (status, headers, body.to_owned())
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
+}
+
+#[tokio::test]
+async fn an_http1_head_over_max_header_bytes_gets_431_json_with_a_request_id() {
+    let (idp, upstream, proxy) = standard().await;
+    let auth = basic("erp", PASSWORD);
+    let big = format!(
+        "GET /bc/companies?$top=1 HTTP/1.1\r\nHost: p\r\nAuthorization: {auth}\r\n\
+         X-Big: {}\r\n\r\n",
+        "a".repeat(40 * 1024)
+    );
+    let many: String = (0..120).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let many =
+        format!("GET /bc/companies HTTP/1.1\r\nHost: p\r\nAuthorization: {auth}\r\n{many}\r\n");
+    for head in [&big, &many] {
+        let response = raw(proxy.addr, head.as_bytes()).await;
+        let (status, headers, body) = parse_raw(&response);
+        assert_eq!(status, 431, "{response}");
+        let id = header(&headers, "x-request-id").unwrap_or_else(|| panic!("{response}"));
+        assert!(!id.is_empty());
+        assert_eq!(header(&headers, "connection"), Some("close"), "{response}");
+        assert_eq!(
+            header(&headers, "content-type"),
+            Some("application/json"),
+            "{response}"
+        );
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(json["error"], "request_header_fields_too_large", "{body}");
+        assert_eq!(json["request_id"], id, "{body}");
+        assert!(!body.contains(PASSWORD), "{body}");
+    }
+    // The same head sent in small pieces, after a request on the same connection.
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let first = format!("GET /bc/first HTTP/1.1\r\nHost: p\r\nAuthorization: {auth}\r\n\r\n");
+    let sent = [first.as_bytes(), big.as_bytes()].concat();
+    let writer = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt as _;
+        let (mut read_half, mut write_half) = stream.split();
+        for piece in sent.chunks(1500) {
+            write_half.write_all(piece).await.unwrap();
+            tokio::task::yield_now().await;
+        }
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            use tokio::io::AsyncReadExt as _;
+            read_half.read_to_end(&mut out).await
+        })
+        .await;
+        String::from_utf8_lossy(&out).into_owned()
+    });
+    let both = writer.await.unwrap();
+    let second = both
+        .match_indices("HTTP/1.1 ")
+        .nth(1)
+        .map(|(at, _)| &both[at..])
+        .unwrap_or_else(|| panic!("two answers expected: {both}"));
+    assert!(both.starts_with("HTTP/1.1 200"), "{both}");
+    let (status, headers, _) = parse_raw(second);
+    assert_eq!(status, 431, "{both}");
+    assert!(header(&headers, "x-request-id").is_some(), "{both}");
+    assert_eq!(upstream.count(), 1, "only the first request was forwarded");
+    assert_eq!(upstream.requests()[0].target, format!("{BC_BASE}first"));
+    assert_eq!(idp.calls(), 1);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_http2_header_list_over_max_header_bytes_gets_431_json_with_a_request_id() {
+    use http_body_util::{BodyExt as _, Full};
+    let (_idp, upstream, proxy) = standard().await;
+    let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::get(format!("http://{}/bc/companies", proxy.addr))
+        .header("authorization", basic("erp", PASSWORD))
+        .header("x-big", "a".repeat(40 * 1024))
+        .body(Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 431);
+    let id = response
+        .headers()
+        .get("x-request-id")
+        .expect("x-request-id on the 431")
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(json["error"], "request_header_fields_too_large");
+    assert_eq!(json["request_id"], id.as_str());
+    // Within the limit, the same connection still works.
+    let request = http::Request::get(format!("http://{}/bc/companies", proxy.addr))
+        .header("authorization", basic("erp", PASSWORD))
+        .header("x-big", "a".repeat(8 * 1024))
+        .body(Full::new(bytes::Bytes::new()))
+        .unwrap();
+    sender.ready().await.unwrap();
+    assert_eq!(sender.send_request(request).await.unwrap().status(), 200);
+    assert_eq!(upstream.count(), 1);
+    proxy.shutdown().await;
 }
