@@ -406,3 +406,26 @@ async fn an_http2_header_list_over_max_header_bytes_gets_431_json_with_a_request
     assert_eq!(upstream.count(), 1);
     proxy.shutdown().await;
 }
+
+#[test]
+fn max_header_bytes_below_8192_is_refused_as_the_readme_says() {
+    let yaml = |limit: u32| minimal_yaml(&format!("  limits:\n    max_header_bytes: {limit}\n"));
+    let vars = std::collections::HashMap::from([("TRUTH_SECRET".to_owned(), "s".to_owned())]);
+    let source = s2s_proxy::Source::inline("proxy.yaml", vars);
+    let error = s2s_proxy::Config::from_yaml_str(&yaml(8191), &source).unwrap_err();
+    assert!(
+        error.to_string().contains("server.limits.max_header_bytes"),
+        "{error}"
+    );
+    let config = s2s_proxy::Config::from_yaml_str(&yaml(8192), &source).unwrap();
+    assert_eq!(config.server.limits.max_header_bytes, 8192);
+    let readme = include_str!("../README.md");
+    let row = readme
+        .lines()
+        .find(|line| line.starts_with("| `max_header_bytes` |"))
+        .unwrap();
+    assert!(
+        row.contains("From 8192") && !row.contains("act as"),
+        "{row}"
+    );
+}
