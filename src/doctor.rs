@@ -202,7 +202,7 @@ async fn check_route(
         .header(http::header::AUTHORIZATION, bearer)
         .header(http::header::ACCEPT, "application/json");
     let shown = if path.is_empty() { "/" } else { &path };
-    match http.send(request, &parsed).await {
+    match http.send_upstream(request, &parsed).await {
         Ok(response) => {
             let status = response.status.as_u16();
             let body = String::from_utf8_lossy(&response.body);
@@ -230,6 +230,19 @@ async fn check_route(
         Err(TokenError::Redirect { status }) => (
             false,
             format!("GET {shown} → {status}: the upstream redirects; check the upstream URL"),
+        ),
+        // The token was fetched; what failed here is the upstream call, and the line
+        // says so (the transport's errors are worded for token requests).
+        Err(TokenError::Network(reason)) => (
+            false,
+            format!("GET {shown}: cannot reach the upstream: {reason}"),
+        ),
+        Err(TokenError::Timeout(after)) => (
+            false,
+            format!(
+                "GET {shown}: the upstream did not answer within {}s",
+                after.as_secs()
+            ),
         ),
         Err(error) => (false, format!("GET {shown}: {}", error.cause())),
     }

@@ -98,7 +98,11 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             })
         }
         Command::Check(args) => {
-            let config = load(&args.config)?;
+            let config = Config::load(&args.config)?;
+            // Printed, not logged: `check` shows it whatever RUST_LOG says.
+            if let Some(warning) = s2s_proxy::config::inline_secret_warning(&args.config) {
+                eprintln!("warning: {warning}");
+            }
             println!("{}: configuration OK\n", args.config.display());
             print!("{}", report::route_table(&config));
             Ok(ExitCode::SUCCESS)

@@ -30,6 +30,20 @@ const NO_ROUTE: &str = "none";
 /// Scope label of a credential that sends no scope (generic token endpoints).
 const NO_SCOPE: &str = "none";
 
+/// Every `outcome` of `s2s_proxy_token_fetches_total`: `ok` and each
+/// [`crate::token::TokenError::kind`].
+const TOKEN_OUTCOMES: [&str; 7] = [
+    "ok",
+    "provider_error",
+    "network",
+    "timeout",
+    "invalid_response",
+    "redirect",
+    "config",
+];
+/// Every `outcome` of `s2s_proxy_config_reloads_total`.
+const RELOAD_OUTCOMES: [&str; 2] = ["ok", "error"];
+
 /// Seconds; from a quick metadata read to Business Central's 10-minute ceiling.
 const DURATION_BUCKETS: [f64; 16] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
@@ -161,13 +175,28 @@ impl Metrics {
         }
     }
 
-    /// Creates the per-route gauges at 0, so every configured route shows up before its
-    /// first request.
+    /// Creates at 0 every series whose labels the configuration decides: the per-route
+    /// gauges and duration histograms, each outcome of every route credential's token
+    /// fetches, and both reload outcomes. A counter that appears only at its first event
+    /// cannot be alerted on with `increase()` (its first sample is already 1), so they
+    /// are all present from the start. Request counters keep appearing with their first
+    /// status code: those labels are not known in advance.
     pub(crate) fn prepare(&self, config: &Config) {
         for route in &config.routes {
             let labels = route_labels(Some(&route.prefix));
             let _ = self.inner.in_flight.get_or_create(&labels);
             let _ = self.inner.queued.get_or_create(&labels);
+            let _ = self.inner.request_duration.get_or_create(&labels);
+            let _ = self.inner.upstream_duration.get_or_create(&labels);
+            for outcome in TOKEN_OUTCOMES {
+                let _ = self.inner.token_fetches.get_or_create(&FetchLabels {
+                    credential: route.credential.clone(),
+                    outcome,
+                });
+            }
+        }
+        for outcome in RELOAD_OUTCOMES {
+            let _ = self.inner.reloads.get_or_create(&OutcomeLabels { outcome });
         }
     }
 
@@ -258,8 +287,9 @@ impl Metrics {
     }
 }
 
-/// One route's series; see [`Metrics::route`]. Each series is created on first use (as
-/// before there were handles), so none appears that nothing ever counts.
+/// One route's series; see [`Metrics::route`]. A configured route's series exist from
+/// [`Metrics::prepare`] on; the `none` route's are created on first use, so no upstream
+/// histogram appears for requests that are never forwarded.
 #[derive(Debug)]
 pub(crate) struct RouteMetrics {
     route: String,
@@ -478,6 +508,22 @@ mod tests {
         // A handle creates no series until something is counted on it.
         assert!(!text.contains(r#"route="none""#), "{text}");
         drop(unrouted);
+    }
+
+    #[test]
+    fn token_outcomes_are_every_error_kind() {
+        use crate::token::TokenError;
+        let errors = [
+            TokenError::Redirect { status: 302 },
+            TokenError::Network(String::new()),
+            TokenError::Timeout(Duration::ZERO),
+            TokenError::InvalidResponse(String::new()),
+            TokenError::Config(String::new()),
+        ];
+        for error in &errors {
+            assert!(TOKEN_OUTCOMES.contains(&error.kind()), "{}", error.kind());
+        }
+        assert!(TOKEN_OUTCOMES.contains(&"provider_error"));
     }
 
     #[test]

@@ -232,7 +232,7 @@ fn design_example_supported() -> String {
 #[test]
 fn design_example_loads_without_the_parts_of_later_releases() {
     let dir = TempDir::new("config");
-    dir.write("private-ca.pem", "-----BEGIN CERTIFICATE-----\n");
+    dir.write("private-ca.pem", CERT_PEM);
     let yaml = design_example_supported();
     let config = Config::from_yaml_str(&yaml, &source_in(&dir, design_vars()))
         .unwrap_or_else(|e| panic!("{e}\n---\n{yaml}"));
@@ -378,9 +378,8 @@ fn design_example_loads_without_the_parts_of_later_releases() {
 #[test]
 fn design_example_as_written_reports_every_problem() {
     let dir = TempDir::new("config");
-    for file in ["private-ca.pem", "tls.crt", "tls.key", "clients-ca.pem"] {
-        dir.write(file, "-----BEGIN CERTIFICATE-----\n");
-    }
+    dir.write("private-ca.pem", CERT_PEM);
+    write_server_tls(&dir);
     dir.write("fo.pem", CERT_PEM);
     let yaml = DESIGN_EXAMPLE
         .replace("/etc/s2s-proxy/", "")
@@ -648,12 +647,23 @@ fn usernames_and_api_keys_must_be_unique() {
     );
 }
 
+/// A matching `tls.crt` and `tls.key`, and that certificate as `clients-ca.pem`: the
+/// loader reads them as `run` does.
+fn write_server_tls(dir: &TempDir) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    dir.write("tls.crt", &cert.pem());
+    dir.write("tls.key", &key.serialize_pem());
+    dir.write("clients-ca.pem", &cert.pem());
+}
+
 #[test]
 fn certificate_clients_with_a_client_ca() {
     let dir = TempDir::new("config");
-    for file in ["tls.crt", "tls.key", "clients-ca.pem"] {
-        dir.write(file, "-----BEGIN CERTIFICATE-----\n");
-    }
+    write_server_tls(&dir);
     let fingerprint = ["ab"; 32].join(":");
     let yaml = format!(
         "server:\n  tls: {{ cert_file: tls.crt, key_file: tls.key, client_ca_file: clients-ca.pem }}\n\

@@ -97,6 +97,43 @@ impl InboundTls {
     }
 }
 
+/// Loads `server.tls` the way [`InboundTls::new`] does, for the configuration loader:
+/// `check` and `run` must agree on whether a certificate, key and client CA are usable.
+/// Each problem comes with the field it belongs to (`cert_file`, `key_file`,
+/// `client_ca_file`); a key that does not belong to the certificate is the key's problem.
+pub(crate) fn check_files(tls: &ServerTls) -> Vec<(&'static str, String)> {
+    let provider = rustls::crypto::ring::default_provider();
+    let mut problems = Vec::new();
+    match load_certified_key(&tls.cert_file, &tls.key_file, &provider) {
+        Ok(_) => {}
+        Err(error @ InboundTlsError::Certificates(_)) => {
+            problems.push(("cert_file", error.to_string()));
+        }
+        Err(
+            error @ (InboundTlsError::Read { .. }
+            | InboundTlsError::NoKey { .. }
+            | InboundTlsError::Key { .. }
+            | InboundTlsError::ClientCa { .. }
+            | InboundTlsError::Rustls(_)),
+        ) => problems.push(("key_file", error.to_string())),
+    }
+    if let Some(path) = &tls.client_ca_file
+        && let Err(error) = client_roots(path).and_then(|roots| {
+            WebPkiClientVerifier::builder_with_provider(roots, Arc::new(provider.clone()))
+                .allow_unauthenticated()
+                .build()
+                .map(drop)
+                .map_err(|error| InboundTlsError::ClientCa {
+                    path: path.display().to_string(),
+                    message: error.to_string(),
+                })
+        })
+    {
+        problems.push(("client_ca_file", error.to_string()));
+    }
+    problems
+}
+
 /// Re-reads `server.tls.cert_file` and `key_file` and serves the new pair to every
 /// handshake from then on; connections already established keep theirs. Cheap to clone.
 ///

@@ -26,6 +26,14 @@ pub(crate) fn check<B>(
     request: &Request<B>,
     api_key_header: &HeaderName,
 ) -> Result<(), ProxyError> {
+    // The connection saw a head over `max_header_bytes`: what hyper passed on is a stand-in.
+    if request
+        .extensions()
+        .get::<Framing>()
+        .is_some_and(|framing| framing.head_too_large)
+    {
+        return Err(ProxyError::HeadersTooLarge);
+    }
     check_method(request.method())?;
     let uri = request.uri();
     if uri.path_and_query().map_or(0, |pq| pq.as_str().len()) > MAX_TARGET {

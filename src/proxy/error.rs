@@ -24,6 +24,8 @@ pub(crate) enum ProxyError {
     MethodNotAllowed,
     #[error("request target longer than 8 KiB")]
     UriTooLong,
+    #[error("request head larger than server.limits.max_header_bytes")]
+    HeadersTooLarge,
     #[error("not authenticated: {0}")]
     Unauthorized(AuthError),
     #[error("too many requests; retry in {0:?}")]
@@ -86,6 +88,7 @@ impl ProxyError {
             Self::BadRequest(_) | Self::BadPath(_) => StatusCode::BAD_REQUEST,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::UriTooLong => StatusCode::URI_TOO_LONG,
+            Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Forbidden => StatusCode::FORBIDDEN,
@@ -109,6 +112,7 @@ impl ProxyError {
             Self::BadRequest(_) | Self::BadPath(_) => "bad_request",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::UriTooLong => "uri_too_long",
+            Self::HeadersTooLarge => "request_header_fields_too_large",
             Self::Unauthorized(_) => "unauthorized",
             Self::TooManyRequests(_) => "too_many_requests",
             Self::Forbidden => "forbidden",
@@ -136,6 +140,9 @@ impl ProxyError {
             }
             // Identical for every cause: no hint whether the user exists.
             Self::UriTooLong => "the request target is longer than 8 KiB".to_owned(),
+            Self::HeadersTooLarge => {
+                "the request header section is too large (or has too many fields)".to_owned()
+            }
             Self::Unauthorized(_) => "authentication required".to_owned(),
             Self::TooManyRequests(_) => {
                 "too many requests; retry after the time in Retry-After".to_owned()
@@ -178,6 +185,7 @@ impl ProxyError {
             | Self::BadPath(_)
             | Self::MethodNotAllowed
             | Self::UriTooLong
+            | Self::HeadersTooLarge
             | Self::Unauthorized(_)
             | Self::Forbidden
             | Self::NotFound
@@ -230,6 +238,7 @@ impl ProxyError {
             Self::BadRequest(_)
             | Self::BadPath(_)
             | Self::UriTooLong
+            | Self::HeadersTooLarge
             | Self::RequestTimeout
             | Self::ShuttingDown => {
                 // The connection's framing or intent is suspect, or we are leaving.

@@ -9,6 +9,14 @@
 //! records per request whether its head was ambiguous. The connection's service takes the
 //! records in order ([`FramingRecords::next`]), one per request.
 //!
+//! It also enforces `server.limits.max_header_bytes` on HTTP/1 request heads, so that the
+//! 431 answer is the proxy's own (JSON, with `X-Request-Id`) rather than hyper's bare one:
+//! a head that has not arrived whole is held back from hyper until it has; one that grows
+//! beyond the limit (or has more header fields than hyper takes) is never handed over.
+//! hyper gets a stand-in head (the same method and path, no fields) recorded as
+//! [`Framing::head_too_large`], the pipeline answers 431 with `Connection: close`, and
+//! whatever the peer still sends is read and dropped until hyper closes the connection.
+//!
 //! The audit only ever adds a refusal; when it cannot follow the stream (HTTP/2, a head
 //! hyper will reject anyway, anything unexpected) it stops and records nothing more.
 
@@ -23,15 +31,23 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
-/// Largest request head followed; hyper refuses larger heads itself.
-const MAX_HEAD: usize = 128 * 1024;
-const MAX_HEADERS: usize = 128;
+/// Header fields hyper accepts in one HTTP/1 request head (its `max_headers` default);
+/// more is answered 431 here, as an oversized head.
+const MAX_HEADER_FIELDS: usize = 100;
+/// Slots httparse gets: enough to count past [`MAX_HEADER_FIELDS`].
+const PARSE_SLOTS: usize = 128;
+/// Longest path kept in a stand-in head (for the access log); longer ones become `/`.
+const MAX_STAND_IN_PATH: usize = 2048;
 
 /// What the audit found in one request head.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Framing {
     /// Both `Content-Length` and `Transfer-Encoding` were present.
     pub(crate) ambiguous_length: bool,
+    /// The head was larger than `server.limits.max_header_bytes` or had more than 100
+    /// header fields (HTTP/2: a header list larger than the limit). For HTTP/1, hyper got
+    /// a stand-in head without fields and the connection reads nothing more.
+    pub(crate) head_too_large: bool,
 }
 
 /// The per-request records of one connection, in request order.
@@ -74,23 +90,69 @@ enum State {
     Trailers(bool),
     /// Not following the stream any more.
     Off,
+    /// A head was refused as too large: nothing after it reaches hyper.
+    Refused,
+}
+
+/// What to hand hyper of one read.
+#[derive(Debug, Default)]
+struct Verdict {
+    /// Bytes held from earlier reads (a head that is now complete, or that the audit gave
+    /// up following), to hand over before this read's.
+    release: Vec<u8>,
+    /// How many bytes of this read to hand over, from its start; the rest is held (the
+    /// start of a head) or dropped (after a refused head).
+    pass: usize,
+    /// A head was refused: this stand-in follows `pass`, then nothing more.
+    stand_in: Option<Vec<u8>>,
+}
+
+/// How far a request head could be parsed.
+enum Parsed {
+    Complete(usize),
+    Partial,
+    /// Unreadable: the audit is off.
+    Off,
+    TooLarge,
 }
 
 #[derive(Debug)]
 struct Audit {
     state: State,
+    /// The start of a head that has not arrived whole; held back from hyper.
     head: Vec<u8>,
     records: FramingRecords,
     /// Request heads seen so far.
     heads: u64,
+    /// `server.limits.max_header_bytes`: the largest head handed to hyper.
+    max_head: usize,
+    verdict: Verdict,
 }
 
 impl Audit {
-    fn observe(&mut self, mut bytes: &[u8]) {
+    fn new(records: FramingRecords, max_head: usize) -> Self {
+        Self {
+            state: State::Head,
+            head: Vec::new(),
+            records,
+            heads: 0,
+            max_head,
+            verdict: Verdict::default(),
+        }
+    }
+
+    /// Follows one read; says what of it (and of earlier held bytes) hyper gets now.
+    fn observe(&mut self, chunk: &[u8]) -> Verdict {
+        self.verdict = Verdict {
+            pass: chunk.len(),
+            ..Verdict::default()
+        };
+        let mut bytes = chunk;
         while !bytes.is_empty() {
+            let at = chunk.len() - bytes.len();
             bytes = match self.state {
-                State::Off => return,
-                State::Head => self.head_bytes(bytes),
+                State::Off | State::Refused => break,
+                State::Head => self.head_bytes(bytes, at),
                 State::Body(remaining) => {
                     let take = remaining.min(bytes.len() as u64);
                     self.state = if take == remaining {
@@ -115,9 +177,11 @@ impl Audit {
                 }
             };
         }
+        std::mem::take(&mut self.verdict)
     }
 
-    fn head_bytes<'a>(&mut self, bytes: &'a [u8]) -> &'a [u8] {
+    /// Head bytes starting at offset `at` of the current read.
+    fn head_bytes<'a>(&mut self, bytes: &'a [u8], at: usize) -> &'a [u8] {
         let mut bytes = bytes;
         if self.head.is_empty() {
             // RFC 9112 §2.2: empty lines before a request line are ignored.
@@ -129,50 +193,87 @@ impl Audit {
             if bytes.is_empty() {
                 return bytes;
             }
+            let start = at + skip;
             // Nearly always the whole head arrived in one read: parse it in place.
-            if let Some(len) = self.parse_head(bytes) {
-                return &bytes[len..];
-            }
-            // Incomplete (or unreadable, and the audit is off): keep it for the next read,
-            // which checks the size (one read is bounded by the reader's buffer).
-            if !matches!(self.state, State::Off) {
-                self.head.extend_from_slice(bytes);
-            }
-            return &[];
+            return match self.parse_head(bytes) {
+                Parsed::Complete(len) => &bytes[len..],
+                Parsed::Off => &[],
+                Parsed::TooLarge => {
+                    self.refuse(bytes, start);
+                    &[]
+                }
+                Parsed::Partial if bytes.len() > self.max_head => {
+                    self.refuse(bytes, start);
+                    &[]
+                }
+                // Held until it is whole: hyper gets complete heads only.
+                Parsed::Partial => {
+                    self.head.extend_from_slice(bytes);
+                    self.verdict.pass = start;
+                    &[]
+                }
+            };
         }
         let before = self.head.len();
         self.head.extend_from_slice(bytes);
-        let head = std::mem::take(&mut self.head);
+        let mut head = std::mem::take(&mut self.head);
         match self.parse_head(&head) {
             // The buffer is dropped: a split head is rare, and an idle connection
             // should not keep its capacity.
-            Some(len) => &bytes[len - before..],
-            None if matches!(self.state, State::Off) => &[],
-            None if head.len() <= MAX_HEAD => {
-                self.head = head;
+            Parsed::Complete(len) => {
+                head.truncate(before);
+                self.verdict.release = head;
+                &bytes[len - before..]
+            }
+            Parsed::Off => {
+                head.truncate(before);
+                self.verdict.release = head;
                 &[]
             }
-            None => {
-                self.state = State::Off;
+            Parsed::Partial if head.len() <= self.max_head => {
+                self.head = head;
+                self.verdict.pass = at;
+                &[]
+            }
+            Parsed::Partial | Parsed::TooLarge => {
+                self.refuse(&head, at);
                 &[]
             }
         }
     }
 
-    /// Parses a request head at the start of `bytes`. When complete, records its framing,
-    /// moves on to its body and returns its length; when incomplete, returns `None`; when
-    /// unreadable, stops following the stream (hyper rejects it anyway).
-    fn parse_head(&mut self, bytes: &[u8]) -> Option<usize> {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    /// Gives up on `head` (which starts at offset `at` of the current read, or before it)
+    /// as too large: records it, and hands hyper a stand-in instead.
+    fn refuse(&mut self, head: &[u8], at: usize) {
+        self.state = State::Refused;
+        self.head = Vec::new();
+        self.heads += 1;
+        self.records.push(Framing {
+            ambiguous_length: false,
+            head_too_large: true,
+        });
+        self.verdict.pass = at;
+        self.verdict.stand_in = Some(stand_in(head));
+    }
+
+    /// Parses a request head at the start of `bytes`. When complete and within the
+    /// limits, records its framing and moves on to its body; when unreadable, stops
+    /// following the stream (hyper rejects it anyway).
+    fn parse_head(&mut self, bytes: &[u8]) -> Parsed {
+        let mut headers = [httparse::EMPTY_HEADER; PARSE_SLOTS];
         let mut request = httparse::Request::new(&mut headers);
         let len = match request.parse(bytes) {
             Ok(httparse::Status::Complete(len)) => len,
-            Ok(httparse::Status::Partial) => return None,
+            Ok(httparse::Status::Partial) => return Parsed::Partial,
+            Err(httparse::Error::TooManyHeaders) => return Parsed::TooLarge,
             Err(_) => {
                 self.state = State::Off;
-                return None;
+                return Parsed::Off;
             }
         };
+        if len > self.max_head || request.headers.len() > MAX_HEADER_FIELDS {
+            return Parsed::TooLarge;
+        }
         let mut content_length_header = false;
         let mut content_length = None;
         let mut transfer_encoding = false;
@@ -194,6 +295,7 @@ impl Audit {
         self.heads += 1;
         self.records.push(Framing {
             ambiguous_length: transfer_encoding && content_length_header,
+            head_too_large: false,
         });
         self.state = if transfer_encoding {
             State::ChunkSize(0, false)
@@ -205,7 +307,7 @@ impl Audit {
                 Some(len) => State::Body(len),
             }
         };
-        Some(len)
+        Parsed::Complete(len)
     }
 
     fn chunk_byte(&mut self, byte: u8) {
@@ -230,6 +332,26 @@ impl Audit {
             _ => State::Off,
         };
     }
+}
+
+/// The request line of a refused head, without its fields or query: what the access log
+/// shows for it. Method and path are kept when they are short and well-formed.
+fn stand_in(head: &[u8]) -> Vec<u8> {
+    let mut no_fields: [httparse::Header<'_>; 0] = [];
+    let mut request = httparse::Request::new(&mut no_fields);
+    // Incomplete or not, httparse fills in the method and path as far as it got.
+    let _ = request.parse(head);
+    let method = request.method.filter(|m| m.len() <= 32).unwrap_or("GET");
+    let path = request
+        .path
+        .and_then(|target| target.split('?').next())
+        .filter(|path| {
+            path.starts_with('/')
+                && path.len() <= MAX_STAND_IN_PATH
+                && path.parse::<http::uri::PathAndQuery>().is_ok()
+        })
+        .unwrap_or("/");
+    format!("{method} {path} HTTP/1.1\r\n\r\n").into_bytes()
 }
 
 fn chunk_start(size: u64) -> State {
@@ -268,28 +390,48 @@ pub(crate) struct AuditedStream<S> {
     audit: Audit,
     /// Until the first request head (or the whole HTTP/2 preface) has arrived.
     first_bytes_deadline: Option<Pin<Box<Sleep>>>,
-    /// Bytes read (and audited) by [`Self::protocol`], not yet handed to the reader.
-    replay: Vec<u8>,
-    replayed: usize,
+    /// Audited bytes not yet handed to the reader: those [`Self::protocol`] read, a held
+    /// head once complete, the stand-in of a refused one.
+    ready: Vec<u8>,
+    ready_at: usize,
+    /// After `ready`, the reader gets nothing more (a refused head); what the peer still
+    /// sends is dropped. Never the end of the stream: hyper would drop its answer then.
+    refused: bool,
+    /// The peer closed its side after a refused head.
+    peer_done: bool,
 }
 
 impl<S> AuditedStream<S> {
-    /// `first_request_within`: how long the peer has to send its first request head.
-    pub(crate) fn new(inner: S, first_request_within: Duration) -> (Self, FramingRecords) {
+    /// `first_request_within`: how long the peer has to send its first request head;
+    /// `max_head`: the largest request head handed on (`server.limits.max_header_bytes`).
+    pub(crate) fn new(
+        inner: S,
+        first_request_within: Duration,
+        max_head: usize,
+    ) -> (Self, FramingRecords) {
         let records = FramingRecords::default();
         let stream = Self {
             inner,
-            audit: Audit {
-                state: State::Head,
-                head: Vec::new(),
-                records: records.clone(),
-                heads: 0,
-            },
+            audit: Audit::new(records.clone(), max_head),
             first_bytes_deadline: Some(Box::pin(tokio::time::sleep(first_request_within))),
-            replay: Vec::new(),
-            replayed: 0,
+            ready: Vec::new(),
+            ready_at: 0,
+            refused: false,
+            peer_done: false,
         };
         (stream, records)
+    }
+
+    /// Copies what `ready` holds into `buf`, as much as fits.
+    fn hand_over(&mut self, buf: &mut ReadBuf<'_>) {
+        let rest = &self.ready[self.ready_at..];
+        let take = rest.len().min(buf.remaining());
+        buf.put_slice(&rest[..take]);
+        self.ready_at += take;
+        if self.ready_at == self.ready.len() {
+            self.ready = Vec::new();
+            self.ready_at = 0;
+        }
     }
 }
 
@@ -304,7 +446,7 @@ impl<S: AsyncRead + Unpin> AuditedStream<S> {
         let protocol = loop {
             let read = std::future::poll_fn(|cx| {
                 let mut buf = ReadBuf::new(&mut first[filled..]);
-                ready!(self.poll_audited(cx, &mut buf))?;
+                ready!(self.poll_next(cx, &mut buf))?;
                 Poll::Ready(Ok::<_, io::Error>(buf.filled().len()))
             })
             .await?;
@@ -324,12 +466,27 @@ impl<S: AsyncRead + Unpin> AuditedStream<S> {
             // A strict prefix of the preface: wait for more (bounded by the deadline).
         };
         first.truncate(filled);
-        self.replay = first;
-        self.replayed = 0;
+        // Read again first, then whatever was audited but not yet read.
+        first.extend_from_slice(&self.ready[self.ready_at..]);
+        self.ready = first;
+        self.ready_at = 0;
         Ok(protocol)
     }
 
-    /// Reads from the connection itself, auditing what arrives.
+    /// The next bytes for the reader: audited ones waiting, else a read of the connection.
+    fn poll_next(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if self.ready_at < self.ready.len() {
+            self.hand_over(buf);
+            return Poll::Ready(Ok(()));
+        }
+        if self.refused {
+            return self.poll_discard(cx);
+        }
+        self.poll_audited(cx, buf)
+    }
+
+    /// Reads from the connection itself, auditing what arrives. Bytes of a head that has
+    /// not arrived whole are held back, and the read goes on.
     fn poll_audited(
         &mut self,
         cx: &mut Context<'_>,
@@ -343,16 +500,65 @@ impl<S: AsyncRead + Unpin> AuditedStream<S> {
                 "no request within the header read timeout",
             )));
         }
-        let before = buf.filled().len();
-        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = result {
+        loop {
+            let before = buf.filled().len();
+            ready!(Pin::new(&mut self.inner).poll_read(cx, buf))?;
             let read = &buf.filled()[before..];
-            self.audit.observe(read);
+            if read.is_empty() {
+                // The end: a held partial head goes to hyper after all (which drops it).
+                if !self.audit.head.is_empty() {
+                    self.audit.state = State::Off;
+                    self.ready = std::mem::take(&mut self.audit.head);
+                    self.ready_at = 0;
+                    self.hand_over(buf);
+                }
+                return Poll::Ready(Ok(()));
+            }
+            let verdict = self.audit.observe(read);
             if self.first_bytes_deadline.is_some() && self.audit.heads > 0 {
                 self.first_bytes_deadline = None;
             }
+            if verdict.release.is_empty()
+                && verdict.pass == read.len()
+                && verdict.stand_in.is_none()
+            {
+                return Poll::Ready(Ok(()));
+            }
+            // Rare: a head split over reads, or refused. Rearrange what hyper gets.
+            let read = read.to_vec();
+            buf.set_filled(before);
+            let mut ready = verdict.release;
+            ready.extend_from_slice(&read[..verdict.pass]);
+            if let Some(stand_in) = verdict.stand_in {
+                ready.extend_from_slice(&stand_in);
+                self.refused = true;
+            }
+            if !ready.is_empty() {
+                self.ready = ready;
+                self.ready_at = 0;
+                self.hand_over(buf);
+                return Poll::Ready(Ok(()));
+            }
+            // All of it is held: read on (Pending registers for more).
         }
-        result
+    }
+
+    /// After a refused head: reads and drops what the peer still sends (so that closing
+    /// the connection does not reset it before the peer read the answer), and never
+    /// yields a byte or the end of the stream.
+    fn poll_discard(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut scratch = [0u8; 4096];
+        for _ in 0..16 {
+            if self.peer_done {
+                return Poll::Pending;
+            }
+            let mut buf = ReadBuf::new(&mut scratch);
+            ready!(Pin::new(&mut self.inner).poll_read(cx, &mut buf))?;
+            self.peer_done = buf.filled().is_empty();
+        }
+        // Let other work run; come back for the rest.
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 }
 
@@ -362,19 +568,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuditedStream<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if this.replayed < this.replay.len() {
-            let rest = &this.replay[this.replayed..];
-            let take = rest.len().min(buf.remaining());
-            buf.put_slice(&rest[..take]);
-            this.replayed += take;
-            if this.replayed == this.replay.len() {
-                this.replay = Vec::new();
-                this.replayed = 0;
-            }
-            return Poll::Ready(Ok(()));
-        }
-        this.poll_audited(cx, buf)
+        self.get_mut().poll_next(cx, buf)
     }
 }
 
@@ -415,12 +609,7 @@ mod tests {
     /// Feeds `input` in pieces of `step` bytes and returns the records.
     fn audit(input: &[u8], step: usize) -> (Vec<Framing>, bool) {
         let records = FramingRecords::default();
-        let mut audit = Audit {
-            state: State::Head,
-            head: Vec::new(),
-            records: records.clone(),
-            heads: 0,
-        };
+        let mut audit = Audit::new(records.clone(), LIMIT);
         for piece in input.chunks(step) {
             audit.observe(piece);
         }
@@ -429,11 +618,19 @@ mod tests {
         (found, off)
     }
 
+    /// The `max_header_bytes` of these tests.
+    const LIMIT: usize = 32 * 1024;
     const PLAIN: Framing = Framing {
         ambiguous_length: false,
+        head_too_large: false,
     };
     const AMBIGUOUS: Framing = Framing {
         ambiguous_length: true,
+        head_too_large: false,
+    };
+    const TOO_LARGE: Framing = Framing {
+        ambiguous_length: false,
+        head_too_large: true,
     };
 
     #[test]
@@ -475,8 +672,6 @@ mod tests {
         assert_eq!(audit(bad_chunk, 4), (vec![PLAIN], true));
         let overflow = b"POST /x HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked\r\n\r\nFFFFFFFFFFFFFFFFF1\r\n";
         assert_eq!(audit(overflow, 100), (vec![PLAIN], true));
-        let huge_head = [b"GET / HTTP/1.1\r\nX: ".as_slice(), &vec![b'a'; MAX_HEAD]].concat();
-        assert_eq!(audit(&huge_head, 4096), (vec![], true));
     }
 
     #[tokio::test]
@@ -505,7 +700,7 @@ mod tests {
                     tokio::task::yield_now().await;
                 }
             });
-            let (mut stream, _) = AuditedStream::new(server, Duration::from_secs(5));
+            let (mut stream, _) = AuditedStream::new(server, Duration::from_secs(5), LIMIT);
             assert_eq!(stream.protocol().await.unwrap(), expected, "{sent:?}");
             assert_eq!(
                 stream.first_bytes_deadline.is_none(),
@@ -578,19 +773,14 @@ mod tests {
             let input: Vec<u8> = requests.iter().flat_map(|(bytes, _)| bytes.clone()).collect();
             let expected: Vec<Framing> = requests
                 .iter()
-                .map(|&(_, ambiguous_length)| Framing { ambiguous_length })
+                .map(|&(_, ambiguous_length)| Framing { ambiguous_length, head_too_large: false })
                 .collect();
             let whole = audit(&input, input.len());
             prop_assert_eq!(&whole.0, &expected);
             prop_assert!(!whole.1);
             // Cut the input at the given piece sizes (cycled), not at a fixed step.
             let records = FramingRecords::default();
-            let mut audited = Audit {
-                state: State::Head,
-                head: Vec::new(),
-                records: records.clone(),
-                heads: 0,
-            };
+            let mut audited = Audit::new(records.clone(), LIMIT);
             let mut rest = input.as_slice();
             for size in cuts.iter().cycle() {
                 if rest.is_empty() {
@@ -603,6 +793,68 @@ mod tests {
             let pieces: Vec<Framing> = records.0.lock().unwrap().iter().copied().collect();
             prop_assert_eq!(pieces, whole.0);
         });
+    }
+
+    #[test]
+    fn heads_over_the_limit_or_with_too_many_fields_are_refused() {
+        let big = |n: usize| {
+            format!(
+                "GET /a?q=1 HTTP/1.1\r\nHost: p\r\nX-Big: {}\r\n\r\n",
+                "a".repeat(n)
+            )
+        };
+        let at_limit = big(LIMIT - big(0).len());
+        for step in [7, 4096, usize::MAX] {
+            assert_eq!(audit(at_limit.as_bytes(), step), (vec![PLAIN], false));
+            let over = big(LIMIT - big(0).len() + 1);
+            assert_eq!(
+                audit(over.as_bytes(), step).0,
+                vec![TOO_LARGE],
+                "step {step}"
+            );
+        }
+        let fields = |n: usize| {
+            let list: String = (0..n).map(|i| format!("X-H{i}: v\r\n")).collect();
+            format!("GET / HTTP/1.1\r\nHost: p\r\n{list}\r\n")
+        };
+        assert_eq!(audit(fields(99).as_bytes(), 64).0, vec![PLAIN]);
+        assert_eq!(audit(fields(100).as_bytes(), 64).0, vec![TOO_LARGE]);
+        assert_eq!(audit(fields(500).as_bytes(), usize::MAX).0, vec![TOO_LARGE]);
+    }
+
+    #[tokio::test]
+    async fn a_refused_head_reaches_the_reader_as_a_stand_in_and_nothing_after_it() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let first = b"POST /bc/x HTTP/1.1\r\nHost: p\r\nContent-Length: 2\r\n\r\nok";
+        let huge = format!(
+            "GET /bc/big?secret=1 HTTP/1.1\r\nX: {}\r\n\r\n",
+            "a".repeat(LIMIT)
+        );
+        let (mut peer, server) = tokio::io::duplex(256 * 1024);
+        let (mut stream, records) = AuditedStream::new(server, Duration::from_secs(5), LIMIT);
+        let sent = [first.as_slice(), huge.as_bytes()].concat();
+        let writer = tokio::spawn(async move {
+            for piece in sent.chunks(1000) {
+                peer.write_all(piece).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            peer
+        });
+        assert_eq!(stream.protocol().await.unwrap(), Some(Protocol::Http1));
+        let expected = [first.as_slice(), b"GET /bc/big HTTP/1.1\r\n\r\n"].concat();
+        let mut read = vec![0u8; expected.len()];
+        stream.read_exact(&mut read).await.unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&read),
+            String::from_utf8_lossy(&expected)
+        );
+        // Then nothing, not even the end of the stream, however much more arrives.
+        let _peer = writer.await.unwrap();
+        let more =
+            tokio::time::timeout(Duration::from_millis(50), stream.read(&mut [0u8; 16])).await;
+        assert!(more.is_err(), "{more:?}");
+        assert_eq!(records.next(), PLAIN);
+        assert_eq!(records.next(), TOO_LARGE);
     }
 
     #[test]

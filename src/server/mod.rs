@@ -53,14 +53,22 @@ impl Builders {
         http1
             .timer(TokioTimer::new())
             .header_read_timeout(limits.header_read_timeout)
-            // hyper answers 431 when the request head does not fit; its minimum is 8 KiB.
-            .max_buf_size(limits.max_header_bytes.max(8192))
+            // The framing audit hands hyper whole heads of at most `max_header_bytes` and
+            // answers larger ones itself (431 JSON); hyper's own limit, with room for the
+            // bytes that follow a head in the same read, is never the one that trips.
+            .max_buf_size(limits.max_header_bytes.saturating_mul(2))
             .keep_alive(true);
         let mut http2 = http2::Builder::new(TokioExecutor::new());
         http2
             .timer(TokioTimer::new())
             .max_concurrent_streams(100)
-            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+            // h2 answers a bare 431 beyond this; up to it, the service sees the request and
+            // answers 431 JSON with X-Request-Id above `max_header_bytes` (see
+            // `header_list_size`). A client that honours the advertised setting never
+            // sends more.
+            .max_header_list_size(
+                u32::try_from(limits.max_header_bytes.saturating_mul(2)).unwrap_or(u32::MAX),
+            )
             .keep_alive_interval(Duration::from_secs(30));
         Self { http1, http2 }
     }
@@ -109,6 +117,7 @@ pub(crate) async fn serve(
             pipelines: pipelines.clone(),
             header_read_timeout: limits.header_read_timeout,
             idle_timeout: limits.idle_timeout,
+            max_header_bytes: limits.max_header_bytes,
             stopping: stopping.clone(),
             peer,
         };
@@ -203,6 +212,7 @@ struct Connection {
     pipelines: Arc<ArcSwap<Pipeline>>,
     header_read_timeout: Duration,
     idle_timeout: Duration,
+    max_header_bytes: usize,
     stopping: watch::Receiver<bool>,
     peer: SocketAddr,
 }
@@ -222,10 +232,12 @@ impl Connection {
             pipelines,
             header_read_timeout,
             idle_timeout,
+            max_header_bytes,
             mut stopping,
             peer,
         } = self;
-        let (mut stream, framing) = AuditedStream::new(stream, header_read_timeout);
+        let (mut stream, framing) =
+            AuditedStream::new(stream, header_read_timeout, max_header_bytes);
         let protocol = tokio::select! {
             protocol = stream.protocol() => match protocol {
                 Ok(Some(protocol)) => protocol,
@@ -241,7 +253,11 @@ impl Connection {
         let forwarded_peer = Peer::new(peer.ip());
         let requests = activity.clone();
         let service = service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
-            request.extensions_mut().insert(framing.next());
+            let mut head = framing.next();
+            // HTTP/2 heads bypass the audit: the header list is measured here instead.
+            head.head_too_large |= request.version() == http::Version::HTTP_2
+                && header_list_size(&request) > max_header_bytes;
+            request.extensions_mut().insert(head);
             if let Some(tls) = &tls {
                 request.extensions_mut().insert(tls.clone());
             }
@@ -349,6 +365,36 @@ async fn sleep_until_or_forever(at: Option<Instant>) {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
+}
+
+/// The size of a request's header list as HTTP/2 counts it (RFC 9113 §6.5.2): name and
+/// value lengths plus 32 per field, pseudo-header fields included.
+fn header_list_size<B>(request: &hyper::Request<B>) -> usize {
+    const OVERHEAD: usize = 32;
+    let uri = request.uri();
+    let pseudo = [
+        (":method".len(), request.method().as_str().len()),
+        (":scheme".len(), uri.scheme_str().map_or(0, str::len)),
+        (
+            ":authority".len(),
+            uri.authority().map_or(0, |a| a.as_str().len()),
+        ),
+        (
+            ":path".len(),
+            uri.path_and_query().map_or(0, |p| p.as_str().len()),
+        ),
+    ];
+    let pseudo: usize = pseudo
+        .iter()
+        .filter(|(_, value)| *value > 0)
+        .map(|(name, value)| name + value + OVERHEAD)
+        .sum();
+    let fields: usize = request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + OVERHEAD)
+        .sum();
+    pseudo + fields
 }
 
 /// The address a listener is bound to, for messages.

@@ -136,11 +136,30 @@ impl TokenHttp {
         request: reqwest::RequestBuilder,
         url: &reqwest::Url,
     ) -> Result<RawResponse, TokenError> {
+        self.exchange(request, url, "<token endpoint>").await
+    }
+
+    /// [`Self::send`] for a request to an upstream (`doctor`): transport errors name
+    /// `<upstream>` where they would name the host. The caller says which step failed.
+    pub(crate) async fn send_upstream(
+        &self,
+        request: reqwest::RequestBuilder,
+        url: &reqwest::Url,
+    ) -> Result<RawResponse, TokenError> {
+        self.exchange(request, url, "<upstream>").await
+    }
+
+    async fn exchange(
+        &self,
+        request: reqwest::RequestBuilder,
+        url: &reqwest::Url,
+        peer: &str,
+    ) -> Result<RawResponse, TokenError> {
         let exchange = async {
             let mut response = request
                 .send()
                 .await
-                .map_err(|e| map_error(e, url, self.timeout))?;
+                .map_err(|e| map_error(e, url, peer, self.timeout))?;
             let status = response.status();
             if status.is_redirection() {
                 return Err(TokenError::Redirect {
@@ -153,7 +172,7 @@ impl TokenHttp {
             while let Some(chunk) = response
                 .chunk()
                 .await
-                .map_err(|e| map_error(e, url, self.timeout))?
+                .map_err(|e| map_error(e, url, peer, self.timeout))?
             {
                 let room = MAX_BODY - body.len();
                 if chunk.len() > room {
@@ -198,14 +217,19 @@ impl RawResponse {
 
 /// A transport error, without the URL (`without_url`, and the host scrubbed from the
 /// source chain for good measure).
-fn map_error(error: reqwest::Error, url: &reqwest::Url, timeout: Duration) -> TokenError {
+fn map_error(
+    error: reqwest::Error,
+    url: &reqwest::Url,
+    peer: &str,
+    timeout: Duration,
+) -> TokenError {
     if error.is_timeout() {
         return TokenError::Timeout(timeout);
     }
     let mut text = error_chain(&error.without_url());
     for needle in [url.as_str(), url.host_str().unwrap_or_default()] {
         if !needle.is_empty() && text.contains(needle) {
-            text = text.replace(needle, "<token endpoint>");
+            text = text.replace(needle, peer);
         }
     }
     TokenError::Network(text)
