@@ -30,6 +30,7 @@ pub(crate) use self::decode::Coding;
 use self::decode::Decoder;
 use self::json::JsonRewriter;
 use self::multipart::MultipartRewriter;
+pub(crate) use self::multipart::classify as classify_content_type;
 
 const ODATA_ENTITYID: HeaderName = HeaderName::from_static("odata-entityid");
 
