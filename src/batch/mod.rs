@@ -7,9 +7,11 @@
 //! common headers into every part, so without this module the caller's proxy password or
 //! API key would reach the upstream inside the body. For every inner request:
 //!
-//! - **Headers**: the caller's `Authorization`, `Proxy-Authorization` and API key header,
-//!   identity and forwarding headers ([`is_identity_header`]), method overrides and any
-//!   name with `_` are removed; a `Host` header is set to the upstream's authority.
+//! - **Headers**: what the header policy removes from the request itself is removed from
+//!   every part (`RequestPolicy::forbids`: the caller's `Authorization`,
+//!   `Proxy-Authorization` and API key header, identity and forwarding headers, method
+//!   overrides, names with `_` unless allowed, the route's `strip_request_headers`); a
+//!   `Host` header is set to the upstream's authority.
 //! - **URLs**: a URL on the proxy's base (absolute `http://proxy:8080/crm/Accounts(1)`, or
 //!   absolute-path `/crm/Accounts(1)`) is written on the upstream's base instead; a URL
 //!   already on the upstream's base and a relative URL (`Accounts(1)`, `$1/Contacts`)
@@ -43,6 +45,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Bytes, BytesMut};
+use http::header::HeaderName;
 use http::{HeaderMap, Method, header};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -50,6 +53,7 @@ use http_body_util::BodyExt;
 use self::json::JsonTranslator;
 use self::multipart::MultipartTranslator;
 use crate::proxy::body::{BoxError, REPLAY_LIMIT, UpstreamBody};
+use crate::proxy::headers::RequestPolicy;
 use crate::rewrite::{LinkMap, classify_content_type};
 use crate::routing::{self, PathError};
 
@@ -84,54 +88,6 @@ impl BatchError {
     }
 }
 
-/// Identity and forwarding headers a caller may not send to the upstream: who the caller
-/// is or where it came from is the proxy's statement, never the caller's (RFC 7239,
-/// Azure App Service's `X-MS-CLIENT-PRINCIPAL*` and `X-MS-TOKEN-*`, Envoy's, Azure Front
-/// Door's and Cloudflare's client-IP headers). Takes raw name bytes: part headers are not
-/// parsed into `HeaderName`s.
-pub(crate) fn is_identity_header(name: &[u8]) -> bool {
-    const EXACT: [&[u8]; 7] = [
-        b"forwarded",
-        b"x-real-ip",
-        b"x-client-ip",
-        b"true-client-ip",
-        b"cf-connecting-ip",
-        b"remote-user",
-        b"x-remote-user",
-    ];
-    const PREFIXES: [&[u8]; 7] = [
-        b"x-forwarded-",
-        b"x-original-",
-        b"x-arr-",
-        b"x-ms-client-principal",
-        b"x-ms-token-",
-        b"x-azure-",
-        b"x-envoy-",
-    ];
-    EXACT.iter().any(|h| name.eq_ignore_ascii_case(h))
-        || PREFIXES
-            .iter()
-            .any(|p| name.len() >= p.len() && name[..p.len()].eq_ignore_ascii_case(p))
-}
-
-/// Whether an inner request's header is removed: the caller's credentials, identity and
-/// forwarding headers, method overrides (the proxy decided nothing on them), and names
-/// with `_` (CGI-style backends read `X_Forwarded_For` as `X-Forwarded-For`).
-fn is_dropped_part_header(name: &[u8], api_key_header: &[u8]) -> bool {
-    const DROPPED: [&[u8]; 6] = [
-        b"authorization",
-        b"proxy-authorization",
-        b"x-http-method-override",
-        b"x-http-method",
-        b"x-method-override",
-        b"x-rewrite-url",
-    ];
-    name.eq_ignore_ascii_case(api_key_header)
-        || DROPPED.iter().any(|h| name.eq_ignore_ascii_case(h))
-        || is_identity_header(name)
-        || name.contains(&b'_')
-}
-
 /// What an inner request of one route's batch may address, and how its URLs translate.
 #[derive(Debug)]
 pub(crate) struct BatchRoute {
@@ -150,7 +106,10 @@ pub(crate) struct BatchRoute {
     relative_base: String,
     /// Longer route prefixes under this one: another route's resources.
     nested: Vec<String>,
-    api_key_header: Vec<u8>,
+    /// The header policy of the batch request itself, owned (the body outlives it).
+    api_key_header: HeaderName,
+    allow_underscores: bool,
+    strip: Vec<HeaderName>,
     upstream_authority: String,
 }
 
@@ -164,7 +123,8 @@ pub(crate) struct RequestContext<'a> {
     /// The proxy's public base (`http://proxy:8080`, no trailing `/`), when known.
     pub(crate) public_base: Option<&'a str>,
     pub(crate) other_prefixes: &'a [&'a str],
-    pub(crate) api_key_header: &'a [u8],
+    /// The header policy of the request itself: parts get the same.
+    pub(crate) policy: RequestPolicy<'a>,
 }
 
 /// The translator chosen for one batch request.
@@ -284,13 +244,26 @@ impl BatchRoute {
                 })
                 .map(|other| other.to_ascii_lowercase())
                 .collect(),
-            api_key_header: context.api_key_header.to_vec(),
+            api_key_header: context.policy.api_key_header.clone(),
+            allow_underscores: context.policy.allow_underscores,
+            strip: context.policy.strip.to_vec(),
             upstream_authority: context.upstream_authority.to_owned(),
         }
     }
 
+    /// Whether an inner request's header is removed: exactly what the header policy
+    /// removes from the batch request itself (`RequestPolicy::forbids`). A name that is
+    /// not a valid header name is removed too.
     fn drops_header(&self, name: &[u8]) -> bool {
-        is_dropped_part_header(name, &self.api_key_header)
+        let Ok(name) = HeaderName::from_bytes(name) else {
+            return true;
+        };
+        RequestPolicy {
+            api_key_header: &self.api_key_header,
+            allow_underscores: self.allow_underscores,
+            strip: &self.strip,
+        }
+        .forbids(&name)
     }
 
     /// An inner request's URL in the upstream's form, or why the batch is refused.

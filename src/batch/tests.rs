@@ -9,6 +9,7 @@ const PUBLIC: &str = "http://proxy.test:8080";
 fn batch(content_type: &'static str, path: &str) -> Result<Option<Batch>, BatchError> {
     let mut headers = HeaderMap::new();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    let api_key = HeaderName::from_static("x-api-key");
     let context = RequestContext {
         path,
         route_prefix: "/crm/",
@@ -16,7 +17,11 @@ fn batch(content_type: &'static str, path: &str) -> Result<Option<Batch>, BatchE
         upstream_authority: "org.crm.test",
         public_base: Some(PUBLIC),
         other_prefixes: &["/crm/", "/crm/admin/", "/bc/"],
-        api_key_header: b"x-api-key",
+        policy: RequestPolicy {
+            api_key_header: &api_key,
+            allow_underscores: false,
+            strip: &[],
+        },
     };
     Batch::for_request(&Method::POST, &headers, &context)
 }

@@ -446,7 +446,7 @@ impl Pipeline {
             upstream_authority: route.config.upstream.authority.as_str(),
             public_base: public_base.as_deref(),
             other_prefixes: &prefixes,
-            api_key_header: forwarding.api_key_header.as_str().as_bytes(),
+            policy: forwarding.policy,
         };
         Ok(Batch::for_request(&parts.method, &parts.headers, &context)?)
     }
