@@ -8,6 +8,7 @@
 //! - `inbound`: who the caller is and whether a route admits it; inbound TLS.
 //! - `routing`: prefix table, path safety, upstream URIs.
 //! - `rewrite`: streaming link rewriting of responses (`rewrite_links`).
+//! - `batch`: request-side `$batch`: inner requests' headers and URLs, checked as they stream.
 //! - [`token`]: token sources per credential type and the single-flight cache.
 //! - `upstream`: rustls client configuration and the pooled upstream client.
 //! - `admin`: the admin listener (`/healthz`, `/readyz`, `/metrics`) and `healthcheck`.
@@ -27,6 +28,7 @@
 //! swaps the pipeline; each request finishes on the one it started with.
 
 mod admin;
+mod batch;
 pub mod config;
 pub mod dev;
 pub mod doctor;

@@ -139,6 +139,8 @@ pub(crate) enum UpstreamBody {
     /// The whole body (or none); can be sent again.
     Buffered(Option<Bytes>),
     Streaming(Box<Streaming>),
+    /// A `$batch` body being translated (see `batch`).
+    Batch(Box<crate::batch::BatchStream>),
 }
 
 #[derive(Debug)]
@@ -175,7 +177,7 @@ impl UpstreamBody {
     pub(crate) fn replay(&self) -> Option<UpstreamBody> {
         match self {
             Self::Buffered(body) => Some(Self::Buffered(body.clone())),
-            Self::Streaming(_) => None,
+            Self::Streaming(_) | Self::Batch(_) => None,
         }
     }
 }
@@ -190,6 +192,7 @@ impl Body for UpstreamBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             Self::Buffered(body) => Poll::Ready(body.take().map(|b| Ok(Frame::data(b)))),
+            Self::Batch(batch) => Pin::new(batch.as_mut()).poll_frame(cx),
             Self::Streaming(streaming) => {
                 if let Some(prefix) = streaming.prefix.take() {
                     return Poll::Ready(Some(Ok(Frame::data(prefix))));
@@ -229,6 +232,7 @@ impl Body for UpstreamBody {
     fn is_end_stream(&self) -> bool {
         match self {
             Self::Buffered(body) => body.is_none(),
+            Self::Batch(batch) => batch.is_end_stream(),
             Self::Streaming(streaming) => {
                 streaming.prefix.is_none() && streaming.rest.is_end_stream()
             }
@@ -240,6 +244,7 @@ impl Body for UpstreamBody {
             Self::Buffered(body) => {
                 SizeHint::with_exact(body.as_ref().map_or(0, |b| b.len() as u64))
             }
+            Self::Batch(batch) => batch.size_hint(),
             Self::Streaming(streaming) => {
                 let prefix = streaming.prefix.as_ref().map_or(0, |p| p.len() as u64);
                 let rest = streaming.rest.size_hint();

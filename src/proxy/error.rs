@@ -10,6 +10,7 @@ use http::{HeaderValue, Response, StatusCode, header};
 
 use super::body::ProxyBody;
 use super::queue::QueueError;
+use crate::batch::BatchError;
 use crate::inbound::AuthError;
 use crate::routing::PathError;
 use crate::token::TokenError;
@@ -20,6 +21,8 @@ pub(crate) enum ProxyError {
     BadRequest(&'static str),
     #[error("bad request path: {0}")]
     BadPath(#[from] PathError),
+    #[error("$batch refused: {0}")]
+    Batch(#[from] BatchError),
     #[error("method not allowed")]
     MethodNotAllowed,
     #[error("request target longer than 8 KiB")]
@@ -86,6 +89,10 @@ impl ProxyError {
     pub(crate) fn status(&self) -> StatusCode {
         match self {
             Self::BadRequest(_) | Self::BadPath(_) => StatusCode::BAD_REQUEST,
+            Self::Batch(error) if error.is_unsupported_media_type() => {
+                StatusCode::UNSUPPORTED_MEDIA_TYPE
+            }
+            Self::Batch(_) => StatusCode::BAD_REQUEST,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::UriTooLong => StatusCode::URI_TOO_LONG,
             Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -110,6 +117,8 @@ impl ProxyError {
     pub(crate) fn code(&self) -> &'static str {
         match self {
             Self::BadRequest(_) | Self::BadPath(_) => "bad_request",
+            Self::Batch(error) if error.is_unsupported_media_type() => "unsupported_media_type",
+            Self::Batch(_) => "batch_refused",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::UriTooLong => "uri_too_long",
             Self::HeadersTooLarge => "request_header_fields_too_large",
@@ -135,6 +144,7 @@ impl ProxyError {
         match self {
             Self::BadRequest(reason) => (*reason).to_owned(),
             Self::BadPath(reason) => reason.to_string(),
+            Self::Batch(reason) => reason.to_string(),
             Self::MethodNotAllowed => {
                 "method not allowed; use GET, HEAD, POST, PUT, PATCH, DELETE or OPTIONS".to_owned()
             }
@@ -183,6 +193,7 @@ impl ProxyError {
             Self::QueueFull(_) | Self::QueueTimeout(_) => Some(QUEUE_RETRY_AFTER),
             Self::BadRequest(_)
             | Self::BadPath(_)
+            | Self::Batch(_)
             | Self::MethodNotAllowed
             | Self::UriTooLong
             | Self::HeadersTooLarge
@@ -244,7 +255,8 @@ impl ProxyError {
                 // The connection's framing or intent is suspect, or we are leaving.
                 headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
-            Self::Forbidden
+            Self::Batch(_)
+            | Self::Forbidden
             | Self::TooManyRequests(_)
             | Self::NotFound
             | Self::PayloadTooLarge

@@ -16,7 +16,8 @@
 //!    (`retry_on_429`) waits out `Retry-After` and replays it, both only when the body was
 //!    small enough to keep — 502 / 504 on upstream failure. On `rewrite_links` routes the
 //!    response's upstream links are rewritten to proxy links as it streams back; on every
-//!    route the tokens of the exchange are scrubbed from the response (`scrub`).
+//!    route the tokens of the exchange are scrubbed from the response (`scrub`). A
+//!    `$batch` body's inner requests are checked and translated on the way (`batch`).
 
 pub(crate) mod access_log;
 pub(crate) mod body;
@@ -41,6 +42,7 @@ use self::body::{
 use self::error::ProxyError;
 use self::headers::{Forwarding, Peer, RequestPolicy, X_REQUEST_ID};
 use self::queue::{QueueLimits, Queues, RouteQueue};
+use crate::batch::{self, Batch, BatchError};
 use crate::config::{Config, Limits, Route};
 use crate::inbound::tls::TlsSession;
 use crate::inbound::{Authenticator, ClientSet, Throttles};
@@ -282,6 +284,7 @@ impl Pipeline {
             authority: parts.uri.authority(),
         };
         let links = self.link_map(route, &parts.headers, &forwarding);
+        let batch = self.batch(route, &parts, &forwarding)?;
         let mut headers = headers::to_upstream(parts.headers, &forwarding);
         // Textual answers are searched for the token, links or not: only codings the
         // proxy can decode are asked for.
@@ -307,6 +310,18 @@ impl Pipeline {
                 ProxyError::BadRequest("the request body could not be read")
             }
         })?;
+
+        // A `$batch` body is checked (up to its look-ahead) before anything is sent.
+        let body = match batch {
+            Some(batch) => {
+                headers.remove(header::CONTENT_LENGTH);
+                timeout_at(deadline, batch::translate_body(body, batch))
+                    .await
+                    .map_err(|_| ProxyError::UpstreamTimeout)?
+                    .map_err(|error| batch_body_error(&*error))?
+            }
+            None => body,
+        };
 
         let slot = match &route.queue {
             Some(queue) => Some(queue.acquire(deadline).await?),
@@ -341,6 +356,9 @@ impl Pipeline {
                 }
                 Ok(Err(error)) if caused_by::<BodyIdle>(&error) => {
                     return Err(ProxyError::RequestTimeout);
+                }
+                Ok(Err(error)) if caused_by::<BatchError>(&error) => {
+                    return Err(batch_body_error(&error));
                 }
                 Ok(Err(error)) => return Err(ProxyError::UpstreamFailed(error_chain(&error))),
                 Ok(Ok(response)) => response,
@@ -424,6 +442,34 @@ impl Pipeline {
         }
     }
 
+    /// The translator of a `$batch` request's inner requests (see `batch`), `None` for
+    /// any other request.
+    fn batch(
+        &self,
+        route: &RouteState,
+        parts: &http::request::Parts,
+        forwarding: &Forwarding<'_>,
+    ) -> Result<Option<Batch>, ProxyError> {
+        let public_base = rewrite::public_base(
+            self.public_url.as_ref(),
+            &parts.headers,
+            forwarding.authority,
+            forwarding.proto,
+            forwarding.peer_is_trusted_proxy,
+        );
+        let prefixes: Vec<&str> = self.routes.iter().map(|r| &*r.prefix).collect();
+        let context = batch::RequestContext {
+            path: parts.uri.path(),
+            route_prefix: &route.prefix,
+            upstream_url: &route.upstream_url,
+            upstream_authority: route.config.upstream.authority.as_str(),
+            public_base: public_base.as_deref(),
+            other_prefixes: &prefixes,
+            policy: forwarding.policy,
+        };
+        Ok(Batch::for_request(&parts.method, &parts.headers, &context)?)
+    }
+
     /// What the route's upstream links become, when the route rewrites them and the
     /// public base is known.
     fn link_map(
@@ -474,6 +520,33 @@ fn upstream_request(
     *request.uri_mut() = uri.clone();
     *request.headers_mut() = headers;
     request
+}
+
+/// Why reading a `$batch` body ahead failed, as the caller is told.
+fn batch_body_error(error: &(dyn std::error::Error + 'static)) -> ProxyError {
+    if let Some(refused) = cause::<BatchError>(error) {
+        ProxyError::Batch(refused.clone())
+    } else if caused_by::<BodyTooLarge>(error) {
+        ProxyError::PayloadTooLarge
+    } else if caused_by::<BodyIdle>(error) {
+        ProxyError::RequestTimeout
+    } else {
+        ProxyError::BadRequest("the request body could not be read")
+    }
+}
+
+/// The first of `error`'s sources that is an `E`.
+fn cause<'e, E: std::error::Error + 'static>(
+    error: &'e (dyn std::error::Error + 'static),
+) -> Option<&'e E> {
+    let mut source = Some(error);
+    while let Some(cause) = source {
+        if let Some(found) = cause.downcast_ref::<E>() {
+            return Some(found);
+        }
+        source = cause.source();
+    }
+    None
 }
 
 /// Whether `E` is among `error`'s sources: the inbound body's own failure, seen through
