@@ -411,6 +411,41 @@ async fn a_caller_that_stops_reading_loses_its_connection_after_the_body_idle_ti
 }
 
 #[tokio::test]
+async fn an_http2_caller_that_keeps_its_window_closed_loses_its_connection_after_the_body_idle_timeout()
+ {
+    // The client reads the socket (it answers pings) but never reads the body, so the
+    // stream's flow-control window closes after 64 KiB and hyper stops asking for more.
+    let (_idp, _upstream, proxy) =
+        slow_reader_setup("max_connections: 1, body_idle_timeout: 1s").await;
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    let connection = tokio::spawn(connection);
+    let request = http::Request::get(format!("http://{}/bc/big", proxy.addr))
+        .header("authorization", basic("erp", PASSWORD))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let (name, value) = erp();
+    let served = timeout(
+        LIMIT,
+        send(proxy.addr, "GET", "/bc/small", &[(name, &value)], ""),
+    )
+    .await
+    .expect("the stalled connection kept its place");
+    assert_eq!(served.status, 200);
+    assert!(
+        timeout(LIMIT, connection).await.is_ok(),
+        "the stalled HTTP/2 connection is still open"
+    );
+    drop(response);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_request_on_an_idle_keep_alive_connection_during_shutdown_gets_503_shutting_down() {
     let (_idp, upstream, proxy) = proxy_with_limits("max_connections: 100").await;
     let addr = proxy.addr;

@@ -247,20 +247,21 @@ impl Conn {
         (self.in_flight() == 0).then(|| self.last_activity() + idle_timeout)
     }
 
-    /// Since when the connection's writes have made no progress although something waits
-    /// to be written: a write the peer does not take, or a response body hyper does not
-    /// ask for more of (a full HTTP/2 window). `None` while writes progress.
-    pub(crate) fn write_stalled_since(&self) -> Option<Instant> {
-        let blocked = match self.write_blocked_ms.load(Ordering::Relaxed) {
+    /// Since when a write has been waiting for the peer to take bytes; `None` while
+    /// writes progress.
+    pub(crate) fn write_blocked_since(&self) -> Option<Instant> {
+        match self.write_blocked_ms.load(Ordering::Relaxed) {
             0 => None,
             ms => Some(self.at(ms - 1)),
-        };
-        let body = (self.bodies_waiting.load(Ordering::Relaxed) > 0)
-            .then(|| self.at(self.body_progress_ms.load(Ordering::Relaxed)));
-        match (blocked, body) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
         }
+    }
+
+    /// Since when a response body has handed hyper a frame without being asked for the
+    /// next one (with HTTP/2: the stream's flow-control window stays closed); `None`
+    /// while every body is asked for more.
+    pub(crate) fn body_stalled_since(&self) -> Option<Instant> {
+        (self.bodies_waiting.load(Ordering::Relaxed) > 0)
+            .then(|| self.at(self.body_progress_ms.load(Ordering::Relaxed)))
     }
 
     fn write_blocked(&self) {
@@ -316,9 +317,11 @@ impl Drop for InFlight {
         let conn = &self.0;
         conn.last_activity_ms
             .store(conn.now_ms(), Ordering::Relaxed);
-        conn.in_flight.fetch_sub(1, Ordering::AcqRel);
-        conn.totals.in_flight.fetch_sub(1, Ordering::AcqRel);
-        conn.totals.finished.notify_one();
+        let idle = conn.in_flight.fetch_sub(1, Ordering::AcqRel) == 1;
+        let quiet = conn.totals.in_flight.fetch_sub(1, Ordering::AcqRel) == 1;
+        if idle || quiet {
+            conn.totals.finished.notify_one();
+        }
     }
 }
 
@@ -504,15 +507,15 @@ mod tests {
             http_body_util::Full::new(bytes::Bytes::from_static(b"x")),
             in_flight,
         );
-        assert_eq!(conn.write_stalled_since(), None);
+        assert_eq!(conn.body_stalled_since(), None);
         let frame = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
         assert!(frame.is_some());
-        let since = conn.write_stalled_since().expect("waiting for hyper");
+        let since = conn.body_stalled_since().expect("waiting for hyper");
         tokio::time::advance(Duration::from_secs(5)).await;
-        assert_eq!(conn.write_stalled_since(), Some(since));
+        assert_eq!(conn.body_stalled_since(), Some(since));
         let end = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
         assert!(end.is_none());
-        assert_eq!(conn.write_stalled_since(), None);
+        assert_eq!(conn.body_stalled_since(), None);
         drop(body);
         assert_eq!(registry.in_flight(), 0);
         assert_eq!(conn.in_flight(), 0);

@@ -366,7 +366,14 @@ impl Served {
                 connection.as_mut().graceful_shutdown();
                 shut_down = true;
             }
-            let wake = next_check(&conn, limits, first_request_by, shut_down, drop_at);
+            let wake = next_check(
+                &conn,
+                protocol,
+                limits,
+                first_request_by,
+                shut_down,
+                drop_at,
+            );
             tokio::select! {
                 // The connection first: bytes already read (the replayed first ones) start
                 // their request before a drain that arrived at the same time is seen.
@@ -397,8 +404,7 @@ impl Served {
                         tracing::debug!(peer = %peer, "Connection did not close after its shutdown; dropped.");
                         return;
                     }
-                    if conn
-                        .write_stalled_since()
+                    if stalled_since(&conn, protocol)
                         .is_some_and(|since| since + limits.write_stall_timeout <= now)
                     {
                         tracing::debug!(peer = %peer, "Peer stopped reading; connection dropped.");
@@ -430,10 +436,26 @@ fn wants_shutdown(drain: Drain, protocol: Protocol, conn: &Conn) -> bool {
     }
 }
 
+/// Since when the connection's writes have made no progress although something waits to
+/// be written. HTTP/1: a write the peer does not take (a response body waiting behind a
+/// socket that is read, however slowly, is not stalled). HTTP/2 also: a response body
+/// hyper does not ask for more of, as the stream's window stays closed.
+fn stalled_since(conn: &Conn, protocol: Protocol) -> Option<Instant> {
+    let blocked = conn.write_blocked_since();
+    match protocol {
+        Protocol::Http1 => blocked,
+        Protocol::Http2 => match (blocked, conn.body_stalled_since()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        },
+    }
+}
+
 /// When a connection's driver next looks at its timers. While a request is in flight it
 /// looks now and then, for writes that stopped progressing.
 fn next_check(
     conn: &Conn,
+    protocol: Protocol,
     limits: ConnectionLimits,
     first_request_by: Option<Instant>,
     shut_down: bool,
@@ -447,10 +469,7 @@ fn next_check(
         }
     };
     earliest(drop_at);
-    earliest(
-        conn.write_stalled_since()
-            .map(|since| since + limits.write_stall_timeout),
-    );
+    earliest(stalled_since(conn, protocol).map(|since| since + limits.write_stall_timeout));
     if conn.in_flight() > 0 {
         let tick = (limits.write_stall_timeout / 4)
             .clamp(Duration::from_millis(10), Duration::from_secs(1));
