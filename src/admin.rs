@@ -8,6 +8,11 @@
 //! provider's body). `/metrics` is [`crate::metrics`] in the Prometheus text format. Every
 //! other path or method is 404. No authentication: bind it to loopback or a pod network.
 //!
+//! The listener has its own small connection budget and a 2 s head timeout, so probes
+//! answer within a second whatever the proxy port or other admin clients are doing: at the
+//! budget, the oldest connection that has not sent a request (else the one idle the
+//! longest) is closed to admit a new one.
+//!
 //! Not here: the proxy listener (`server`), what the metrics count (`metrics`).
 
 use std::convert::Infallible;
@@ -29,12 +34,14 @@ use tokio::task::JoinSet;
 
 use crate::metrics;
 use crate::reload::Runtime;
+use crate::server::connections::Registry;
 use crate::token::SlotStatus;
 
 /// Concurrent admin connections; probes and a scraper need a handful.
-const MAX_CONNECTIONS: usize = 64;
-/// A scraper or probe that has not sent its request head by then is dropped.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_CONNECTIONS: usize = 16;
+/// A scraper or probe that has not sent its request head by then is dropped (probes send
+/// theirs at once; Kubernetes' default probe timeout is 1 s).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Default target of `s2s-proxy healthcheck`.
 pub const DEFAULT_HEALTHCHECK_URL: &str = "http://127.0.0.1:9090/healthz";
@@ -43,11 +50,9 @@ pub const DEFAULT_HEALTHCHECK_URL: &str = "http://127.0.0.1:9090/healthz";
 /// its connections).
 pub(crate) async fn serve(listener: TcpListener, runtime: Arc<Runtime>) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let registry = Arc::new(Registry::default());
     let mut connections = JoinSet::new();
     loop {
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            return;
-        };
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(error) => {
@@ -56,19 +61,38 @@ pub(crate) async fn serve(listener: TcpListener, runtime: Arc<Runtime>) {
                 continue;
             }
         };
+        let permit = match permits.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => match registry.make_room(&permits).await {
+                Some(permit) => permit,
+                None => return,
+            },
+        };
         // Reap finished connections so the set does not grow.
         while connections.try_join_next().is_some() {}
         let runtime = runtime.clone();
+        let registered = registry.register();
         connections.spawn(async move {
+            let conn = registered.conn().clone();
+            let requests = conn.clone();
             let service = service_fn(move |request: Request<Incoming>| {
+                // Answered at once: in flight only for the call, and a caller that sent a
+                // request counts as one worth keeping.
+                let _in_flight = requests.request_started();
+                requests.authenticated();
                 let response = answer(&runtime, request.method(), request.uri().path());
                 async move { Ok::<_, Infallible>(response) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
+            let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                biased;
+                () = conn.closed_now() => {}
+                _ = connection => {}
+            }
+            drop(registered);
             drop(permit);
         });
     }

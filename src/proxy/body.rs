@@ -5,13 +5,17 @@
 //! read while finding that out), counted against `server.limits.max_body_bytes`.
 //! [`ProxyBody`] is what the caller receives: a proxy-made JSON body or the upstream's
 //! stream, cut off at the route deadline and, on `rewrite_links` routes, passed through the
-//! link rewriter, then (textual bodies) through the token [`Scrubber`]; when it is done (or dropped) it releases the route's queue slot and
-//! writes the access-log line, so the line carries the real byte count.
+//! link rewriter, then (textual bodies) through the token [`Scrubber`]; when it is done
+//! (or dropped) it releases the route's queue slot and writes the access-log line, so the
+//! line carries the real byte count. The route deadline does not wait to be polled: hyper
+//! stops polling a body whose caller does not read (a full TCP or HTTP/2 window), so a
+//! watchdog task drops the upstream's body and releases the queue slot when the deadline
+//! passes ([`Held`]).
 
 use std::future::Future as _;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -265,19 +269,47 @@ pub(crate) struct ProxyBody {
     kind: Kind,
     sent: u64,
     log: Option<AccessLog>,
-    /// The route's queue slot, held until the upstream's body has been read.
-    slot: Option<Permit>,
 }
 
 #[derive(Debug)]
 enum Kind {
     Full(Option<Bytes>),
     Upstream {
-        body: Incoming,
+        body: Arc<Mutex<Held>>,
         deadline: Pin<Box<Sleep>>,
         rewriter: Option<Box<BodyRewriter>>,
         scrubber: Option<Box<Scrubber>>,
+        /// Takes `body` away at the deadline; stopped when the body is dropped.
+        watchdog: tokio::task::AbortHandle,
     },
+}
+
+/// What the route deadline takes away from a response whether or not it is being read:
+/// the upstream's body (so the upstream exchange ends) and the route's queue slot (so
+/// the next caller gets it). Both `None` once the deadline passed.
+#[derive(Debug, Default)]
+struct Held {
+    body: Option<Incoming>,
+    /// The route's queue slot, held until the upstream's body has been read.
+    slot: Option<Permit>,
+}
+
+fn lock(held: &Mutex<Held>) -> MutexGuard<'_, Held> {
+    held.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Empties `held` at `deadline`, unless the body is gone by then.
+fn watchdog(held: &Arc<Mutex<Held>>, deadline: Instant) -> tokio::task::AbortHandle {
+    let held = Arc::downgrade(held);
+    tokio::spawn(async move {
+        tokio::time::sleep_until(deadline).await;
+        if let Some(held) = held.upgrade() {
+            // Dropped outside the lock.
+            let expired = std::mem::take(&mut *lock(&held));
+            drop(expired);
+        }
+    })
+    .abort_handle()
 }
 
 impl ProxyBody {
@@ -287,7 +319,6 @@ impl ProxyBody {
             kind: Kind::Full((!body.is_empty()).then_some(body)),
             sent: 0,
             log: None,
-            slot: None,
         }
     }
 
@@ -299,8 +330,13 @@ impl ProxyBody {
         rewriter: Option<BodyRewriter>,
         scrubber: Option<Scrubber>,
     ) -> Self {
+        let body = Arc::new(Mutex::new(Held {
+            body: Some(body),
+            slot: None,
+        }));
         Self {
             kind: Kind::Upstream {
+                watchdog: watchdog(&body, deadline),
                 body,
                 deadline: Box::pin(tokio::time::sleep_until(deadline)),
                 rewriter: rewriter.map(Box::new),
@@ -308,13 +344,15 @@ impl ProxyBody {
             },
             sent: 0,
             log: None,
-            slot: None,
         }
     }
 
-    /// Keeps the route's queue slot until the body has been read.
+    /// Keeps the route's queue slot until the upstream's body has been read, or the route
+    /// deadline passed. A proxy-made body holds none.
     pub(crate) fn hold(&mut self, slot: Option<Permit>) {
-        self.slot = slot;
+        if let Kind::Upstream { body, .. } = &self.kind {
+            lock(body).slot = slot;
+        }
     }
 
     /// Writes `log` once this body is finished or dropped.
@@ -325,6 +363,9 @@ impl ProxyBody {
 
 impl Drop for ProxyBody {
     fn drop(&mut self) {
+        if let Kind::Upstream { watchdog, .. } = &self.kind {
+            watchdog.abort();
+        }
         if let Some(log) = self.log.take() {
             let complete = self.is_end_stream();
             log.write(self.sent, complete);
@@ -344,34 +385,41 @@ impl Body for ProxyBody {
         let frame = match &mut this.kind {
             Kind::Full(body) => body.take().map(|b| Ok(Frame::data(b))),
             Kind::Upstream {
-                body,
+                body: held,
                 deadline,
                 rewriter,
                 scrubber,
+                ..
             } => {
                 if deadline.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Some(Err(DeadlineReached.into())));
                 }
+                let mut held = lock(held);
+                let Some(body) = held.body.as_mut() else {
+                    // The watchdog got there first.
+                    return Poll::Ready(Some(Err(DeadlineReached.into())));
+                };
                 let mut inner = |cx: &mut Context<'_>| match rewriter {
                     None => Pin::new(&mut *body)
                         .poll_frame(cx)
                         .map(|frame| frame.map(|r| r.map_err(BoxError::from))),
                     Some(rewriter) => poll_rewritten(body, rewriter, cx),
                 };
-                match scrubber {
+                let frame = match scrubber {
                     None => ready!(inner(cx)),
                     Some(scrubber) => ready!(scrubber.poll_frame(cx, inner)),
+                };
+                if matches!(frame, None | Some(Err(_))) {
+                    // The upstream is done with this request: free its slot for the next one.
+                    held.slot = None;
                 }
+                frame
             }
         };
-        match &frame {
-            Some(Ok(frame)) => {
-                if let Some(data) = frame.data_ref() {
-                    this.sent += data.len() as u64;
-                }
-            }
-            // The upstream is done with this request: free its slot for the next one.
-            None | Some(Err(_)) => this.slot = None,
+        if let Some(Ok(frame)) = &frame
+            && let Some(data) = frame.data_ref()
+        {
+            this.sent += data.len() as u64;
         }
         Poll::Ready(frame)
     }
@@ -383,12 +431,16 @@ impl Body for ProxyBody {
                 scrubber: Some(scrubber),
                 ..
             } => scrubber.is_done(),
+            // Cut off by the deadline: not complete.
             Kind::Upstream {
                 body,
                 rewriter: None,
                 scrubber: None,
                 ..
-            } => body.is_end_stream(),
+            } => lock(body)
+                .body
+                .as_ref()
+                .is_some_and(Incoming::is_end_stream),
             Kind::Upstream {
                 rewriter: Some(rewriter),
                 scrubber: None,
@@ -405,7 +457,10 @@ impl Body for ProxyBody {
                 rewriter: None,
                 scrubber: None,
                 ..
-            } => body.size_hint(),
+            } => lock(body)
+                .body
+                .as_ref()
+                .map_or_else(SizeHint::default, Incoming::size_hint),
             // Rewriting and scrubbing change the length.
             Kind::Upstream { .. } => SizeHint::default(),
         }

@@ -52,6 +52,16 @@ use crate::routing::{self, RouteTable};
 use crate::token::{Token, TokenCache, TokenSlot};
 use crate::upstream::UpstreamClient;
 
+/// What a request showed about its caller, for the connection it came on (which closes
+/// after repeated refusals and prefers keeping authenticated callers at its cap). Carried
+/// as a response extension; it never reaches the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Caller {
+    Authenticated,
+    /// Authentication failed (401), or the source is locked out after failing it (429).
+    Refused,
+}
+
 /// A route with everything resolved for the hot path.
 #[derive(Debug)]
 struct RouteState {
@@ -171,9 +181,15 @@ impl Pipeline {
             // written as 499.
             written: false,
         };
+        let mut refused = false;
         let mut response = match self.pipeline(request, &peer, &mut log).await {
             Ok(response) => response,
             Err(error) => {
+                refused = log.client.is_none()
+                    && matches!(
+                        error,
+                        ProxyError::Unauthorized(_) | ProxyError::TooManyRequests(_)
+                    );
                 match &error {
                     // Each failed token fetch is logged once by the token cache; the
                     // requests that find no token are not worth a warning each.
@@ -206,6 +222,11 @@ impl Pipeline {
             }
         };
         response.headers_mut().insert(X_REQUEST_ID, request_id);
+        if log.client.is_some() {
+            response.extensions_mut().insert(Caller::Authenticated);
+        } else if refused {
+            response.extensions_mut().insert(Caller::Refused);
+        }
         log.status = response.status().as_u16();
         response.body_mut().set_access_log(log);
         response

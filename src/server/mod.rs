@@ -1,44 +1,53 @@
 //! The listener: accepting connections, HTTP/1.1 and HTTP/2 on one port (h2c, or h2 and
 //! http/1.1 by ALPN over inbound TLS), graceful drain.
 //!
-//! Owns connection-level concerns only — the connection cap, the TLS handshake and its
-//! timeout, hyper's protocol limits (header bytes, header read timeout, HTTP/2 streams),
-//! the HTTP/1 framing audit ([`framing`], on the decrypted bytes) and shutdown. The TLS
-//! configuration itself is built in [`crate::inbound::tls`]. Everything about a single
-//! request lives in [`crate::proxy`].
+//! Owns connection-level concerns only — the connection cap (and which connections make
+//! room at it, [`connections`]), the TLS handshake and its timeout, hyper's protocol
+//! limits (header bytes, header read timeout, HTTP/2 streams), the deadlines of a
+//! connection itself (first request, idle, a peer that stopped reading, repeated failed
+//! authentication), the HTTP/1 framing audit ([`framing`], on the decrypted bytes) and
+//! shutdown. The TLS configuration itself is built in [`crate::inbound::tls`]. Everything
+//! about a single request lives in [`crate::proxy`].
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use futures_util::FutureExt as _;
+use http::{HeaderValue, header};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulConnection;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
+use self::connections::{Conn, Registry, TrackedBody, Watched};
 use self::framing::{AuditedStream, Protocol};
 use crate::config::Limits;
 use crate::inbound::tls::TlsSession;
-use crate::proxy::Pipeline;
 use crate::proxy::headers::Peer;
+use crate::proxy::{Caller, Pipeline};
 
+pub(crate) mod connections;
 pub(crate) mod framing;
 
 /// Longest time in-flight requests get to finish after a shutdown signal.
 pub(crate) const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Pause after a failed accept (typically EMFILE) so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(500);
+/// Answers refused for failed authentication after which a connection is closed.
+const MAX_REFUSALS: u32 = 3;
+/// How long a connection the proxy shuts down (idle, silent, refused too often) has to
+/// finish before it is dropped: a GOAWAY round trip, or the response being written.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// hyper's HTTP/1 and HTTP/2 server settings; a connection uses one or the other, as its
 /// first bytes say ([`AuditedStream::protocol`]).
@@ -74,6 +83,19 @@ impl Builders {
     }
 }
 
+/// Where the listener is in its life; connections act on each change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Drain {
+    Serving,
+    /// No new connections. HTTP/2 connections get a GOAWAY and HTTP/1 connections with a
+    /// request in flight close after it; idle HTTP/1 connections stay open meanwhile, so
+    /// a request that arrives on one is answered 503 `shutting_down` with
+    /// `Connection: close` rather than finding the connection gone.
+    Draining,
+    /// Every in-flight request has finished (or the drain timed out): close everything.
+    Closing,
+}
+
 /// Serves `listener` until `shutdown` completes, then stops accepting and drains. With
 /// `tls`, every connection starts with a TLS handshake. Each request runs on the pipeline
 /// current when it arrives (a reload swaps it), and finishes on that one.
@@ -90,16 +112,10 @@ pub(crate) async fn serve(
     // Every connection holds a permit; draining is done when all are back.
     let max_connections = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
     let permits = Arc::new(Semaphore::new(max_connections as usize));
-    let (stop, stopping) = watch::channel(false);
+    let registry = Arc::new(Registry::default());
+    let (drain, draining) = watch::channel(Drain::Serving);
     tokio::pin!(shutdown);
     loop {
-        let permit = tokio::select! {
-            () = &mut shutdown => break,
-            permit = permits.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-        };
         let (stream, peer) = tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
@@ -111,98 +127,75 @@ pub(crate) async fn serve(
                 }
             },
         };
+        let permit = match permits.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            // At max_connections: an idle or unauthenticated connection makes room for
+            // this one; only when all are busy does it wait.
+            Err(_) => match tokio::select! {
+                () = &mut shutdown => break,
+                permit = registry.make_room(&permits) => permit,
+            } {
+                Some(permit) => permit,
+                None => break,
+            },
+        };
         let _ = stream.set_nodelay(true);
+        let registered = registry.register();
         let connection = Connection {
             builders: builders.clone(),
             pipelines: pipelines.clone(),
-            header_read_timeout: limits.header_read_timeout,
-            idle_timeout: limits.idle_timeout,
-            max_header_bytes: limits.max_header_bytes,
-            stopping: stopping.clone(),
+            limits: ConnectionLimits::new(limits),
+            stopping: draining.clone(),
+            conn: registered.conn().clone(),
             peer,
         };
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
-            match acceptor {
-                None => connection.serve(stream, None).await,
-                // SECURITY-CASES 2.2: a TLS handshake timeout (10 s by default); a
-                // ClientHello that never comes or never finishes frees its slot then.
-                // Boxed: the TLS states would otherwise make every task as large as the
-                // largest of them, plaintext ones included.
-                Some(acceptor) => Box::pin(async move {
-                    let handshake = acceptor.accept(stream);
-                    match tokio::time::timeout(connection.header_read_timeout, handshake).await {
-                        Ok(Ok(stream)) => {
-                            let session = Arc::new(TlsSession::of(stream.get_ref().1));
-                            connection.serve(stream, Some(session)).await;
-                        }
-                        Ok(Err(error)) => {
-                            tracing::debug!(peer = %peer, error = %error, "TLS handshake failed.");
-                        }
-                        Err(_) => tracing::debug!(peer = %peer, "TLS handshake timed out."),
-                    }
-                })
-                .await,
+            let conn = registered.conn().clone();
+            tokio::select! {
+                biased;
+                () = conn.closed_now() => {
+                    tracing::debug!(peer = %peer, "Connection closed to admit a new one.");
+                }
+                () = connection.run(stream, acceptor) => {}
             }
+            drop(registered);
             drop(permit);
         });
     }
     drop(listener);
     tracing::info!("Shutting down: no new connections; draining in-flight requests.");
-    let _ = stop.send(true);
+    let _ = drain.send(Drain::Draining);
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    let _ = tokio::time::timeout_at(deadline, registry.quiet()).await;
+    let _ = drain.send(Drain::Closing);
     tokio::select! {
         _ = permits.acquire_many(max_connections) => tracing::info!("All connections drained."),
-        () = tokio::time::sleep(DRAIN_TIMEOUT) => {
+        () = tokio::time::sleep_until(deadline) => {
             tracing::warn!(timeout_s = DRAIN_TIMEOUT.as_secs(), "Drain timed out; closing the remaining connections.");
         }
     }
 }
 
-/// When a connection last started a request, and how many it is answering.
-#[derive(Debug)]
-struct Activity {
-    epoch: Instant,
-    /// Milliseconds after `epoch`.
-    last_request_ms: AtomicU64,
-    in_flight: AtomicUsize,
+/// The limits a connection's task enforces itself.
+#[derive(Debug, Clone, Copy)]
+struct ConnectionLimits {
+    header_read_timeout: Duration,
+    idle_timeout: Duration,
+    /// How long writes may wait for a peer that does not read.
+    write_stall_timeout: Duration,
+    /// Largest request head (the audit's limit for HTTP/1, measured here for HTTP/2).
+    max_header_bytes: usize,
 }
 
-impl Activity {
-    fn new() -> Self {
+impl ConnectionLimits {
+    fn new(limits: &Limits) -> Self {
         Self {
-            epoch: Instant::now(),
-            last_request_ms: AtomicU64::new(0),
-            in_flight: AtomicUsize::new(0),
+            header_read_timeout: limits.header_read_timeout,
+            idle_timeout: limits.idle_timeout,
+            write_stall_timeout: limits.body_idle_timeout,
+            max_header_bytes: limits.max_header_bytes,
         }
-    }
-
-    fn started(&self) {
-        let now = self.epoch.elapsed().as_millis() as u64;
-        self.last_request_ms.store(now, Ordering::Relaxed);
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn finished(&self) {
-        self.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-
-    /// When the connection counts as idle, unless a request starts before then; `None`
-    /// while one is being answered.
-    fn idle_at(&self, idle_timeout: Duration) -> Option<Instant> {
-        if self.in_flight.load(Ordering::Relaxed) > 0 {
-            return None;
-        }
-        let last = Duration::from_millis(self.last_request_ms.load(Ordering::Relaxed));
-        Some(self.epoch + last + idle_timeout)
-    }
-}
-
-/// Counts a request as in flight until its handler returns, panics included.
-struct InFlight(Arc<Activity>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.finished();
     }
 }
 
@@ -210,19 +203,43 @@ impl Drop for InFlight {
 struct Connection {
     builders: Arc<Builders>,
     pipelines: Arc<ArcSwap<Pipeline>>,
-    header_read_timeout: Duration,
-    idle_timeout: Duration,
-    max_header_bytes: usize,
-    stopping: watch::Receiver<bool>,
+    limits: ConnectionLimits,
+    stopping: watch::Receiver<Drain>,
+    conn: Arc<Conn>,
     peer: SocketAddr,
 }
 
 impl Connection {
-    /// Serves requests until the connection ends; each request carries `tls`. The
-    /// connection is shut down gracefully (in-flight requests finish, HTTP/2 gets a
-    /// GOAWAY) when the proxy drains, or after `idle_timeout` without a request: hyper
-    /// closes idle HTTP/1 connections itself, but an HTTP/2 client that answers pings
-    /// would otherwise hold its slot forever.
+    /// The TLS handshake, when there is one, then HTTP.
+    async fn run(self, stream: TcpStream, acceptor: Option<TlsAcceptor>) {
+        let peer = self.peer;
+        match acceptor {
+            None => self.serve(stream, None).await,
+            // SECURITY-CASES 2.2: a TLS handshake timeout (10 s by default); a
+            // ClientHello that never comes or never finishes frees its slot then.
+            // Boxed: the TLS states would otherwise make every task as large as the
+            // largest of them, plaintext ones included.
+            Some(acceptor) => {
+                Box::pin(async move {
+                    let handshake = acceptor.accept(stream);
+                    match tokio::time::timeout(self.limits.header_read_timeout, handshake).await {
+                        Ok(Ok(stream)) => {
+                            let session = Arc::new(TlsSession::of(stream.get_ref().1));
+                            self.serve(stream, Some(session)).await;
+                        }
+                        Ok(Err(error)) => {
+                            tracing::debug!(peer = %peer, error = %error, "TLS handshake failed.");
+                        }
+                        Err(_) => tracing::debug!(peer = %peer, "TLS handshake timed out."),
+                    }
+                })
+                .await;
+            }
+        }
+    }
+
+    /// Serves requests until the connection ends; each request carries `tls`. See
+    /// [`Served::drive`] for when the proxy ends the connection itself.
     async fn serve<S>(self, stream: S, tls: Option<Arc<TlsSession>>)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -230,14 +247,14 @@ impl Connection {
         let Self {
             builders,
             pipelines,
-            header_read_timeout,
-            idle_timeout,
-            max_header_bytes,
+            limits,
             mut stopping,
+            conn,
             peer,
         } = self;
+        let max_header_bytes = limits.max_header_bytes;
         let (mut stream, framing) =
-            AuditedStream::new(stream, header_read_timeout, max_header_bytes);
+            AuditedStream::new(stream, limits.header_read_timeout, max_header_bytes);
         let protocol = tokio::select! {
             protocol = stream.protocol() => match protocol {
                 Ok(Some(protocol)) => protocol,
@@ -247,11 +264,10 @@ impl Connection {
                     return;
                 }
             },
-            _ = stopping.wait_for(|stop| *stop) => return,
+            _ = stopping.wait_for(|drain| *drain != Drain::Serving) => return,
         };
-        let activity = Arc::new(Activity::new());
         let forwarded_peer = Peer::new(peer.ip());
-        let requests = activity.clone();
+        let requests = conn.clone();
         let service = service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
             let mut head = framing.next();
             // HTTP/2 heads bypass the audit: the header list is measured here instead.
@@ -262,8 +278,8 @@ impl Connection {
                 request.extensions_mut().insert(tls.clone());
             }
             let pipeline = pipelines.load_full();
-            requests.started();
-            let in_flight = InFlight(requests.clone());
+            let in_flight = requests.request_started();
+            let conn = requests.clone();
             let forwarded_peer = forwarded_peer.clone();
             // Boxed: hyper keeps room for one in-flight handler per connection for the
             // connection's whole life; boxed, an idle connection holds a pointer, not the
@@ -271,21 +287,38 @@ impl Connection {
             Box::pin(async move {
                 // A bug must cost one request a 500, not the connection (and with HTTP/2
                 // every other stream on it) an abrupt close (SECURITY-CASES H5).
-                let response = AssertUnwindSafe(pipeline.handle(request, forwarded_peer))
+                let mut response = AssertUnwindSafe(pipeline.handle(request, forwarded_peer))
                     .catch_unwind()
                     .await
                     .unwrap_or_else(|_| {
                         tracing::error!(peer = %peer, "Request handler panicked; answered 500.");
                         crate::proxy::panic_response()
                     });
-                drop(in_flight);
-                Ok::<_, Infallible>(response)
+                match response.extensions().get::<Caller>() {
+                    Some(Caller::Authenticated) => conn.authenticated(),
+                    Some(Caller::Refused) if conn.refused() >= MAX_REFUSALS => {
+                        // A caller that keeps failing to authenticate gets no more tries
+                        // on this connection: HTTP/1 closes after this answer, HTTP/2
+                        // gets a GOAWAY.
+                        tracing::debug!(peer = %peer, refusals = MAX_REFUSALS, "Closing a connection that keeps failing authentication.");
+                        if protocol == Protocol::Http1 {
+                            response
+                                .headers_mut()
+                                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                        }
+                        conn.request_shutdown();
+                    }
+                    Some(Caller::Refused) | None => {}
+                }
+                // The request stays in flight until hyper has written its body.
+                Ok::<_, Infallible>(response.map(|body| TrackedBody::new(body, in_flight)))
             })
         });
-        let io = TokioIo::new(stream);
+        let io = TokioIo::new(Watched::new(stream, conn.clone()));
         let served = Served {
-            activity,
-            idle_timeout,
+            conn,
+            limits,
+            protocol,
             stopping,
             peer,
         };
@@ -306,30 +339,58 @@ impl Connection {
 
 /// What a connection's HTTP driver needs besides the connection itself.
 struct Served {
-    activity: Arc<Activity>,
-    idle_timeout: Duration,
-    stopping: watch::Receiver<bool>,
+    conn: Arc<Conn>,
+    limits: ConnectionLimits,
+    protocol: Protocol,
+    stopping: watch::Receiver<Drain>,
     peer: SocketAddr,
 }
 
 impl Served {
-    /// Runs `connection` to its end, shutting it down gracefully when the proxy drains or
-    /// the connection has been idle for `idle_timeout`.
+    /// Runs `connection` to its end. It is shut down gracefully (in-flight requests
+    /// finish, HTTP/2 gets a GOAWAY) as the drain says ([`Drain`]); when an HTTP/2 peer
+    /// has sent no request within `header_read_timeout` (a preface and pings are not a
+    /// request; HTTP/1 heads have their own deadline in [`AuditedStream`] and hyper);
+    /// after `idle_timeout` without a request in flight (hyper closes idle HTTP/1
+    /// connections itself at `header_read_timeout`, but an HTTP/2 client that answers
+    /// pings would otherwise hold its slot forever); and after [`MAX_REFUSALS`] failed
+    /// authentications. A connection that does not finish within [`CLOSE_GRACE`] of such
+    /// a shutdown is dropped, and so is one whose writes have waited for the peer for
+    /// `body_idle_timeout` (a client that stopped reading).
     async fn drive<C>(self, connection: C)
     where
         C: GracefulConnection,
         C::Error: std::fmt::Display,
     {
         let Self {
-            activity,
-            idle_timeout,
+            conn,
+            limits,
+            protocol,
             mut stopping,
             peer,
         } = self;
         tokio::pin!(connection);
-        let mut closing = false;
+        let first_request_by =
+            (protocol == Protocol::Http2).then(|| Instant::now() + limits.header_read_timeout);
+        // When a graceful shutdown has begun: by when the connection must be gone (none
+        // while draining: the drain has its own limit).
+        let mut shut_down = false;
+        let mut drop_at: Option<Instant> = None;
+        let mut drain = *stopping.borrow_and_update();
+        let mut drain_open = true;
         loop {
-            let idle_at = activity.idle_at(idle_timeout);
+            if !shut_down && wants_shutdown(drain, protocol, &conn) {
+                connection.as_mut().graceful_shutdown();
+                shut_down = true;
+            }
+            let wake = next_check(
+                &conn,
+                protocol,
+                limits,
+                first_request_by,
+                shut_down,
+                drop_at,
+            );
             tokio::select! {
                 // The connection first: bytes already read (the replayed first ones) start
                 // their request before a drain that arrived at the same time is seen.
@@ -338,17 +399,44 @@ impl Served {
                     if let Err(error) = result {
                         tracing::debug!(peer = %peer, error = %error, "Connection ended with an error.");
                     }
-                    break;
+                    return;
                 }
-                _ = stopping.wait_for(|stop| *stop), if !closing => {
+                changed = stopping.changed(), if drain_open => match changed {
+                    Ok(()) => drain = *stopping.borrow_and_update(),
+                    Err(_) => {
+                        drain = Drain::Closing;
+                        drain_open = false;
+                    }
+                },
+                // A request started: look at its writes now and then.
+                () = conn.request_seen() => {}
+                () = conn.shutdown_requested(), if !shut_down => {
                     connection.as_mut().graceful_shutdown();
-                    closing = true;
+                    shut_down = true;
+                    drop_at = Some(Instant::now() + CLOSE_GRACE);
                 }
-                () = sleep_until_or_forever(idle_at), if !closing => {
-                    if activity.idle_at(idle_timeout).is_some_and(|at| at <= Instant::now()) {
-                        tracing::debug!(peer = %peer, "Idle connection closed.");
+                () = tokio::time::sleep_until(wake) => {
+                    let now = Instant::now();
+                    if drop_at.is_some_and(|at| at <= now) {
+                        tracing::debug!(peer = %peer, "Connection did not close after its shutdown; dropped.");
+                        return;
+                    }
+                    if stalled_since(&conn, protocol)
+                        .is_some_and(|since| since + limits.write_stall_timeout <= now)
+                    {
+                        tracing::debug!(peer = %peer, "Peer stopped reading; connection dropped.");
+                        return;
+                    }
+                    if shut_down {
+                        continue;
+                    }
+                    let silent = first_request_by.is_some_and(|at| at <= now) && !conn.has_requested();
+                    let idle = conn.idle_at(limits.idle_timeout).is_some_and(|at| at <= now);
+                    if silent || idle {
+                        tracing::debug!(peer = %peer, silent, "Idle connection closed.");
                         connection.as_mut().graceful_shutdown();
-                        closing = true;
+                        shut_down = true;
+                        drop_at = Some(now + CLOSE_GRACE);
                     }
                 }
             }
@@ -356,14 +444,12 @@ impl Served {
     }
 }
 
-/// Sleeps until `at`, or forever without one; re-evaluated on every loop turn.
-async fn sleep_until_or_forever(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => {
-            // Re-check now and then: the in-flight request may have finished.
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
+/// Whether the drain wants this connection shut down now.
+fn wants_shutdown(drain: Drain, protocol: Protocol, conn: &Conn) -> bool {
+    match drain {
+        Drain::Serving => false,
+        Drain::Draining => protocol == Protocol::Http2 || conn.in_flight() > 0,
+        Drain::Closing => true,
     }
 }
 
@@ -395,6 +481,52 @@ fn header_list_size<B>(request: &hyper::Request<B>) -> usize {
         .map(|(name, value)| name.as_str().len() + value.len() + OVERHEAD)
         .sum();
     pseudo + fields
+}
+
+/// Since when the connection's writes have made no progress although something waits to
+/// be written. HTTP/1: a write the peer does not take (a response body waiting behind a
+/// socket that is read, however slowly, is not stalled). HTTP/2 also: a response body
+/// hyper does not ask for more of, as the stream's window stays closed.
+fn stalled_since(conn: &Conn, protocol: Protocol) -> Option<Instant> {
+    let blocked = conn.write_blocked_since();
+    match protocol {
+        Protocol::Http1 => blocked,
+        Protocol::Http2 => match (blocked, conn.body_stalled_since()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        },
+    }
+}
+
+/// When a connection's driver next looks at its timers. While a request is in flight it
+/// looks now and then, for writes that stopped progressing.
+fn next_check(
+    conn: &Conn,
+    protocol: Protocol,
+    limits: ConnectionLimits,
+    first_request_by: Option<Instant>,
+    shut_down: bool,
+    drop_at: Option<Instant>,
+) -> Instant {
+    let now = Instant::now();
+    let mut wake = now + Duration::from_secs(3600);
+    let mut earliest = |at: Option<Instant>| {
+        if let Some(at) = at {
+            wake = wake.min(at);
+        }
+    };
+    earliest(drop_at);
+    earliest(stalled_since(conn, protocol).map(|since| since + limits.write_stall_timeout));
+    if conn.in_flight() > 0 {
+        let tick = (limits.write_stall_timeout / 4)
+            .clamp(Duration::from_millis(10), Duration::from_secs(1));
+        earliest(Some(now + tick));
+    }
+    if !shut_down {
+        earliest(first_request_by.filter(|_| !conn.has_requested()));
+        earliest(conn.idle_at(limits.idle_timeout));
+    }
+    wake
 }
 
 /// The address a listener is bound to, for messages.
