@@ -141,9 +141,15 @@ impl<R: BufRead, W: Write> Prompter<R, W> {
         }
     }
 
-    /// One line read without echo when on a terminal.
-    fn hidden_line(&mut self, what: &'static str) -> Result<zeroize::Zeroizing<String>, InitError> {
+    /// Shows `prompt` and reads one line without echo when on a terminal. Echo goes off
+    /// before the prompt appears, so an answer typed at the prompt is never shown.
+    fn hidden_line(
+        &mut self,
+        prompt: &str,
+        what: &'static str,
+    ) -> Result<zeroize::Zeroizing<String>, InitError> {
         if !self.terminal {
+            self.say(prompt)?;
             return self.read_line(what);
         }
         let stdin = io::stdin();
@@ -151,6 +157,7 @@ impl<R: BufRead, W: Write> Prompter<R, W> {
             what: "turning terminal echo off".to_owned(),
             source,
         })?;
+        self.say(prompt)?;
         let line = self.read_line(what);
         drop(guard);
         line
@@ -159,8 +166,10 @@ impl<R: BufRead, W: Write> Prompter<R, W> {
     /// Asks for the client secret until it is usable; a GUID is questioned (AADSTS7000215).
     fn secret(&mut self) -> Result<Secret, InitError> {
         loop {
-            self.say("Client secret Value (typing is hidden): ")?;
-            let line = self.hidden_line("the client secret")?;
+            let line = self.hidden_line(
+                "Client secret Value (typing is hidden): ",
+                "the client secret",
+            )?;
             let secret = Secret::new(line.as_str());
             if let Err(message) = check_secret(secret.expose()) {
                 self.say(&format!("  The secret is {message}. Try again.\n"))?;
