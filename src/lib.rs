@@ -20,6 +20,7 @@
 //! - [`dev`]: the self-contained demo behind `s2s-proxy dev`.
 //! - [`report`]: what `check` and `token` print.
 //! - [`doctor`]: `s2s-proxy doctor`, a token and one upstream call per route, explained.
+//! - [`init`]: `s2s-proxy init`, the first-run dialogue that writes `proxy.yaml` and its env file.
 //!
 //! Request lifecycle: a connection is accepted by `server`, each request runs through
 //! `proxy::Pipeline::handle`, which authenticates it with `inbound`, picks the route with
@@ -36,6 +37,7 @@ pub mod doctor;
 pub mod fuzzing;
 mod hardening;
 mod inbound;
+pub mod init;
 mod metrics;
 mod pem;
 mod proxy;

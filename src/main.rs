@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use s2s_proxy::{Config, Proxy, report, secret::Secret};
+use s2s_proxy::{Config, Proxy, init, report, secret::Secret};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -65,11 +65,62 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
     },
+    /// Ask for an Entra app's IDs and secret; write proxy.yaml and s2s-proxy.env.
+    Init(InitArgs),
     /// GET an admin endpoint; exit 0 on a 2xx answer (container HEALTHCHECK).
     Healthcheck {
         #[arg(long, default_value = s2s_proxy::DEFAULT_HEALTHCHECK_URL)]
         url: String,
     },
+}
+
+#[derive(Debug, clap::Args)]
+struct InitArgs {
+    /// Take every answer from the flags and the client secret from standard input.
+    #[arg(long)]
+    non_interactive: bool,
+    /// The Dynamics 365 product.
+    #[arg(long, value_enum, required_if_eq("non_interactive", "true"))]
+    product: Option<ProductArg>,
+    /// Directory (tenant) ID: a GUID, or a verified domain.
+    #[arg(long, value_name = "ID", required_if_eq("non_interactive", "true"))]
+    tenant_id: Option<String>,
+    /// Application (client) ID of the app registration.
+    #[arg(long, value_name = "ID", required_if_eq("non_interactive", "true"))]
+    client_id: Option<String>,
+    /// Business Central environment [default: Production].
+    #[arg(long, value_name = "NAME", conflicts_with = "url")]
+    environment: Option<String>,
+    /// Finance & Operations or Dataverse environment URL.
+    #[arg(long, value_name = "URL")]
+    url: Option<String>,
+    /// Name of the calling client; also its Basic user name.
+    #[arg(long, value_name = "NAME", required_if_eq("non_interactive", "true"))]
+    client_name: Option<String>,
+    /// Directory to write proxy.yaml and s2s-proxy.env into (created if missing)
+    /// [default in interactive mode: the current directory].
+    #[arg(long, value_name = "DIR", required_if_eq("non_interactive", "true"))]
+    dir: Option<PathBuf>,
+    /// Overwrite existing files.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ProductArg {
+    BusinessCentral,
+    FinanceOperations,
+    Dataverse,
+}
+
+impl From<ProductArg> for init::Product {
+    fn from(product: ProductArg) -> Self {
+        match product {
+            ProductArg::BusinessCentral => Self::BusinessCentral,
+            ProductArg::FinanceOperations => Self::FinanceOperations,
+            ProductArg::Dataverse => Self::Dataverse,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -82,7 +133,10 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(error) => {
             eprintln!("error: {error:#}");
-            ExitCode::from(1)
+            match error.downcast_ref::<init::InitError>() {
+                Some(init::InitError::Usage(_)) => ExitCode::from(2),
+                _ => ExitCode::from(1),
+            }
         }
     }
 }
@@ -151,12 +205,64 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             runtime(None)?.block_on(s2s_proxy::dev::run(listen))?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Init(args) => init(args),
         Command::Healthcheck { url } => {
             s2s_proxy::healthcheck(&url, Duration::from_secs(3))
                 .with_context(|| format!("health check of {url}"))?;
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `init`: the dialogue (or the flags and the secret on stdin), the files, the summary,
+/// and in interactive mode the offer to run `doctor` on what was written.
+fn init(args: InitArgs) -> anyhow::Result<ExitCode> {
+    let flags = init::Flags {
+        product: args.product.map(Into::into),
+        tenant_id: args.tenant_id,
+        client_id: args.client_id,
+        environment: args.environment,
+        url: args.url,
+        client_name: args.client_name,
+    };
+    let dir = args.dir.unwrap_or_else(|| PathBuf::from("."));
+    if args.non_interactive {
+        flags.validate()?;
+        init::preflight(&dir, args.force)?;
+        let secret = init::read_secret(std::io::stdin().lock())?;
+        let (answers, warnings) = flags.into_answers(secret)?;
+        for warning in warnings {
+            eprintln!("warning: {warning}");
+        }
+        let written = init::write(&answers, &dir, args.force)?;
+        print!("{}", init::summary(&written));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let given = flags.validate()?;
+    init::preflight(&dir, args.force)?;
+    let mut prompter = init::prompt::Prompter::stdio();
+    prompter.say(&format!(
+        "s2s-proxy init: writes {} and {} for one Dynamics 365 route.\n\n",
+        dir.join(init::CONFIG_FILE).display(),
+        dir.join(init::ENV_FILE).display()
+    ))?;
+    let answers = prompter.answers(given)?;
+    let written = init::write(&answers, &dir, args.force)?;
+    prompter.say(&init::summary(&written))?;
+    prompter.say("\n")?;
+    if !prompter.confirm("Run `s2s-proxy doctor` on it now?", true)? {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let config = init::load_with_env_file(&written.config, &written.env)?;
+    let (text, ok) = runtime(Some(1))?.block_on(s2s_proxy::doctor::run(&config));
+    prompter.say(&text)?;
+    if !ok {
+        prompter.say(
+            "\ndoctor found a problem (often the grant step above is still to do); fix it and \
+             run `s2s-proxy doctor` again.\n",
+        )?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn load(path: &Path) -> anyhow::Result<Config> {
