@@ -68,6 +68,23 @@ pub fn route_table(config: &Config) -> String {
             out.push('\n');
         }
     }
+    let warnings: Vec<String> = config
+        .routes
+        .iter()
+        .filter(|route| route.rewrite_links)
+        .flat_map(|route| {
+            crate::rewrite::link_base_warnings(&route.upstream.url)
+                .into_iter()
+                .map(move |warning| format!("warning: {}: {warning}", route.prefix))
+        })
+        .collect();
+    if !warnings.is_empty() {
+        out.push('\n');
+        for warning in warnings {
+            out.push_str(&warning);
+            out.push('\n');
+        }
+    }
     let _ = writeln!(
         out,
         "\n{} route{}, {} credential{}, {} client{}; listening on {}",
@@ -314,6 +331,42 @@ mod tests {
         assert_eq!(duration(Duration::from_secs(30)), "30s");
         assert_eq!(duration(Duration::from_millis(1500)), "1500ms");
         assert_eq!(duration(Duration::from_secs(7200)), "2h");
+    }
+
+    #[test]
+    fn route_table_warns_about_link_bases_the_rewriter_cannot_see() {
+        let yaml = r#"
+credentials:
+  bc:
+    type: client_secret
+    token_url: https://idp.example/token
+    client_id: app
+    client_secret: ${SECRET}
+clients:
+  erp:
+    networks: [10.0.0.0/8]
+routes:
+  - prefix: /crm/
+    upstream: https://10.1.2.3/api/data/v9.2/
+    credential: bc
+    clients: [erp]
+    rewrite_links: true
+  - prefix: /quiet/
+    upstream: https://10.1.2.4/
+    credential: bc
+    clients: [erp]
+"#;
+        let source = crate::config::Source::inline(
+            "proxy.yaml",
+            [("SECRET".to_owned(), "s".to_owned())].into(),
+        );
+        let config = Config::from_yaml_str(yaml, &source).unwrap();
+        let table = route_table(&config);
+        assert!(
+            table.contains("warning: /crm/: rewrite_links: the upstream is given as 10.1.2.3;"),
+            "{table}"
+        );
+        assert!(!table.contains("warning: /quiet/"), "{table}");
     }
 
     #[test]

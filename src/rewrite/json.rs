@@ -9,7 +9,7 @@
 
 use bytes::BytesMut;
 
-use super::LinkMap;
+use super::{LinkMap, Matching, Step};
 
 /// How much of a key is remembered: enough for `…@odata.mediaReadLink` and the batch
 /// header names.
@@ -39,7 +39,7 @@ pub(crate) struct JsonRewriter {
     link_value: bool,
     /// Raw bytes of a candidate value held back, and how many prefix bytes they match.
     held: Vec<u8>,
-    matched: usize,
+    matching: Option<Matching>,
     held_escape: bool,
 }
 
@@ -52,7 +52,7 @@ impl JsonRewriter {
             link_key: false,
             link_value: false,
             held: Vec::new(),
-            matched: 0,
+            matching: None,
             held_escape: false,
         }
     }
@@ -83,7 +83,7 @@ impl JsonRewriter {
                             copied = i;
                             self.state = State::Candidate;
                             self.held.clear();
-                            self.matched = 0;
+                            self.matching = Some(links.start());
                             self.held_escape = false;
                         }
                         b'"' => {
@@ -176,11 +176,11 @@ impl JsonRewriter {
     /// value does not start with it.
     fn candidate(&mut self, links: &LinkMap, byte: u8) -> Decision {
         self.held.push(byte);
-        let expected = links.from()[self.matched];
-        if self.held_escape {
+        let matching = self.matching.get_or_insert_with(|| links.start());
+        let step = if self.held_escape {
             self.held_escape = false;
-            if byte == b'/' && expected == b'/' {
-                self.matched += 1;
+            if byte == b'/' {
+                links.step(matching, b'/')
             } else {
                 return Decision::Keep { closed: false };
             }
@@ -189,15 +189,13 @@ impl JsonRewriter {
             return Decision::Undecided;
         } else if byte == b'"' {
             return Decision::Keep { closed: true };
-        } else if links.byte_matches(self.matched, byte) {
-            self.matched += 1;
         } else {
-            return Decision::Keep { closed: false };
-        }
-        if self.matched == links.from().len() {
-            Decision::Rewrite
-        } else {
-            Decision::Undecided
+            links.step(matching, byte)
+        };
+        match step {
+            Step::Partial => Decision::Undecided,
+            Step::Complete => Decision::Rewrite,
+            Step::Failed => Decision::Keep { closed: false },
         }
     }
 }
@@ -385,7 +383,7 @@ mod tests {
             "https://api.bc.test/v2.0/t1/Production/".len() - "https://proxy.test/bc/".len();
         assert_eq!(produced, fed - shrink * (records + 2));
         assert!(
-            max_buffered <= 2 * links.from().len() + KEY_TAIL,
+            max_buffered <= 2 * links.max_len() + KEY_TAIL,
             "{max_buffered}"
         );
     }

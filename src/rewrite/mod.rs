@@ -42,58 +42,162 @@ fn is_link_header(name: &[u8]) -> bool {
 }
 
 /// The upstream prefix of one route and what replaces it.
+///
+/// The prefix is matched in every spelling that names the same resource (RFC 3986 §6.2.2,
+/// §6.2.3): scheme and host without regard to case, and the default port (`:80` for
+/// `http`, `:443` for `https`) present or absent, whichever way the route's `upstream`
+/// was written. Servers write their links in their own form (Dataverse and Business
+/// Central never write `:443`), so a route configured as `https://host:443/…` must still
+/// see its links. The path is compared byte for byte.
 #[derive(Debug, Clone)]
 pub(crate) struct LinkMap {
-    from: Vec<u8>,
+    /// The spellings of the prefix: the normalized one first, then the one with an
+    /// explicit default port. Neither is a prefix of the other (they differ right after
+    /// the host: `/` against `:`).
+    from: Vec<Spelling>,
     to: Vec<u8>,
-    /// Length of `scheme://authority` in `from`: compared without regard to case.
+}
+
+#[derive(Debug, Clone)]
+struct Spelling {
+    bytes: Vec<u8>,
+    /// Length of `scheme://authority`: compared without regard to case.
     authority_end: usize,
+}
+
+impl Spelling {
+    fn new(bytes: Vec<u8>) -> Self {
+        let after_scheme = memchr::memmem::find(&bytes, b"://").map_or(0, |i| i + 3);
+        let authority_end =
+            memchr::memchr(b'/', &bytes[after_scheme..]).map_or(bytes.len(), |i| after_scheme + i);
+        Self {
+            bytes,
+            authority_end,
+        }
+    }
+
+    fn byte_matches(&self, index: usize, byte: u8) -> bool {
+        match self.bytes.get(index) {
+            Some(expected) if index < self.authority_end => expected.eq_ignore_ascii_case(&byte),
+            Some(&expected) => expected == byte,
+            None => false,
+        }
+    }
+}
+
+/// The spellings of an absolute URL prefix: `scheme://host/…` with scheme and host
+/// lowercase and no default port, then (for `http` and `https`) the same with the default
+/// port written out. A URL that is not absolute has itself as its only spelling.
+fn spellings(url: &str) -> Vec<Vec<u8>> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return vec![url.as_bytes().to_vec()];
+    };
+    let scheme = scheme.to_ascii_lowercase();
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let authority = authority.to_ascii_lowercase();
+    let default_port = match scheme.as_str() {
+        "http" => Some(":80"),
+        "https" => Some(":443"),
+        _ => None,
+    };
+    // `[::1]:443` ends with the port; `[::1]` ends with `]`.
+    let host = match default_port {
+        Some(port) => authority.strip_suffix(port).unwrap_or(&authority),
+        None => &authority,
+    };
+    let mut out = vec![format!("{scheme}://{host}{path}").into_bytes()];
+    if let Some(port) = default_port {
+        out.push(format!("{scheme}://{host}{port}{path}").into_bytes());
+    }
+    out
+}
+
+/// Matching a value against a [`LinkMap`]'s prefix one byte at a time (the JSON scanner
+/// decides on links as they stream): which spellings still match, and how many bytes did.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Matching {
+    alive: u8,
+    matched: usize,
+}
+
+/// What one more byte did to a [`Matching`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// Still a prefix of some spelling.
+    Partial,
+    /// A whole spelling matched.
+    Complete,
+    /// No spelling matches.
+    Failed,
 }
 
 impl LinkMap {
     /// `from` is the route's upstream URL (ends with `/`), `to` the public base plus the
     /// route prefix (ends with `/`).
     pub(crate) fn new(from: &str, to: &str) -> Self {
-        let after_scheme = from.find("://").map_or(0, |i| i + 3);
-        let authority_end = from[after_scheme..]
-            .find('/')
-            .map_or(from.len(), |i| after_scheme + i);
         Self {
-            from: from.as_bytes().to_vec(),
+            from: spellings(from).into_iter().map(Spelling::new).collect(),
             to: to.as_bytes().to_vec(),
-            authority_end,
         }
-    }
-
-    fn from(&self) -> &[u8] {
-        &self.from
     }
 
     fn to(&self) -> &[u8] {
         &self.to
     }
 
-    fn byte_matches(&self, index: usize, byte: u8) -> bool {
-        let expected = self.from[index];
-        if index < self.authority_end {
-            expected.eq_ignore_ascii_case(&byte)
-        } else {
-            expected == byte
+    /// The longest spelling of the prefix: what a streaming matcher may hold back.
+    pub(crate) fn max_len(&self) -> usize {
+        self.from.iter().map(|s| s.bytes.len()).max().unwrap_or(0)
+    }
+
+    pub(crate) fn start(&self) -> Matching {
+        Matching {
+            alive: (1u8 << self.from.len()) - 1,
+            matched: 0,
         }
+    }
+
+    /// Feeds the next byte of a value to `matching`.
+    pub(crate) fn step(&self, matching: &mut Matching, byte: u8) -> Step {
+        let index = matching.matched;
+        let mut complete = false;
+        for (i, spelling) in self.from.iter().enumerate() {
+            if matching.alive & (1 << i) == 0 {
+                continue;
+            }
+            if spelling.byte_matches(index, byte) {
+                complete |= spelling.bytes.len() == index + 1;
+            } else {
+                matching.alive &= !(1 << i);
+            }
+        }
+        matching.matched += 1;
+        if complete {
+            Step::Complete
+        } else if matching.alive == 0 {
+            Step::Failed
+        } else {
+            Step::Partial
+        }
+    }
+
+    /// What follows the upstream prefix in `value`, if it starts with it.
+    pub(crate) fn strip<'v>(&self, value: &'v [u8]) -> Option<&'v [u8]> {
+        self.from.iter().find_map(|spelling| {
+            let prefix = value.get(..spelling.bytes.len())?;
+            prefix
+                .iter()
+                .enumerate()
+                .all(|(i, &b)| spelling.byte_matches(i, b))
+                .then(|| &value[spelling.bytes.len()..])
+        })
     }
 
     /// The rewritten value, if it starts with the upstream prefix.
     pub(crate) fn rewrite(&self, value: &[u8]) -> Option<Vec<u8>> {
-        let prefix = value.get(..self.from.len())?;
-        if !prefix
-            .iter()
-            .enumerate()
-            .all(|(i, &b)| self.byte_matches(i, b))
-        {
-            return None;
-        }
+        let rest = self.strip(value)?;
         let mut out = self.to.clone();
-        out.extend_from_slice(&value[self.from.len()..]);
+        out.extend_from_slice(rest);
         Some(out)
     }
 
@@ -111,6 +215,41 @@ impl LinkMap {
             }
         }
     }
+}
+
+/// What `check` says about a `rewrite_links` route whose upstream URL may not be the
+/// prefix the server writes its links with. The rewriter matches the URL as configured,
+/// with scheme and host in any case and the default port present or absent; these are
+/// the differences it cannot see:
+/// - the host is an IP address or `localhost`, or ends with a dot: servers write their
+///   links with the name they are known by (the `Host` they were sent is this one, but a
+///   server behind a tunnel or sidecar, or one with a configured base URL, writes its own);
+/// - the path holds percent-encoded bytes: servers may encode differently (`%20` or `+`,
+///   `%2f` or `%2F`), and the path is compared byte for byte.
+pub(crate) fn link_base_warnings(upstream: &Uri) -> Vec<String> {
+    let mut warnings = Vec::new();
+    let host = upstream.host().unwrap_or_default();
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    if bare.parse::<std::net::IpAddr>().is_ok() || host.eq_ignore_ascii_case("localhost") {
+        warnings.push(format!(
+            "rewrite_links: the upstream is given as {host}; links the server writes with its \
+             host name will not be rewritten (use the name it writes in @odata.context)"
+        ));
+    }
+    if host.ends_with('.') {
+        warnings.push(format!(
+            "rewrite_links: the upstream host {host} ends with a dot; links the server writes \
+             without it will not be rewritten"
+        ));
+    }
+    if upstream.path().contains('%') {
+        warnings.push(
+            "rewrite_links: the upstream path holds percent-encoded bytes; links are matched \
+             byte for byte, so a server that encodes them differently is not rewritten"
+                .to_owned(),
+        );
+    }
+    warnings
 }
 
 /// The base URL callers reach the proxy at, without a trailing `/`: `server.public_url`
@@ -457,6 +596,67 @@ mod tests {
         assert_eq!(headers[header::ETAG], "W/\"JzQ0OzE7MDsn\"");
     }
 
+    /// Servers write links without the default port whatever the route says, and some
+    /// write it although the route does not: both spellings are the same upstream.
+    #[test]
+    fn default_ports_and_case_are_matched_both_ways() {
+        let written_with = LinkMap::new("https://Org.CRM.test:443/api/data/v9.2/", "http://p/crm/");
+        let written_without = LinkMap::new("https://org.crm.test/api/data/v9.2/", "http://p/crm/");
+        for links in [&written_with, &written_without] {
+            for link in [
+                "https://org.crm.test/api/data/v9.2/accounts?$skiptoken=x",
+                "https://org.crm.test:443/api/data/v9.2/accounts?$skiptoken=x",
+                "HTTPS://ORG.crm.test:443/api/data/v9.2/accounts?$skiptoken=x",
+            ] {
+                assert_eq!(
+                    links.rewrite(link.as_bytes()).as_deref(),
+                    Some(&b"http://p/crm/accounts?$skiptoken=x"[..]),
+                    "{link}"
+                );
+            }
+            for other in [
+                "https://org.crm.test:4443/api/data/v9.2/accounts",
+                "http://org.crm.test/api/data/v9.2/accounts",
+                "https://org.crm.test/API/data/v9.2/accounts",
+                "https://org.crm.test.evil/api/data/v9.2/accounts",
+            ] {
+                assert_eq!(links.rewrite(other.as_bytes()), None, "{other}");
+            }
+        }
+        let plain = LinkMap::new("http://127.0.0.1:80/bc/", "http://p/bc/");
+        assert_eq!(
+            plain.rewrite(b"http://127.0.0.1/bc/x").as_deref(),
+            Some(&b"http://p/bc/x"[..])
+        );
+        // Another port is another server.
+        let other_port = LinkMap::new("http://127.0.0.1:8080/bc/", "http://p/bc/");
+        assert_eq!(other_port.rewrite(b"http://127.0.0.1/bc/x"), None);
+        assert_eq!(
+            other_port.rewrite(b"http://127.0.0.1:8080/bc/x").as_deref(),
+            Some(&b"http://p/bc/x"[..])
+        );
+    }
+
+    /// The streaming JSON scanner sees the same spellings, split at any byte.
+    #[test]
+    fn streamed_json_links_with_a_default_port_are_rewritten() {
+        let links = LinkMap::new("https://org.crm.test:443/api/data/v9.2/", "http://p/crm/");
+        let body = r#"{"@odata.context":"https://org.crm.test/api/data/v9.2/$metadata#accounts","value":[],"@odata.nextLink":"https:\/\/org.crm.test:443\/api\/data\/v9.2\/accounts?$skiptoken=1"}"#;
+        for size in [1, 3, 7, body.len()] {
+            let mut scanner = JsonRewriter::new();
+            let mut out = BytesMut::new();
+            for chunk in body.as_bytes().chunks(size) {
+                scanner.push(&links, chunk, &mut out);
+            }
+            scanner.finish(&mut out);
+            assert_eq!(
+                std::str::from_utf8(&out).unwrap(),
+                r#"{"@odata.context":"http://p/crm/$metadata#accounts","value":[],"@odata.nextLink":"http://p/crm/accounts?$skiptoken=1"}"#,
+                "chunk size {size}"
+            );
+        }
+    }
+
     #[test]
     fn public_base_prefers_config_then_trusted_forwarded_headers_then_host() {
         let mut headers = HeaderMap::new();
@@ -481,6 +681,23 @@ mod tests {
         );
         headers.insert(header::HOST, HeaderValue::from_static("a\"b"));
         assert_eq!(public_base(None, &headers, None, "http", false), None);
+    }
+
+    #[test]
+    fn link_bases_the_rewriter_cannot_see_are_warned_about() {
+        let warnings = |url: &str| link_base_warnings(&url.parse().unwrap());
+        assert!(warnings("https://Org.crm4.dynamics.com:443/api/data/v9.2/").is_empty());
+        assert!(warnings("https://api.businesscentral.dynamics.com/v2.0/t/Production/").is_empty());
+        for url in [
+            "https://10.1.2.3/api/data/v9.2/",
+            "http://127.0.0.1:8080/x/",
+            "http://[::1]:8080/x/",
+            "http://LOCALHOST:8080/x/",
+            "https://org.crm.test./api/",
+            "https://bc.test/v2.0/t/My%20Env/",
+        ] {
+            assert_eq!(warnings(url).len(), 1, "{url}");
+        }
     }
 
     #[test]
