@@ -146,6 +146,7 @@ impl LinkMap {
     }
 
     /// The longest spelling of the prefix: what a streaming matcher may hold back.
+    #[cfg(test)]
     pub(crate) fn max_len(&self) -> usize {
         self.from.iter().map(|s| s.bytes.len()).max().unwrap_or(0)
     }
