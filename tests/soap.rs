@@ -332,3 +332,185 @@ async fn a_soap_post_is_replayed_with_a_new_token_after_a_401() {
     assert_eq!(idp.calls(), 2);
     proxy.shutdown().await;
 }
+
+// ---- real SOAP software: spyne (server) and zeep (client) from PyPI ----
+
+fn python_soap_available() -> bool {
+    std::process::Command::new("python3")
+        .args(["-c", "import spyne, zeep, lxml, requests"])
+        .status()
+        .is_ok_and(|status| status.success())
+}
+
+/// Whether the real-software tests can run: under CI a missing package fails them.
+fn real_soap_software() -> bool {
+    if python_soap_available() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "python3 with spyne and zeep is required in CI (.ci/run installs them)"
+    );
+    eprintln!("SKIPPED: python3 -m pip install spyne zeep to run the real SOAP software tests");
+    false
+}
+
+/// The spyne upstream, started on a free loopback port; killed when dropped.
+struct SpyneServer {
+    child: tokio::process::Child,
+    port: u16,
+    /// Where the server logs each request it receives (removed when dropped).
+    log: std::path::PathBuf,
+}
+
+impl SpyneServer {
+    async fn start() -> Self {
+        use tokio::io::AsyncBufReadExt;
+        let log = std::env::temp_dir().join(format!(
+            "s2s-proxy-spyne-{}-{}.log",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/soap/spyne_server.py");
+        let mut child = tokio::process::Command::new("python3")
+            .arg(script)
+            .arg(&log)
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("python3 starts");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let first = tokio::time::timeout(std::time::Duration::from_secs(60), lines.next_line())
+            .await
+            .expect("spyne server starts within a minute")
+            .unwrap()
+            .expect("spyne server prints its port");
+        let port = first
+            .strip_prefix("PORT ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected first line: {first}"));
+        Self { child, port, log }
+    }
+
+    fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Every request the server received, as logged.
+    fn requests(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect()
+    }
+}
+
+impl Drop for SpyneServer {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// Runs the zeep client against `wsdl_url`; returns what it printed.
+async fn zeep(wsdl_url: &str, extra: &[&str]) -> serde_json::Value {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/soap/zeep_client.py");
+    let output = tokio::process::Command::new("python3")
+        .arg(script)
+        .args([wsdl_url, "erp", PASSWORD])
+        .args(extra)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "zeep failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|_| panic!("not JSON: {stdout}"))
+}
+
+/// zeep builds its client from the WSDL fetched through the proxy, follows the
+/// `xsd:import` it names, calls the operation at the address it names and gets a fault
+/// back: every request went to the proxy, and every one the spyne upstream saw carried
+/// the proxy's token (it refuses any other).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zeep_builds_from_a_wsdl_through_the_proxy_and_calls_spyne_only_through_it() {
+    if !real_soap_software() {
+        return;
+    }
+    let server = SpyneServer::start().await;
+    let idp = FakeIdp::start().await;
+    let proxy = spawn_with(&idp, &server.base(), "", REWRITE).await;
+    let public = format!("http://{}/bc/", proxy.addr);
+
+    let result = zeep(&format!("{public}WS/CRONUS/Codeunit/Sales?wsdl"), &[]).await;
+    assert_eq!(
+        result["address"],
+        format!("{public}WS/CRONUS/Codeunit/Sales")
+    );
+    assert_eq!(result["number"], "S-INV-S-ORD101001");
+    assert_eq!(result["lines"], 3);
+    // A link in the answer's character data names the proxy too.
+    assert_eq!(
+        result["link"],
+        format!("{public}ODataV4/Company('CRONUS')/SalesInvoices('S-INV-S-ORD101001')")
+    );
+    assert_eq!(result["fault"]["code"], "soap11env:Client.NotFound");
+    assert_eq!(
+        result["fault"]["message"],
+        "The Sales Header does not exist. No.='missing'"
+    );
+    let fetched: Vec<&str> = result["fetched"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|url| url.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        fetched,
+        [
+            format!("{public}WS/CRONUS/Codeunit/Sales?wsdl"),
+            format!("{public}WS/CRONUS/Codeunit/Sales?xsd=types"),
+            format!("{public}WS/CRONUS/Codeunit/Sales"),
+            format!("{public}WS/CRONUS/Codeunit/Sales"),
+        ],
+        "the client only ever talked to the proxy"
+    );
+
+    let seen = server.requests();
+    let summary: Vec<(String, String, String)> = seen
+        .iter()
+        .map(|r| {
+            (
+                r["method"].as_str().unwrap().to_owned(),
+                r["query"].as_str().unwrap().to_owned(),
+                r["soapaction"].as_str().unwrap_or("-").to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("GET".into(), "wsdl".into(), "-".into()),
+            ("GET".into(), "xsd=types".into(), "-".into()),
+            ("POST".into(), String::new(), "\"Post\"".into()),
+            ("POST".into(), String::new(), "\"Post\"".into()),
+        ]
+    );
+    for request in &seen {
+        assert_eq!(request["authorization"], "Bearer tok-1", "{request}");
+        assert_eq!(
+            request["path"],
+            format!("{BC_BASE}WS/CRONUS/Codeunit/Sales"),
+            "{request}"
+        );
+    }
+    proxy.shutdown().await;
+}
