@@ -511,6 +511,139 @@ async fn zeep_builds_from_a_wsdl_through_the_proxy_and_calls_spyne_only_through_
             format!("{BC_BASE}WS/CRONUS/Codeunit/Sales"),
             "{request}"
         );
+        assert_eq!(request["wsa_to"], serde_json::Value::Null);
+    }
+    proxy.shutdown().await;
+}
+
+/// zeep with WS-Addressing writes the address from the WSDL (the proxy's) into `wsa:To`;
+/// spyne receives its own address there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zeep_with_ws_addressing_reaches_spyne_with_the_upstreams_own_address() {
+    if !real_soap_software() {
+        return;
+    }
+    let server = SpyneServer::start().await;
+    let idp = FakeIdp::start().await;
+    let proxy = spawn_with(&idp, &server.base(), "", REWRITE).await;
+    let public = format!("http://{}/bc/", proxy.addr);
+    let result = zeep(&format!("{public}WS/CRONUS/Codeunit/Sales?wsdl"), &["wsa"]).await;
+    assert_eq!(result["number"], "S-INV-S-ORD101001");
+    assert_eq!(result["fault"]["code"], "soap11env:Client.NotFound");
+    let posts: Vec<serde_json::Value> = server
+        .requests()
+        .into_iter()
+        .filter(|r| r["method"] == "POST")
+        .collect();
+    assert_eq!(posts.len(), 2);
+    for post in posts {
+        assert_eq!(
+            post["wsa_to"],
+            format!("{}{BC_BASE}WS/CRONUS/Codeunit/Sales", server.base()),
+            "{post}"
+        );
+        assert_eq!(post["authorization"], "Bearer tok-1");
+    }
+    proxy.shutdown().await;
+}
+
+/// A SOAP 1.2 envelope with WS-Addressing headers as Dataverse's Organization Service
+/// expects them, `To` naming `to`; `filler` pads the body.
+fn addressed_envelope(to: &str, filler: &str) -> String {
+    format!(
+        r#"<s:Envelope xmlns:s="http://www.w3.org/2003/05/soap-envelope" xmlns:a="http://www.w3.org/2005/08/addressing"><s:Header><a:Action s:mustUnderstand="1">http://schemas.microsoft.com/xrm/2011/Contracts/Services/IOrganizationService/Execute</a:Action><a:MessageID>urn:uuid:5e1c8d6e-0000-4000-8000-000000000001</a:MessageID><a:ReplyTo><a:Address>http://www.w3.org/2005/08/addressing/anonymous</a:Address></a:ReplyTo><a:To s:mustUnderstand="1">{to}</a:To></s:Header><s:Body><Execute xmlns="http://schemas.microsoft.com/xrm/2011/Contracts/Services"><request><a:Parameters>{filler}</a:Parameters><Echo>{to}</Echo></request></Execute></s:Body></s:Envelope>"#
+    )
+}
+
+/// The `To` a client writes is the proxy's URL; the upstream sees its own (and the rest of
+/// the envelope as it was), in a body kept for replay and in a streamed one alike.
+#[tokio::test]
+async fn a_ws_addressing_to_naming_the_proxy_reaches_the_upstream_as_its_own_url() {
+    let idp = FakeIdp::start().await;
+    let upstream = FakeUpstream::start().await;
+    let base = upstream.base();
+    upstream.respond(|request| {
+        if request.header("authorization") == Some("Bearer tok-1") && request.body.len() < 1000 {
+            return Response::builder()
+                .status(401)
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+        }
+        xml(
+            200,
+            "application/soap+xml; charset=utf-8",
+            b"<ok/>".to_vec(),
+            None,
+        )
+    });
+    // Not a rewrite_links route: the upstream checks `To` all the same.
+    let proxy = spawn_with(&idp, &base, "", "").await;
+    let (name, value) = erp();
+    let soap12 = "application/soap+xml; charset=utf-8; action=\"http://schemas.microsoft.com/xrm/2011/Contracts/Services/IOrganizationService/Execute\"";
+    let service = "XRMServices/2011/Organization.svc/web";
+    let public_to = format!("http://{}/bc/{service}", proxy.addr);
+    let upstream_to = format!("{base}{BC_BASE}{service}");
+
+    // Small: translated once, replayed after the 401 as translated.
+    let sent = addressed_envelope(&public_to, "");
+    let answer = send(
+        proxy.addr,
+        "POST",
+        &format!("/bc/{service}"),
+        &[(name, &value), ("content-type", soap12)],
+        sent.clone(),
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let expected = addressed_envelope(&upstream_to, "").replace(
+        &format!("<Echo>{upstream_to}</Echo>"),
+        &format!("<Echo>{public_to}</Echo>"),
+    );
+    let seen = upstream.requests();
+    assert_eq!(seen.len(), 2, "the 401 was answered by a replay");
+    for request in &seen {
+        assert_eq!(String::from_utf8_lossy(&request.body), expected);
+        assert_eq!(
+            request.header("content-length"),
+            Some(expected.len().to_string().as_str())
+        );
+        assert_eq!(request.header("content-type"), Some(soap12));
+    }
+
+    // Large (over the replay limit): translated as it streams, split wherever the
+    // client's writes fall.
+    let filler = "<a:KeyValuePairOfstringanyType/>".repeat(4000);
+    let sent = addressed_envelope(&public_to, &filler);
+    let answer = send(
+        proxy.addr,
+        "POST",
+        &format!("/bc/{service}"),
+        &[(name, &value), ("content-type", soap12)],
+        sent.clone(),
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let expected = addressed_envelope(&upstream_to, &filler).replace(
+        &format!("<Echo>{upstream_to}</Echo>"),
+        &format!("<Echo>{public_to}</Echo>"),
+    );
+    let seen = upstream.requests().pop().unwrap();
+    assert_eq!(seen.body.len(), expected.len());
+    assert_eq!(String::from_utf8_lossy(&seen.body), expected);
+
+    // Not SOAP (no SOAPAction with text/xml; JSON): passed as sent.
+    for content_type in ["text/xml; charset=utf-8", "application/json"] {
+        let sent = addressed_envelope(&public_to, "x".repeat(2000).as_str());
+        send(
+            proxy.addr,
+            "POST",
+            &format!("/bc/{service}"),
+            &[(name, &value), ("content-type", content_type)],
+            sent.clone(),
+        )
+        .await;
+        let seen = upstream.requests().pop().unwrap();
+        assert_eq!(String::from_utf8_lossy(&seen.body), sent, "{content_type}");
     }
     proxy.shutdown().await;
 }

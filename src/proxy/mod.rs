@@ -16,7 +16,8 @@
 //!    (`retry_on_429`) waits out `Retry-After` and replays it, both only when the body was
 //!    small enough to keep — 502 / 504 on upstream failure. On `rewrite_links` routes the
 //!    response's upstream links are rewritten to proxy links as it streams back; on every
-//!    route the tokens of the exchange are scrubbed from the response (`scrub`).
+//!    route the tokens of the exchange are scrubbed from the response (`scrub`). A SOAP
+//!    envelope's WS-Addressing `To` naming the proxy is given the upstream's URL.
 
 pub(crate) mod access_log;
 pub(crate) mod body;
@@ -282,6 +283,7 @@ impl Pipeline {
             authority: parts.uri.authority(),
         };
         let links = self.link_map(route, &parts.headers, &forwarding);
+        let addressing = self.addressing(route, &parts.headers, &forwarding);
         let mut headers = headers::to_upstream(parts.headers, &forwarding);
         // Textual answers are searched for the token, links or not: only codings the
         // proxy can decode are asked for.
@@ -307,6 +309,15 @@ impl Pipeline {
                 ProxyError::BadRequest("the request body could not be read")
             }
         })?;
+
+        let body = match addressing {
+            Some(addressing) => {
+                // The length changes; a body kept whole gets its new one from hyper.
+                headers.remove(header::CONTENT_LENGTH);
+                body.translate(addressing)
+            }
+            None => body,
+        };
 
         let slot = match &route.queue {
             Some(queue) => Some(queue.acquire(deadline).await?),
@@ -422,6 +433,30 @@ impl Pipeline {
             body.hold(slot);
             return Ok(Response::from_parts(parts_out, body));
         }
+    }
+
+    /// The translator of a SOAP request's WS-Addressing `To` (any route: the upstream
+    /// checks `To` whether or not the route rewrites links), when the public base is known.
+    fn addressing(
+        &self,
+        route: &RouteState,
+        headers: &HeaderMap,
+        forwarding: &Forwarding<'_>,
+    ) -> Option<rewrite::AddressingRewriter> {
+        if !rewrite::is_soap_request(headers) {
+            return None;
+        }
+        let base = rewrite::public_base(
+            self.public_url.as_ref(),
+            headers,
+            forwarding.authority,
+            forwarding.proto,
+            forwarding.peer_is_trusted_proxy,
+        )?;
+        Some(rewrite::AddressingRewriter::new(
+            &format!("{base}{}", route.prefix),
+            &route.upstream_url,
+        ))
     }
 
     /// What the route's upstream links become, when the route rewrites them and the

@@ -22,8 +22,12 @@
 //! these three codings (on every route, since token scrubbing reads textual bodies too). The same decoders serve token
 //! scrubbing on routes that do not rewrite ([`decoding`]: decode only, same header rules).
 //!
+//! On the request side, WS-Addressing `To` headers in SOAP envelopes that name the proxy
+//! are given the upstream's URL (see [`addressing`]).
+//!
 //! This module does not decide which routes rewrite, nor when (see `proxy`).
 
+mod addressing;
 mod decode;
 mod json;
 mod multipart;
@@ -33,6 +37,7 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue, Uri};
 
+pub(crate) use self::addressing::{AddressingRewriter, is_soap_request};
 pub(crate) use self::decode::Coding;
 use self::decode::Decoder;
 use self::json::JsonRewriter;

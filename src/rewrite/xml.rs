@@ -69,10 +69,32 @@ pub(crate) struct XmlRewriter {
     /// with XML's five special characters escaped (§2.4, §3.1), in case a configured
     /// `public_url` or a `Host` holds `&` or `'`.
     to_escaped: Vec<u8>,
+    /// When set, only the character data right after a start tag with this local name
+    /// is looked at (see [`XmlRewriter::element_text`]).
+    only: Option<&'static [u8]>,
+    /// The start tag's name being read (at most [`MAX_NAME`] bytes; longer names match
+    /// nothing), whether it is still being read, and whether the tag's last byte was `/`.
+    tag: Vec<u8>,
+    naming: bool,
+    tag_slash: bool,
 }
+
+/// Longest element name remembered for [`XmlRewriter::element_text`].
+const MAX_NAME: usize = 64;
 
 impl XmlRewriter {
     pub(crate) fn new(links: &LinkMap) -> Self {
+        Self::scoped(links, None)
+    }
+
+    /// A rewriter that only looks at the character data of elements named `local` in any
+    /// namespace (`<wsa:To>`, `<a:To>`, `<To xmlns=…>`): attribute values and all other
+    /// text pass through.
+    pub(crate) fn element_text(links: &LinkMap, local: &'static [u8]) -> Self {
+        Self::scoped(links, Some(local))
+    }
+
+    fn scoped(links: &LinkMap, only: Option<&'static [u8]>) -> Self {
         let mut to_escaped = Vec::with_capacity(links.to().len());
         for &byte in links.to() {
             match byte {
@@ -89,10 +111,14 @@ impl XmlRewriter {
             state: State::Text,
             in_subset: false,
             open_cdata: false,
-            deciding: true,
+            deciding: only.is_none(),
             matching: None,
             held: Vec::new(),
             to_escaped,
+            only,
+            tag: Vec::new(),
+            naming: false,
+            tag_slash: false,
         }
     }
 
@@ -181,11 +207,29 @@ impl XmlRewriter {
         self.deciding = false;
     }
 
-    /// A new value starts: decide whether it starts with the prefix.
+    /// A new value starts: decide whether it starts with the prefix (unless only one
+    /// element's text is looked at).
     fn start_value(&mut self) {
-        self.deciding = true;
+        self.start_value_if(self.only.is_none());
+    }
+
+    fn start_value_if(&mut self, look: bool) {
+        self.deciding = look;
         self.matching = None;
         self.held.clear();
+    }
+
+    /// Character data starts after a start tag (`slash`: an empty-element tag).
+    fn start_element_text(&mut self, slash: bool) {
+        let look = match self.only {
+            None => true,
+            Some(local) => {
+                let name = self.tag.as_slice();
+                let name = memchr::memchr(b':', name).map_or(name, |at| &name[at + 1..]);
+                !slash && name == local
+            }
+        };
+        self.start_value_if(look);
     }
 
     /// Character data starts again after markup ends (or the internal subset resumes).
@@ -247,23 +291,54 @@ impl XmlRewriter {
                             subset: self.in_subset,
                         }
                     } else {
+                        self.tag.clear();
+                        self.naming = true;
+                        self.tag_slash = false;
                         State::StartTag { quote: None }
                     };
                     return i;
                 }
                 i + 1
             }
+            State::StartTag { quote: None } if self.naming => {
+                let rest = &input[i..];
+                let end = rest
+                    .iter()
+                    .position(|b| matches!(b, b' ' | b'\t' | b'\r' | b'\n' | b'/' | b'>'))
+                    .unwrap_or(rest.len());
+                if self.tag.len() + end > MAX_NAME {
+                    // Too long to be a name looked for: remembered as no name at all.
+                    self.tag.clear();
+                    self.tag.extend_from_slice(b"?");
+                } else if self.tag != b"?" {
+                    self.tag.extend_from_slice(&rest[..end]);
+                }
+                self.naming = end == rest.len();
+                i + end
+            }
             State::StartTag { quote: None } => {
                 match memchr::memchr3(b'"', b'\'', b'>', &input[i..]) {
-                    None => input.len(),
+                    None => {
+                        if let Some(&last) = input.last() {
+                            self.tag_slash = last == b'/';
+                        }
+                        input.len()
+                    }
                     Some(at) => {
                         let byte = input[i + at];
                         if byte == b'>' {
+                            let slash = if at > 0 {
+                                input[i + at - 1] == b'/'
+                            } else {
+                                self.tag_slash
+                            };
                             self.state = State::Text;
+                            self.start_element_text(slash);
                         } else {
+                            self.tag_slash = false;
                             self.state = State::StartTag { quote: Some(byte) };
+                            self.start_value();
                         }
-                        self.start_value();
                         i + at + 1
                     }
                 }
