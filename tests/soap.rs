@@ -255,13 +255,26 @@ async fn a_soap_fault_is_the_upstreams_answer_passed_through_unchanged() {
                 answer.header("content-type"),
                 Some("text/xml; charset=utf-8")
             );
-            let body = if extra.is_empty() && coding == "gzip" {
-                assert_eq!(answer.header("content-encoding"), Some("gzip"));
-                encode("gzip", FAULT_11.as_bytes())
-            } else {
-                FAULT_11.as_bytes().to_vec()
+            // Textual bodies may be decoded on their way (for rewriting, or for token
+            // scrubbing); what they say is the upstream's fault, byte for byte.
+            let body = match answer.header("content-encoding") {
+                Some("gzip") => {
+                    let mut decoded = Vec::new();
+                    std::io::Read::read_to_end(
+                        &mut flate2::read::GzDecoder::new(&answer.body[..]),
+                        &mut decoded,
+                    )
+                    .unwrap();
+                    decoded
+                }
+                None => answer.body.to_vec(),
+                Some(other) => panic!("unexpected coding {other}"),
             };
-            assert_eq!(answer.body, Bytes::from(body), "{extra:?} {coding}");
+            assert_eq!(
+                String::from_utf8(body).unwrap(),
+                FAULT_11,
+                "{extra:?} {coding}"
+            );
 
             let answer = send(
                 proxy.addr,
