@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
@@ -27,7 +27,7 @@ use tokio::time::{Instant, Sleep};
 use super::access_log::AccessLog;
 use super::queue::Permit;
 use super::scrub::Scrubber;
-use crate::rewrite::BodyRewriter;
+use crate::rewrite::{AddressingRewriter, BodyRewriter};
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -156,6 +156,8 @@ pub(crate) struct Streaming {
     idle_timeout: Duration,
     /// Re-armed on every piece of the body.
     idle: Pin<Box<Sleep>>,
+    /// Translates a SOAP envelope's WS-Addressing `To` as it streams.
+    addressing: Option<Box<AddressingRewriter>>,
 }
 
 impl UpstreamBody {
@@ -174,7 +176,28 @@ impl UpstreamBody {
             stats,
             idle_timeout: limits.idle_timeout,
             idle: Box::pin(tokio::time::sleep(limits.idle_timeout)),
+            addressing: None,
         }))
+    }
+
+    /// The body with its WS-Addressing `To` translated: at once when it is kept whole
+    /// (so it can still be replayed), else as it streams.
+    pub(crate) fn translate(self, mut addressing: AddressingRewriter) -> Self {
+        match self {
+            Self::Buffered(None) => Self::Buffered(None),
+            Self::Buffered(Some(body)) => {
+                let mut out = BytesMut::from(&addressing.push(&body)[..]);
+                out.extend_from_slice(&addressing.finish());
+                Self::Buffered(Some(out.freeze()))
+            }
+            Self::Streaming(mut streaming) => {
+                streaming.prefix = streaming.prefix.map(|prefix| addressing.push(&prefix));
+                streaming.addressing = Some(Box::new(addressing));
+                Self::Streaming(streaming)
+            }
+            // A `$batch` body is not a SOAP envelope; its parts are translated by `batch`.
+            Self::Batch(batch) => Self::Batch(batch),
+        }
     }
 
     /// A copy for a second attempt, if this body can be replayed.
@@ -209,7 +232,10 @@ impl Body for UpstreamBody {
                             }
                             return Poll::Pending;
                         }
-                        Poll::Ready(None) => return Poll::Ready(None),
+                        Poll::Ready(None) => {
+                            let tail = streaming.addressing.take().map(|mut a| a.finish());
+                            return Poll::Ready(tail.map(|tail| Ok(Frame::data(tail))));
+                        }
                         Poll::Ready(Some(Err(error))) => {
                             return Poll::Ready(Some(Err(error.into())));
                         }
@@ -227,6 +253,10 @@ impl Body for UpstreamBody {
                         return Poll::Ready(Some(Err(BodyTooLarge.into())));
                     }
                     streaming.remaining -= len;
+                    let data = match &mut streaming.addressing {
+                        Some(addressing) => addressing.push(&data),
+                        None => data,
+                    };
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
             }
@@ -238,7 +268,9 @@ impl Body for UpstreamBody {
             Self::Buffered(body) => body.is_none(),
             Self::Batch(batch) => batch.is_end_stream(),
             Self::Streaming(streaming) => {
-                streaming.prefix.is_none() && streaming.rest.is_end_stream()
+                streaming.prefix.is_none()
+                    && streaming.rest.is_end_stream()
+                    && streaming.addressing.is_none()
             }
         }
     }
@@ -249,6 +281,8 @@ impl Body for UpstreamBody {
                 SizeHint::with_exact(body.as_ref().map_or(0, |b| b.len() as u64))
             }
             Self::Batch(batch) => batch.size_hint(),
+            // A translated body's length is known only at its end.
+            Self::Streaming(streaming) if streaming.addressing.is_some() => SizeHint::new(),
             Self::Streaming(streaming) => {
                 let prefix = streaming.prefix.as_ref().map_or(0, |p| p.len() as u64);
                 let rest = streaming.rest.size_hint();

@@ -17,7 +17,8 @@
 //!    small enough to keep — 502 / 504 on upstream failure. On `rewrite_links` routes the
 //!    response's upstream links are rewritten to proxy links as it streams back; on every
 //!    route the tokens of the exchange are scrubbed from the response (`scrub`). A
-//!    `$batch` body's inner requests are checked and translated on the way (`batch`).
+//!    `$batch` body's inner requests are checked and translated on the way (`batch`); a
+//!    SOAP envelope's WS-Addressing `To` naming the proxy is given the upstream's URL.
 
 pub(crate) mod access_log;
 pub(crate) mod body;
@@ -306,6 +307,7 @@ impl Pipeline {
         };
         let links = self.link_map(route, &parts.headers, &forwarding);
         let batch = self.batch(route, &parts, &forwarding)?;
+        let addressing = self.addressing(route, &parts.headers, &forwarding);
         let mut headers = headers::to_upstream(parts.headers, &forwarding);
         // Textual answers are searched for the token, links or not: only codings the
         // proxy can decode are asked for.
@@ -332,16 +334,22 @@ impl Pipeline {
             }
         })?;
 
-        // A `$batch` body is checked (up to its look-ahead) before anything is sent.
-        let body = match batch {
-            Some(batch) => {
+        // A `$batch` body is checked (up to its look-ahead) before anything is sent; a
+        // SOAP envelope's `To` is translated as it passes. The length changes either way (a
+        // body kept whole gets its new one from hyper).
+        let body = match (batch, addressing) {
+            (Some(batch), _) => {
                 headers.remove(header::CONTENT_LENGTH);
                 timeout_at(deadline, batch::translate_body(body, batch))
                     .await
                     .map_err(|_| ProxyError::UpstreamTimeout)?
                     .map_err(|error| batch_body_error(&*error))?
             }
-            None => body,
+            (None, Some(addressing)) => {
+                headers.remove(header::CONTENT_LENGTH);
+                body.translate(addressing)
+            }
+            (None, None) => body,
         };
 
         let slot = match &route.queue {
@@ -489,6 +497,30 @@ impl Pipeline {
             policy: forwarding.policy,
         };
         Ok(Batch::for_request(&parts.method, &parts.headers, &context)?)
+    }
+
+    /// The translator of a SOAP request's WS-Addressing `To` (any route: the upstream
+    /// checks `To` whether or not the route rewrites links), when the public base is known.
+    fn addressing(
+        &self,
+        route: &RouteState,
+        headers: &HeaderMap,
+        forwarding: &Forwarding<'_>,
+    ) -> Option<rewrite::AddressingRewriter> {
+        if !rewrite::is_soap_request(headers) {
+            return None;
+        }
+        let base = rewrite::public_base(
+            self.public_url.as_ref(),
+            headers,
+            forwarding.authority,
+            forwarding.proto,
+            forwarding.peer_is_trusted_proxy,
+        )?;
+        Some(rewrite::AddressingRewriter::new(
+            &format!("{base}{}", route.prefix),
+            &route.upstream_url,
+        ))
     }
 
     /// What the route's upstream links become, when the route rewrites them and the

@@ -8,8 +8,13 @@
 //! very same upstream URL. Nothing else is touched: not `ETag`, not `@odata.etag`, not a
 //! link to another host or environment.
 //!
+//! XML bodies (WSDL, XSD, SOAP envelopes, Atom feeds: `text/xml`, `application/xml`,
+//! `…+xml`) are treated more broadly, as SOAP clients follow whatever address a WSDL
+//! names: every attribute value and every run of character data that starts with the
+//! upstream URL is rewritten (see [`xml`]).
+//!
 //! Bodies are rewritten as they stream, by a scanner that never holds more than a few
-//! hundred bytes (see [`json`] and [`multipart`]). Compressed bodies (`gzip`, `deflate`,
+//! hundred bytes (see [`json`], [`multipart`] and [`xml`]). Compressed bodies (`gzip`, `deflate`,
 //! `br`) are decoded and sent on uncompressed, with `Content-Encoding` removed: the
 //! compressed hop is the one over the internet to Microsoft, while the proxy's callers sit
 //! next to it, and re-compressing would cost CPU on every byte for little gain. What the
@@ -17,21 +22,28 @@
 //! these three codings (on every route, since token scrubbing reads textual bodies too). The same decoders serve token
 //! scrubbing on routes that do not rewrite ([`decoding`]: decode only, same header rules).
 //!
+//! On the request side, WS-Addressing `To` headers in SOAP envelopes that name the proxy
+//! are given the upstream's URL (see [`addressing`]).
+//!
 //! This module does not decide which routes rewrite, nor when (see `proxy`).
 
+mod addressing;
 mod decode;
 mod json;
 mod multipart;
+mod xml;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue, Uri};
 
+pub(crate) use self::addressing::{AddressingRewriter, is_soap_request};
 pub(crate) use self::decode::Coding;
 use self::decode::Decoder;
 use self::json::JsonRewriter;
 use self::multipart::MultipartRewriter;
 pub(crate) use self::multipart::classify as classify_content_type;
+use self::xml::XmlRewriter;
 
 const ODATA_ENTITYID: HeaderName = HeaderName::from_static("odata-entityid");
 
@@ -338,15 +350,31 @@ pub(crate) fn narrow_accept_encoding(headers: &mut HeaderMap) {
 enum Content {
     Json,
     Multipart(Vec<u8>),
+    Xml,
 }
 
 fn content(headers: &HeaderMap) -> Option<Content> {
     let value = headers.get(header::CONTENT_TYPE)?.as_bytes();
+    if is_xml(value) {
+        return Some(Content::Xml);
+    }
     match multipart::classify(value) {
         (_, true, _) => Some(Content::Json),
         (_, _, Some(boundary)) => Some(Content::Multipart(boundary)),
         _ => None,
     }
+}
+
+/// `text/xml`, `application/xml` and every `…+xml` type (RFC 7303 §4.1, §4.2, §9.2:
+/// SOAP 1.2's `application/soap+xml`, Atom's `application/atom+xml`, …).
+fn is_xml(content_type: &[u8]) -> bool {
+    let media = content_type
+        .split(|&b| b == b';')
+        .next()
+        .unwrap_or_default()
+        .trim_ascii()
+        .to_ascii_lowercase();
+    media == b"text/xml" || media == b"application/xml" || media.ends_with(b"+xml")
 }
 
 /// `Ok(None)` for an identity body, `Err` for a coding the proxy cannot undo.
@@ -373,7 +401,7 @@ fn coding(headers: &HeaderMap) -> Result<Option<Coding>, ()> {
 }
 
 /// Prepares a response for rewriting: rewrites its link headers and, when its body is
-/// JSON or a multipart batch in a coding the proxy can decode, returns the body rewriter
+/// JSON, XML or a multipart batch in a coding the proxy can decode, returns the body rewriter
 /// and adjusts the headers to what will be sent (`Content-Length` and `Content-Encoding`
 /// removed). `has_body` is false for HEAD requests and 204/304 answers.
 pub(crate) fn prepare(
@@ -424,6 +452,7 @@ pub(crate) struct UnknownCoding;
 enum Scanner {
     Json(JsonRewriter, LinkMap),
     Multipart(Box<MultipartRewriter>, LinkMap),
+    Xml(XmlRewriter, LinkMap),
     /// Decoding only: the body is passed on as decoded (see [`decoding`]).
     Plain,
 }
@@ -433,6 +462,7 @@ impl Scanner {
         match self {
             Self::Json(json, links) => json.push(links, input, out),
             Self::Multipart(multipart, links) => multipart.push(links, input, out),
+            Self::Xml(xml, links) => xml.push(links, input, out),
             Self::Plain => out.extend_from_slice(input),
         }
     }
@@ -441,6 +471,7 @@ impl Scanner {
         match self {
             Self::Json(json, _) => json.finish(out),
             Self::Multipart(multipart, _) => multipart.finish(out),
+            Self::Xml(xml, _) => xml.finish(out),
             Self::Plain => {}
         }
     }
@@ -474,6 +505,7 @@ impl BodyRewriter {
             Content::Multipart(boundary) => {
                 Scanner::Multipart(Box::new(MultipartRewriter::new(&boundary)), links)
             }
+            Content::Xml => Scanner::Xml(XmlRewriter::new(&links), links),
         };
         Self::with_scanner(scanner, coding)
     }
@@ -520,6 +552,7 @@ impl BodyRewriter {
         let scanner = match &self.scanner {
             Scanner::Json(json, _) => json.buffered(),
             Scanner::Multipart(multipart, _) => multipart.buffered(),
+            Scanner::Xml(xml, _) => xml.buffered(),
             Scanner::Plain => 0,
         };
         scanner
