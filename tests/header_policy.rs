@@ -21,41 +21,6 @@ use tokio::net::{TcpListener, TcpStream};
 
 use support::*;
 
-/// A global dispatcher that records nothing but keeps every callsite's interest at
-/// "sometimes": tracing-core caches interest process-wide, so a callsite first hit by
-/// another test thread with no dispatcher would be "never" for the access-log test's
-/// capture too. Every test calls this before anything can log.
-fn quiet_global_dispatch() {
-    use tracing::level_filters::LevelFilter;
-    use tracing::subscriber::Interest;
-    use tracing::{Event, Metadata, span};
-
-    struct Quiet;
-    impl tracing::Subscriber for Quiet {
-        fn register_callsite(&self, _: &'static Metadata<'static>) -> Interest {
-            Interest::sometimes()
-        }
-        fn max_level_hint(&self) -> Option<LevelFilter> {
-            Some(LevelFilter::TRACE)
-        }
-        fn enabled(&self, _: &Metadata<'_>) -> bool {
-            false
-        }
-        fn new_span(&self, _: &span::Attributes<'_>) -> span::Id {
-            span::Id::from_u64(1)
-        }
-        fn record(&self, _: &span::Id, _: &span::Record<'_>) {}
-        fn record_follows_from(&self, _: &span::Id, _: &span::Id) {}
-        fn event(&self, _: &Event<'_>) {}
-        fn enter(&self, _: &span::Id) {}
-        fn exit(&self, _: &span::Id) {}
-    }
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let _ = tracing::subscriber::set_global_default(Quiet);
-    });
-}
-
 /// Identity and forwarding headers a caller might use to impersonate someone, or a
 /// frontend (Azure App Service, Front Door, Cloudflare, Envoy) the upstream may trust.
 const SPOOFED: &[(&str, &str)] = &[

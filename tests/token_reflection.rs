@@ -26,41 +26,6 @@ use support::*;
 /// A JWT-shaped token, as Entra issues them (base64url segments and dots).
 const JWT: &str = "eyJ0eXAiOiJKV1QiLCJhbGciOiJSUzI1NiIsIng1dCI6IkNBTkFSWSJ9.eyJhdWQiOiJodHRwczovL2FwaS5idXNpbmVzc2NlbnRyYWwuZHluYW1pY3MuY29tIiwicm9sZXMiOlsiQXV0b21hdGlvbi5SZWFkV3JpdGUuQWxsIl0sImV4cCI6MTc5OTk5OTk5OX0.Q0FOQVJZLXNpZ25hdHVyZS1ub3QtcmVhbC1fLWFiY2RlZmdoaWprbG1ub3BxcnN0dXZ3eHl6MDEyMzQ1Njc4OQ";
 
-/// A global dispatcher that records nothing but keeps every callsite's interest at
-/// "sometimes", so the log capture of one test is not defeated by another test thread
-/// hitting a callsite first while no dispatcher exists (tracing-core's interest cache is
-/// process-wide). Every test calls it before anything can log.
-fn quiet_global_dispatch() {
-    use tracing::level_filters::LevelFilter;
-    use tracing::subscriber::Interest;
-    use tracing::{Event, Metadata, span};
-
-    struct Quiet;
-    impl tracing::Subscriber for Quiet {
-        fn register_callsite(&self, _: &'static Metadata<'static>) -> Interest {
-            Interest::sometimes()
-        }
-        fn max_level_hint(&self) -> Option<LevelFilter> {
-            Some(LevelFilter::TRACE)
-        }
-        fn enabled(&self, _: &Metadata<'_>) -> bool {
-            false
-        }
-        fn new_span(&self, _: &span::Attributes<'_>) -> span::Id {
-            span::Id::from_u64(1)
-        }
-        fn record(&self, _: &span::Id, _: &span::Record<'_>) {}
-        fn record_follows_from(&self, _: &span::Id, _: &span::Id) {}
-        fn event(&self, _: &Event<'_>) {}
-        fn enter(&self, _: &span::Id) {}
-        fn exit(&self, _: &span::Id) {}
-    }
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let _ = tracing::subscriber::set_global_default(Quiet);
-    });
-}
-
 /// Fake IdP issuing [`JWT`], fake upstream, and the proxy of [`yaml`] in front of them.
 async fn setup() -> (FakeIdp, FakeUpstream, ProxyHandle) {
     quiet_global_dispatch();
