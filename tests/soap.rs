@@ -1,8 +1,9 @@
 //! SOAP web services through the proxy: WSDL and XSD links rewritten to the proxy,
 //! `SOAPAction` and SOAP 1.2's `action` kept, faults passed through, the 401 replay for
 //! SOAP POSTs, WS-Addressing `To`. The first tests use the recording fake upstream; the
-//! last ones run real SOAP software (Python `spyne` as the upstream, `zeep` as the
-//! client, both from PyPI, installed by `.ci/run`) against the proxy.
+//! last ones run real SOAP software (Python `spyne` as the upstream and `zeep` as a
+//! client, both from PyPI; the npm `soap` client on Node.js; all installed by `.ci/run`)
+//! against the proxy.
 
 mod support;
 
@@ -346,7 +347,7 @@ async fn a_soap_post_is_replayed_with_a_new_token_after_a_401() {
     proxy.shutdown().await;
 }
 
-// ---- real SOAP software: spyne (server) and zeep (client) from PyPI ----
+// ---- real SOAP software: spyne (server) and zeep (client) from PyPI, npm `soap` (client) ----
 
 fn python_soap_available() -> bool {
     std::process::Command::new("python3")
@@ -365,6 +366,26 @@ fn real_soap_software() -> bool {
         "python3 with spyne and zeep is required in CI (.ci/run installs them)"
     );
     eprintln!("SKIPPED: python3 -m pip install spyne zeep to run the real SOAP software tests");
+    false
+}
+
+/// Whether node runs and the npm `soap` package is installed in `tests/soap`
+/// (`npm ci --prefix tests/soap`, as `.ci/run` does); under CI a missing one fails.
+fn real_node_soap_client() -> bool {
+    let installed = std::process::Command::new("node")
+        .args(["-e", "require('soap')"])
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/soap"))
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    if installed {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "node with the npm soap package is required in CI (.ci/run runs npm ci --prefix tests/soap)"
+    );
+    eprintln!("SKIPPED: npm ci --prefix tests/soap to run the npm soap client test");
     false
 }
 
@@ -449,21 +470,35 @@ async fn zeep(wsdl_url: &str, extra: &[&str]) -> serde_json::Value {
     serde_json::from_str(stdout.trim()).unwrap_or_else(|_| panic!("not JSON: {stdout}"))
 }
 
-/// zeep builds its client from the WSDL fetched through the proxy, follows the
-/// `xsd:import` it names, calls the operation at the address it names and gets a fault
-/// back: every request went to the proxy, and every one the spyne upstream saw carried
-/// the proxy's token (it refuses any other).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn zeep_builds_from_a_wsdl_through_the_proxy_and_calls_spyne_only_through_it() {
-    if !real_soap_software() {
-        return;
-    }
-    let server = SpyneServer::start().await;
-    let idp = FakeIdp::start().await;
-    let proxy = spawn_with(&idp, &server.base(), "", REWRITE).await;
-    let public = format!("http://{}/bc/", proxy.addr);
+/// Runs the npm `soap` client (`tests/soap/node_client.js`) against `wsdl_url`; returns
+/// what it printed.
+async fn node_soap(wsdl_url: &str) -> serde_json::Value {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/soap/node_client.js");
+    let output = tokio::process::Command::new("node")
+        .arg(script)
+        .args([wsdl_url, "erp", PASSWORD])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "the npm soap client failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|_| panic!("not JSON: {stdout}"))
+}
 
-    let result = zeep(&format!("{public}WS/CRONUS/Codeunit/Sales?wsdl"), &[]).await;
+/// What a real client built from the WSDL at `{public}WS/CRONUS/Codeunit/Sales?wsdl`
+/// reported (`result`), and what the spyne upstream behind the proxy saw, show that the
+/// client followed the WSDL's addresses and its `xsd:import`, called the operation, got
+/// the fault, and only ever talked to the proxy: every request the upstream saw carried
+/// the proxy's token (it refuses any other).
+fn assert_built_from_the_wsdl_and_only_through_the_proxy(
+    result: &serde_json::Value,
+    public: &str,
+    server: &SpyneServer,
+) {
     assert_eq!(
         result["address"],
         format!("{public}WS/CRONUS/Codeunit/Sales")
@@ -526,6 +561,42 @@ async fn zeep_builds_from_a_wsdl_through_the_proxy_and_calls_spyne_only_through_
         );
         assert_eq!(request["wsa_to"], serde_json::Value::Null);
     }
+}
+
+/// zeep builds its client from the WSDL fetched through the proxy, follows the
+/// `xsd:import` it names, calls the operation at the address it names and gets a fault
+/// back: every request went to the proxy, and every one the spyne upstream saw carried
+/// the proxy's token (it refuses any other).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zeep_builds_from_a_wsdl_through_the_proxy_and_calls_spyne_only_through_it() {
+    if !real_soap_software() {
+        return;
+    }
+    let server = SpyneServer::start().await;
+    let idp = FakeIdp::start().await;
+    let proxy = spawn_with(&idp, &server.base(), "", REWRITE).await;
+    let public = format!("http://{}/bc/", proxy.addr);
+    let result = zeep(&format!("{public}WS/CRONUS/Codeunit/Sales?wsdl"), &[]).await;
+    assert_built_from_the_wsdl_and_only_through_the_proxy(&result, &public, &server);
+    proxy.shutdown().await;
+}
+
+/// The same with the npm `soap` client (Node.js): it builds itself from the WSDL fetched
+/// through the proxy (Basic credentials on the WSDL and the schema it imports, and on
+/// every call), calls the operation at the address the WSDL names, gets the fault, and
+/// never reaches spyne but through the proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_npm_soap_client_builds_from_a_wsdl_through_the_proxy_and_calls_spyne_only_through_it()
+{
+    if !real_soap_software() || !real_node_soap_client() {
+        return;
+    }
+    let server = SpyneServer::start().await;
+    let idp = FakeIdp::start().await;
+    let proxy = spawn_with(&idp, &server.base(), "", REWRITE).await;
+    let public = format!("http://{}/bc/", proxy.addr);
+    let result = node_soap(&format!("{public}WS/CRONUS/Codeunit/Sales?wsdl")).await;
+    assert_built_from_the_wsdl_and_only_through_the_proxy(&result, &public, &server);
     proxy.shutdown().await;
 }
 
