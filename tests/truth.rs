@@ -1,4 +1,4 @@
-//! What the binary does is what the README says: `check` refuses what `run` refuses and
+//! What the binary does is what the README and docs/ say: `check` refuses what `run` refuses and
 //! shows what `run` warns about, `doctor` names the step that failed, the documented
 //! command-line behaviour, examples and metrics hold, and every answer the proxy makes
 //! carries an `X-Request-Id`.
@@ -408,7 +408,7 @@ async fn an_http2_header_list_over_max_header_bytes_gets_431_json_with_a_request
 }
 
 #[test]
-fn max_header_bytes_below_8192_is_refused_as_the_readme_says() {
+fn max_header_bytes_below_8192_is_refused_as_the_configuration_reference_says() {
     let yaml = |limit: u32| minimal_yaml(&format!("  limits:\n    max_header_bytes: {limit}\n"));
     let vars = std::collections::HashMap::from([("TRUTH_SECRET".to_owned(), "s".to_owned())]);
     let source = s2s_proxy::Source::inline("proxy.yaml", vars);
@@ -419,8 +419,8 @@ fn max_header_bytes_below_8192_is_refused_as_the_readme_says() {
     );
     let config = s2s_proxy::Config::from_yaml_str(&yaml(8192), &source).unwrap();
     assert_eq!(config.server.limits.max_header_bytes, 8192);
-    let readme = include_str!("../README.md");
-    let row = readme
+    let reference = include_str!("../docs/configuration.md");
+    let row = reference
         .lines()
         .find(|line| line.starts_with("| `max_header_bytes` |"))
         .unwrap();
