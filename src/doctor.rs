@@ -4,9 +4,10 @@
 //! The call is `doctor_path` when the route sets it, else derived from the service:
 //! Business Central `api/v2.0/companies`, Dataverse `WhoAmI`, Finance & Operations
 //! `data/$metadata`, anything else the upstream base URL itself. Explanations follow
-//! DYNAMICS.md §6–§8: in BC a 401 `Authentication_InvalidCredentials` means the app is not
-//! enabled on the "Microsoft Entra Applications" page or the URL names another tenant; a
-//! 403 means missing permission sets. Never prints a token or a secret.
+//! docs/troubleshooting.md "By upstream status": in BC a 401
+//! `Authentication_InvalidCredentials` means the app is not enabled on the "Microsoft Entra
+//! Applications" page or the URL names another tenant; a 403 means missing permission sets.
+//! Never prints a token or a secret.
 
 use std::fmt::Write as _;
 use std::sync::Arc;

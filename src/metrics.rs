@@ -1,4 +1,4 @@
-//! Prometheus metrics (DESIGN.md "Operations"), rendered by the admin listener's `/metrics`.
+//! Prometheus metrics (docs/operations.md "Metrics"), rendered by the admin listener's `/metrics`.
 //!
 //! Owns the registry and the names. Every label value comes from configuration or from a
 //! fixed set — route prefixes (`none` when no route matched), the allowed methods (`other`

@@ -1,4 +1,4 @@
-//! The running configuration and its hot reload (DESIGN.md "Operations").
+//! The running configuration and its hot reload (docs/operations.md "Reload").
 //!
 //! A [`Runtime`] holds what one configuration builds — the validated [`Config`], its
 //! [`TokenCache`] and the request [`Pipeline`] — behind `ArcSwap`s, plus what outlives

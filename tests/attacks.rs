@@ -1,4 +1,4 @@
-//! Attack catalogue regression tests (SECURITY-CASES.md ids in the test names): real
+//! Attack catalogue regression tests (SECURITY.md catalogue ids in the test names): real
 //! sockets, raw bytes where the attack needs bytes no well-behaved client would send, and
 //! a hand-written upstream where the attack needs an upstream no well-behaved server would
 //! be. Every test asserts the answer and what the upstream and the token endpoint received.

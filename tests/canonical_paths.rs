@@ -1,4 +1,4 @@
-//! Route matching on one canonical path (README "Request handling", SECURITY.md "Routing
+//! Route matching on one canonical path (docs/request-handling.md, SECURITY.md "Routing
 //! and path safety"): a client of `/bc/` must never reach what the nested route
 //! `/bc/admin/` owns on the same upstream, whatever spelling of `admin` it sends. Real
 //! sockets, raw request bytes, and assertions on what the fake upstream received.

@@ -1,5 +1,5 @@
 //! End-to-end tests of the `s2s-proxy` binary: what an operator types and what the
-//! command prints and returns (DESIGN.md, "Command line": exit 0 ok, 1 config or runtime
+//! command prints and returns (docs/operations.md, "Command line": exit 0 ok, 1 config or runtime
 //! error, 2 usage error).
 //!
 //! Every child gets its variables through `Command::env`, never the test process's own

@@ -1,4 +1,4 @@
-//! Connections: what may hold one open, and for how long (README "Operations", SECURITY.md
+//! Connections: what may hold one open, and for how long (docs/operations.md, SECURITY.md
 //! "Resource exhaustion"). A connection that sends no request within
 //! `header_read_timeout` is closed, HTTP/2 included; one whose requests keep failing
 //! authentication is closed after the third refusal; at `max_connections` idle and

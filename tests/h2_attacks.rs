@@ -1,4 +1,4 @@
-//! Malformed HTTP/2 (SECURITY-CASES D10–D13, E7–E8), sent with the python `h2` package
+//! Malformed HTTP/2 (SECURITY.md catalogue D10–D13, E7–E8), sent with the python `h2` package
 //! with its validation turned off — the Rust h2 client refuses to send such frames.
 //! `.ci/run` installs the package; on a machine without it the test says so and is
 //! skipped, except under CI, where a missing package fails it.

@@ -1,4 +1,4 @@
-//! The request header policy (README "Request handling"): identity and forwarding headers
+//! The request header policy (docs/request-handling.md): identity and forwarding headers
 //! from the caller, underscore names and a route's `strip_request_headers` never reach the
 //! upstream; HTTP/2 pseudo-headers that disagree or carry user info are refused; cookie
 //! crumbs are joined; an upstream `101` is answered 502; the access log escapes whatever is

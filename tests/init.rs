@@ -1,8 +1,8 @@
-//! End-to-end tests of `s2s-proxy init` (README, "Quick start" and "Command line"): the
-//! binary writes `proxy.yaml` and `s2s-proxy.env` into a temp dir, non-interactively, with
-//! answers piped in, and through a pseudo-terminal; `check` accepts what it wrote and `run`
-//! serves it with the env file's variables (token authority and upstream pointed at the
-//! in-process fakes: the only two lines a test changes).
+//! End-to-end tests of `s2s-proxy init` (README "Quick start", docs/operations.md "Command
+//! line"): the binary writes `proxy.yaml` and `s2s-proxy.env` into a temp dir,
+//! non-interactively, with answers piped in, and through a pseudo-terminal; `check` accepts
+//! what it wrote and `run` serves it with the env file's variables (token authority and
+//! upstream pointed at the in-process fakes: the only two lines a test changes).
 
 mod support;
 

@@ -1,4 +1,4 @@
-//! Operations (DESIGN.md "Operations"): the admin listener's `/healthz`, `/readyz` and
+//! Operations (docs/operations.md): the admin listener's `/healthz`, `/readyz` and
 //! `/metrics`, configuration reload (library call, changed file, SIGHUP to the binary),
 //! tokens kept across reloads, trace context passed through, `s2s-proxy healthcheck`.
 

@@ -3,9 +3,9 @@
 //! fake upstream.
 //!
 //! A request waits for a token at most until its route's `timeout`, then gets 503
-//! `token_unavailable` with `Retry-After` (README "Tokens"); the fetch it waited for goes on
-//! for the others. An upstream 401 never evicts a token that is still valid: when the
-//! renewal fails, the following requests keep using the old token until it expires.
+//! `token_unavailable` with `Retry-After` (docs/credentials.md "Tokens"); the fetch it waited
+//! for goes on for the others. An upstream 401 never evicts a token that is still valid: when
+//! the renewal fails, the following requests keep using the old token until it expires.
 
 mod support;
 

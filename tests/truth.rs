@@ -261,7 +261,7 @@ async fn metrics_whose_labels_come_from_config_are_present_at_zero_from_the_star
     idp.wait_for_calls(1).await;
     let text = get(proxy.admin, "/metrics").await.text();
     for line in [
-        // The README's alert: increase(...{outcome="error"}[5m]) > 0 needs a 0 first.
+        // The alert in docs/operations.md: increase(...{outcome="error"}[5m]) > 0 needs a 0 first.
         r#"s2s_proxy_config_reloads_total{outcome="error"} 0"#,
         r#"s2s_proxy_config_reloads_total{outcome="ok"} 0"#,
         r#"s2s_proxy_token_fetches_total{credential="bc",outcome="network"} 0"#,

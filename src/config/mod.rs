@@ -375,7 +375,8 @@ impl Preset {
         }
     }
 
-    /// Defaults from the services' documented limits (DYNAMICS.md §6.3, §7, §8).
+    /// Defaults from the services' documented limits (docs/dynamics.md "Presets"; Microsoft
+    /// Learn: BC "Operational limits", F&O and Dataverse "Service protection API limits").
     pub fn defaults(self) -> PresetDefaults {
         // All three answer throttling with 429 + Retry-After (F&O's samples fall back to
         // 30 s); waiting it out in the proxy is what Microsoft asks clients to do.

@@ -99,9 +99,9 @@ fn source_in(dir: &TempDir, variables: HashMap<String, String>) -> Source {
 }
 
 // ---------------------------------------------------------------------------------------
-// The DESIGN.md example
+// The full example
 
-/// `proxy.yaml` of DESIGN.md, verbatim but for `upstream_ca_file` (a temp file).
+/// A `proxy.yaml` using every section and credential type, with `upstream_ca_file` a temp file.
 const DESIGN_EXAMPLE: &str = r#"
 server:
   listen: 0.0.0.0:8080              # default 127.0.0.1:8080

@@ -1229,7 +1229,7 @@ impl Validator<'_> {
             .required(&path, raw.prefix.as_ref(), "a path such as /bc/")
             .and_then(|text| self.prefix(&path, text))?;
         // `seen` holds every earlier route's prefix or an empty placeholder, by index.
-        // Requests are routed with ASCII case ignored (README "Request handling"), so
+        // Requests are routed with ASCII case ignored (docs/request-handling.md), so
         // prefixes that differ only in case would claim the same requests.
         let first = seen
             .iter()
@@ -1623,7 +1623,8 @@ impl Validator<'_> {
         Some(trimmed.to_owned())
     }
 
-    /// `authority`, or `cloud` as its shorthand (DYNAMICS.md §4), not both.
+    /// `authority`, or `cloud` as its shorthand (docs/credentials.md; Microsoft Entra
+    /// "National clouds"), not both.
     fn cloud_authority(
         &mut self,
         at: &str,

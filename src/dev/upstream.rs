@@ -4,7 +4,7 @@
 //! Every request must carry a bearer token that verifies against the demo issuer's ES256
 //! key, has not expired and was issued for this upstream (`aud`); otherwise the answer is
 //! BC's 401. Answers carry absolute `@odata.*` links pointing at this upstream, as BC's do
-//! (DYNAMICS.md §9.1). It serves a fixed data set and does not write anything.
+//! (docs/dynamics.md "Link rewriting"). It serves a fixed data set and does not write anything.
 
 use std::net::SocketAddr;
 

@@ -101,7 +101,7 @@ fn check_headers(
             "Content-Length and Transfer-Encoding together are ambiguous",
         ));
     }
-    // SECURITY-CASES D3: hyper reads `03` or `00000000000000000003` as 3; another parser
+    // SECURITY.md catalogue D3: hyper reads `03` or `00000000000000000003` as 3; another parser
     // may not. Only the canonical decimal form is accepted (identical duplicates, which
     // hyper collapses, stay allowed).
     if !headers
@@ -113,7 +113,7 @@ fn check_headers(
             "Content-Length must be a plain decimal number",
         ));
     }
-    // SECURITY-CASES D2: hyper accepts `chunked, chunked` and a repeated
+    // SECURITY.md catalogue D2: hyper accepts `chunked, chunked` and a repeated
     // `Transfer-Encoding: chunked`; the only coding a request may carry is one `chunked`.
     if headers.contains_key(header::TRANSFER_ENCODING) {
         let mut codings = headers

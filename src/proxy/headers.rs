@@ -214,7 +214,7 @@ pub(crate) fn to_upstream(mut headers: HeaderMap, forwarding: &Forwarding<'_>) -
 pub(crate) fn to_client(headers: &mut HeaderMap) {
     // With Transfer-Encoding the client decoded the body as chunked; a Content-Length next
     // to it is wrong and must not reach the caller (RFC 9112 §6.3: an intermediary
-    // removes it; SECURITY-CASES D14). The body is re-framed on the way out.
+    // removes it; SECURITY.md catalogue D14). The body is re-framed on the way out.
     if headers.contains_key(header::TRANSFER_ENCODING) {
         headers.remove(header::CONTENT_LENGTH);
     }

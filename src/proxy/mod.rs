@@ -359,7 +359,7 @@ impl Pipeline {
 
         // Taken only now, after waiting for a small body and a slot, so that the token is
         // fresh when the request leaves. Like every token wait below, it ends at the
-        // route's deadline (503 `token_unavailable`, README "Tokens").
+        // route's deadline (503 `token_unavailable`, docs/credentials.md "Tokens").
         let mut token = route.tokens.get_before(deadline).await?;
         // Every token this exchange sends: the response is scrubbed of each.
         let mut sent = vec![token.clone()];

@@ -15,7 +15,8 @@ use http::{HeaderMap, StatusCode};
 use crate::config::RetryOn429;
 use crate::token::retry_after;
 
-/// What a 429 without `Retry-After` waits (the F&O samples' fallback, DYNAMICS.md §7).
+/// What a 429 without `Retry-After` waits (the fallback of the F&O "Service protection API
+/// limits" samples; docs/dynamics.md "429 retry").
 const DEFAULT_WAIT: Duration = Duration::from_secs(30);
 
 /// How long to wait before sending a throttled request again, or `None` to pass the

@@ -215,7 +215,7 @@ impl Connection {
         let peer = self.peer;
         match acceptor {
             None => self.serve(stream, None).await,
-            // SECURITY-CASES 2.2: a TLS handshake timeout (10 s by default); a
+            // A TLS handshake timeout (10 s by default, SECURITY.md "Resource exhaustion"); a
             // ClientHello that never comes or never finishes frees its slot then.
             // Boxed: the TLS states would otherwise make every task as large as the
             // largest of them, plaintext ones included.
@@ -286,7 +286,7 @@ impl Connection {
             // whole pipeline's state.
             Box::pin(async move {
                 // A bug must cost one request a 500, not the connection (and with HTTP/2
-                // every other stream on it) an abrupt close (SECURITY-CASES H5).
+                // every other stream on it) an abrupt close (SECURITY.md catalogue H5).
                 let mut response = AssertUnwindSafe(pipeline.handle(request, forwarded_peer))
                     .catch_unwind()
                     .await

@@ -1,5 +1,5 @@
 //! Client certificates and the signed client assertion JWT (RFC 7523 §2.2, Entra
-//! "certificate credentials", DYNAMICS.md §2).
+//! "certificate credentials" on Microsoft Learn).
 //!
 //! [`SigningCertificate::load`] reads a PEM file (certificate chain and an unencrypted
 //! PKCS#8 / PKCS#1 key) or a PKCS#12 / .pfx file with its password, finds the certificate

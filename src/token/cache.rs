@@ -42,7 +42,7 @@ use super::{FailingSource, Token, TokenError, TokenHttp, TokenSource, build_sour
 use crate::config::{Config, Route};
 use crate::metrics::Metrics;
 
-/// First retry delay after a failure (SECURITY-CASES F1: ≥ 1–2 s, like Envoy).
+/// First retry delay after a failure (SECURITY.md catalogue F1: ≥ 1–2 s, like Envoy).
 const BACKOFF_INITIAL: Duration = Duration::from_secs(2);
 /// Longest retry delay, and the interval for permanent errors.
 const BACKOFF_MAX: Duration = Duration::from_secs(60);

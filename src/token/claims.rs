@@ -2,7 +2,7 @@
 //! debug log after a fetch, and the `exp` fallback when a provider sends no `expires_in`.
 //!
 //! Nothing here is a security decision; the upstream verifies the token. Entra app-only
-//! tokens without `roles` usually mean a missing admin consent (DYNAMICS.md §1.5), which is
+//! tokens without `roles` usually mean a missing admin consent (docs/troubleshooting.md), which is
 //! what these claims help diagnose.
 
 use base64::Engine;

@@ -1,5 +1,5 @@
 //! `client_certificate`: the client-credentials grant authenticated with a signed client
-//! assertion (RFC 7523 §2.2; Entra "certificate credentials", DYNAMICS.md §2).
+//! assertion (RFC 7523 §2.2; Entra "certificate credentials").
 //!
 //! Every token request signs a fresh assertion whose `aud` is the very URL posted to. The
 //! certificates are loaded once; after `invalid_client` the refused file is loaded again on

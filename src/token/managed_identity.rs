@@ -1,5 +1,6 @@
 //! `managed_identity`: tokens from the Azure platform's local token service
-//! (DYNAMICS.md §3.1, §3.2).
+//! (Microsoft Learn: "Use managed identities on a VM to acquire an access token" for IMDS,
+//! App Service "Managed identities", REST protocol).
 //!
 //! - App Service, Functions, Container Apps: `GET {IDENTITY_ENDPOINT}?api-version=2019-08-01
 //!   &resource=…` with `X-IDENTITY-HEADER: {IDENTITY_HEADER}`; selectors `client_id`,
@@ -104,7 +105,8 @@ impl ManagedIdentitySource {
                 "a managed identity needs the route's scope",
             ));
         };
-        // The v1-style token services take the resource, not the scope (DYNAMICS.md §1.2).
+        // The v1-style token services take the resource, not the scope (their `resource`
+        // parameter).
         let resource = scope.strip_suffix("/.default").unwrap_or(scope);
         match &self.target {
             Target::AppService { url, header } => {

@@ -6,8 +6,8 @@
 //! secrets or certificates after `invalid_client`. The [`TokenCache`] keeps one [`TokenSlot`] per (credential,
 //! scope) used by the routes. A slot hands out the cached [`Token`] lock-free while it is
 //! usable, fetches at most once at a time when it is not (single-flight), backs off after
-//! failures and, once [`TokenCache::start`] runs, renews every token in the background
-//! before it expires (DESIGN.md "Tokens"). Expiry is tracked on tokio's monotonic clock, so
+//! failures and, once [`TokenCache::start`] runs, renews every token in the background before
+//! it expires (docs/credentials.md "Tokens"). Expiry is tracked on tokio's monotonic clock, so
 //! wall-clock jumps do not matter and tests run with a paused clock.
 //!
 //! Provider errors are parsed into [`TokenError`]: `Display` is for logs (error code, AADSTS
@@ -297,7 +297,7 @@ impl fmt::Debug for Token {
     }
 }
 
-/// The renewal point (DESIGN.md "Tokens"): the earliest of `issued + refresh_in`,
+/// The renewal point (docs/credentials.md "Tokens"): the earliest of `issued + refresh_in`,
 /// `expires − min(5 min, lifetime/2)` and, for lifetimes of 2 h or more, `issued +
 /// lifetime/2`; minus up to 10 % of the lifetime of jitter so routes do not renew in
 /// lockstep. Never earlier than a tenth of the lifetime, so a bogus `refresh_in: 0` cannot

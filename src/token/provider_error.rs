@@ -1,11 +1,11 @@
 //! Error answers from a token endpoint: tolerant parsing, permanent/transient
 //! classification and one-line hints for the AADSTS codes operators meet most.
 //!
-//! Entra answers `{"error", "error_description", "error_codes", "trace_id",
-//! "correlation_id", …}` (DYNAMICS.md §1.4), but a throttled request may get a plain-text
-//! `Too Many Requests` (§1.6) and other providers send whatever they like, so every field is
-//! optional. Microsoft asks clients to branch on `error` only; the AADSTS code just picks a
-//! hint.
+//! Entra answers `{"error", "error_description", "error_codes", "trace_id", "correlation_id",
+//! …}` (Microsoft identity platform, client credentials flow, error response), but a throttled
+//! request may get a plain-text `Too Many Requests`, and other providers send whatever they
+//! like, so every field is optional. Microsoft asks clients to branch on `error` only; the
+//! AADSTS code just picks a hint.
 //!
 //! What authenticated the request (client secret, client assertion, the Basic credentials,
 //! the App Service identity header) is masked in every field kept, in every form a provider
@@ -94,7 +94,7 @@ impl ProviderError {
         self.codes.first().copied()
     }
 
-    /// Retrying will not help: the configuration is wrong (DESIGN.md "Tokens").
+    /// Retrying will not help: the configuration is wrong (docs/credentials.md "Tokens").
     pub fn is_permanent(&self) -> bool {
         if self.status == 429 || self.status >= 500 {
             return false;
@@ -167,7 +167,8 @@ impl fmt::Display for ProviderError {
     }
 }
 
-/// AADSTS codes that mean the configuration is wrong (DYNAMICS.md §1.5, §5.2).
+/// AADSTS codes that mean the configuration is wrong (docs/troubleshooting.md; Microsoft Entra
+/// "authentication and authorization error codes").
 const PERMANENT_CODES: &[u64] = &[
     7000215, 7000222, 7000218, 700016, 700011, 7000112, 90002, 900023, 90038, 70011, 700022,
     700023, 500011, 650057, 700027, 700030, 50012, 50027, 70021, 53003,

@@ -1,8 +1,8 @@
 //! Successful token answers: `access_token` plus an expiry, numbers accepted as JSON
 //! numbers or strings (Entra v1, IMDS and App Service send `"expires_in":"3599"`,
-//! DYNAMICS.md §1.3, §5.2).
+//! as their Microsoft Learn pages show).
 //!
-//! Every field is checked before the token is cached (SECURITY-CASES F3): a missing or
+//! Every field is checked before the token is cached (SECURITY.md catalogue F3): a missing or
 //! unusable token, an expiry that is zero, negative or absurd, or a `token_type` other than
 //! `Bearer` make the fetch fail. Error messages are ours; the body is never echoed.
 

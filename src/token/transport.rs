@@ -1,9 +1,9 @@
 //! The one HTTP client for all token requests, and reading their answers safely.
 //!
-//! Rules (DESIGN.md "Tokens", SECURITY-CASES F2, F3, F10): the caller's rustls config (same
-//! roots as everything else, certificates always verified), no redirects (the secret is in
-//! the body, and reqwest may re-send a body on 307/308), no HTTP proxy, a connect and a
-//! total timeout, bodies read up to 64 KiB, and error texts that never carry the URL.
+//! Rules (docs/credentials.md "Tokens", SECURITY.md catalogue F2, F3, F10): the caller's rustls
+//! config (same roots as everything else, certificates always verified), no redirects (the
+//! secret is in the body, and reqwest may re-send a body on 307/308), no HTTP proxy, a connect
+//! and a total timeout, bodies read up to 64 KiB, and error texts that never carry the URL.
 
 use std::time::{Duration, SystemTime};
 

@@ -1,4 +1,4 @@
-//! `workload_identity`: Kubernetes workload identity federation (DYNAMICS.md §3.4). The
+//! `workload_identity`: Kubernetes workload identity federation (Azure Workload Identity docs). The
 //! client assertion is the projected service-account token in `AZURE_FEDERATED_TOKEN_FILE`
 //! (or `token_file`), read again for every token request because the kubelet rotates it.
 

@@ -1,4 +1,4 @@
-"""Malformed HTTP/2 against s2s-proxy (SECURITY-CASES D10-D13, E7-E8).
+"""Malformed HTTP/2 against s2s-proxy (SECURITY.md catalogue D10-D13, E7-E8).
 
 Usage: attacks.py HOST:PORT AUTHORIZATION-VALUE
 Prints one JSON object per case: {"case": ..., "outcome": ...} where outcome is
