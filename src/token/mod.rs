@@ -392,15 +392,7 @@ pub(crate) fn endpoint_url(
 ) -> Result<reqwest::Url, TokenError> {
     let url = reqwest::Url::parse(&endpoint.to_string())
         .map_err(|_| TokenError::config(credential, "the token endpoint is not a valid URL"))?;
-    let loopback = match url.host_str() {
-        Some(host) if host.eq_ignore_ascii_case("localhost") => true,
-        Some(host) => host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback()),
-        None => false,
-    };
+    let loopback = url.host_str().is_some_and(crate::config::is_loopback_host);
     if url.scheme() != "https" && !(url.scheme() == "http" && loopback) {
         return Err(TokenError::config(
             credential,

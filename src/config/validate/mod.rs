@@ -84,6 +84,8 @@ mod clients;
 mod credentials;
 mod fields;
 mod parse;
+
+pub(crate) use parse::is_loopback_host;
 mod routes;
 mod secrets;
 mod server;

@@ -249,7 +249,7 @@ pub(super) fn check_url(value: &str, usage: UrlUse) -> Result<CheckedUrl, String
         }
         HostKind::Loopback | HostKind::Other => {}
     }
-    if scheme == Scheme::HTTP && classify_host(&host) != HostKind::Loopback {
+    if scheme == Scheme::HTTP && !is_loopback_host(&host) {
         let message = match usage {
             UrlUse::Upstream {
                 allow_plain_http: true,
@@ -276,6 +276,13 @@ pub(super) fn check_url(value: &str, usage: UrlUse) -> Result<CheckedUrl, String
         authority,
         host,
     })
+}
+
+/// Whether a URL host (as `http::Uri` or `url::Url` print it: IPv6 in brackets) is
+/// loopback: 127.0.0.0/8, `::1` (also IPv4-mapped) or `localhost`. The one test behind
+/// "https, or plain http on loopback only", for configured URLs and token endpoints alike.
+pub(crate) fn is_loopback_host(host: &str) -> bool {
+    classify_host(host) == HostKind::Loopback
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -469,5 +476,28 @@ mod tests {
         assert!(is_guid("72f988bf-86f1-41af-91ab-2d7cd011db47"));
         assert!(!is_guid("72f988bf-86f1-41af-91ab-2d7cd011db4"));
         assert!(!is_guid("contoso.onmicrosoft.com"));
+    }
+
+    #[test]
+    fn loopback_hosts() {
+        for host in [
+            "127.0.0.1",
+            "127.9.9.9",
+            "[::1]",
+            "[::ffff:127.0.0.1]",
+            "localhost",
+        ] {
+            assert!(is_loopback_host(host), "{host}");
+        }
+        for host in [
+            "idp.example",
+            "10.0.0.1",
+            "[::2]",
+            "127.1",
+            "169.254.169.254",
+            "",
+        ] {
+            assert!(!is_loopback_host(host), "{host}");
+        }
     }
 }
