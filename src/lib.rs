@@ -15,6 +15,7 @@
 //! - `metrics`: the Prometheus registry and metric names.
 //! - `reload`: the running configuration, swapped whole on SIGHUP or a changed file.
 //! - `pem`: reading PEM certificate files.
+//! - `preflight`: the second configuration stage, reading the files a [`Config`] names.
 //! - [`secret`]: redacting wrappers for secrets.
 //! - `hardening`: no core dumps, not dumpable.
 //! - [`dev`]: the self-contained demo behind `s2s-proxy dev`.
@@ -40,6 +41,7 @@ mod inbound;
 pub mod init;
 mod metrics;
 mod pem;
+mod preflight;
 mod proxy;
 mod reload;
 pub mod report;

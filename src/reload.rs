@@ -44,6 +44,8 @@ pub enum ReloadError {
     NoConfigFile,
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error("the proxy is shutting down; the configuration was not reloaded")]
+    Draining,
 }
 
 /// What a successful reload did.
@@ -178,6 +180,8 @@ impl Runtime {
             return Err(ReloadError::NoConfigFile);
         };
         match Config::load(path) {
+            // Shutdown began while the file was read: the watcher that asked is gone.
+            Ok(_) if self.is_draining() => Err(ReloadError::Draining),
             Ok(config) => Ok(self.apply(config)),
             Err(error) => {
                 self.metrics.record_reload("error");
@@ -278,6 +282,19 @@ fn keep_restart_settings(running: &Config, next: &mut Config) -> Vec<&'static st
     changed
 }
 
+/// Reloads on a blocking thread: both configuration stages read files, and building the
+/// token sources and reading expiry dates decrypt PKCS#12 files, which the serving threads
+/// must never wait for. Once shutdown has begun the result is dropped.
+async fn reload_off_thread(runtime: &Arc<Runtime>) {
+    let reloading = Arc::clone(runtime);
+    if let Err(error) = tokio::task::spawn_blocking(move || reloading.reload_file()).await {
+        error!(
+            error = %error,
+            "Configuration reload failed; keeping the running configuration."
+        );
+    }
+}
+
 /// Reloads on SIGHUP and when the configuration file changes, until aborted.
 /// On SIGHUP the inbound TLS certificate (`certificates`) is re-read too.
 pub(crate) async fn watch(
@@ -304,7 +321,7 @@ pub(crate) async fn watch(
                 };
                 info!(file = %path.display(), "SIGHUP received; reloading the configuration.");
                 stamp = file_stamp(path);
-                let _ = runtime.reload_file();
+                reload_off_thread(&runtime).await;
             }
             _ = poll.tick(), if path.is_some() => {
                 let Some(path) = path.as_deref() else { continue };
@@ -313,7 +330,7 @@ pub(crate) async fn watch(
                 if now.is_some() && now != stamp {
                     stamp = now;
                     info!(file = %path.display(), "Configuration file changed; reloading.");
-                    let _ = runtime.reload_file();
+                    reload_off_thread(&runtime).await;
                 }
             }
         }

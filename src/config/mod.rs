@@ -538,19 +538,21 @@ impl ConfigError {
 const MAX_CONFIG_BYTES: u64 = 4 * 1024 * 1024;
 
 impl Config {
-    /// Reads and validates a configuration file, expanding variables from the process
-    /// environment.
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    /// Stage one for a file: reads it and validates it (see [`Config::validate_yaml_str`]).
+    /// Opens no other file than the document; [`Config::load`] runs both stages.
+    pub fn validate_file(path: &Path) -> Result<Config, ConfigError> {
         let source = Source::file(path);
         let text = read_bounded(path).map_err(|source_err| ConfigError::Read {
             file: source.name.clone(),
             source: source_err,
         })?;
-        Self::from_yaml_str(&text, &source)
+        Self::validate_yaml_str(&text, &source)
     }
 
-    /// Parses and validates a YAML document. The only place that knows the YAML parser.
-    pub fn from_yaml_str(text: &str, source: &Source) -> Result<Config, ConfigError> {
+    /// Stage one: parses and validates a YAML document into a typed `Config`. Pure but for
+    /// checking that named files exist; their content is the preflight's (second stage,
+    /// [`Config::from_yaml_str`]). The only place that knows the YAML parser.
+    pub fn validate_yaml_str(text: &str, source: &Source) -> Result<Config, ConfigError> {
         let raw: raw::RawConfig = raw::parse(text).map_err(|error| ConfigError::Syntax {
             file: source.name.clone(),
             location: error.location,

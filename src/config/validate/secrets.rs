@@ -183,20 +183,8 @@ impl Validator<'_> {
         let certificates = self.certificate_files(at, raw);
         let (endpoint, client_id, assertion_alg, certificates) =
             (endpoint?, client_id?, assertion_alg?, certificates?);
-        // Load every certificate now, so that `check` reports a bad file or key.
-        let mut usable = true;
-        for (index, certificate) in certificates.iter().enumerate() {
-            if let Err(message) = crate::token::check_certificate(certificate, assertion_alg) {
-                let path = if raw.certificate_files.is_some() {
-                    format!("{at}.certificate_files[{index}]")
-                } else {
-                    format!("{at}.certificate_file")
-                };
-                self.problem(&path, message);
-                usable = false;
-            }
-        }
-        usable.then_some(ClientCertificate {
+        // Their content is read by the preflight (`crate::preflight`).
+        Some(ClientCertificate {
             endpoint,
             client_id,
             certificates,

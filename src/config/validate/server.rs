@@ -24,15 +24,7 @@ impl Validator<'_> {
         let upstream_ca_file = raw
             .upstream_ca_file
             .as_ref()
-            .and_then(|text| self.existing_file("server.upstream_ca_file", text))
-            .filter(|path| {
-                // Read now, as `run` does before it binds: `check` must refuse it too.
-                let read = crate::upstream::client_tls_config(Some(path));
-                if let Err(error) = &read {
-                    self.problem("server.upstream_ca_file", error.to_string());
-                }
-                read.is_ok()
-            });
+            .and_then(|text| self.existing_file("server.upstream_ca_file", text));
 
         let api_key_header = match &raw.api_key_header {
             Some(text) => self.api_key_header("server.api_key_header", text),
@@ -81,18 +73,12 @@ impl Validator<'_> {
             Some(text) => Some(self.existing_file("server.tls.client_ca_file", text)?),
             None => None,
         };
-        let tls = ServerTls {
+        // Their content is read by the preflight (`crate::preflight`).
+        Some(ServerTls {
             cert_file: cert_file?,
             key_file: key_file?,
             client_ca_file,
-        };
-        // Read them now, as `run` does before it binds: `check` must refuse what `run` would.
-        let problems = crate::inbound::tls::check_files(&tls);
-        let usable = problems.is_empty();
-        for (field, message) in problems {
-            self.problem(&format!("server.tls.{field}"), message);
-        }
-        usable.then_some(tls)
+        })
     }
 
     pub(super) fn limits(&mut self, raw: &RawLimits) -> Limits {

@@ -1,0 +1,126 @@
+//! The second configuration stage: reads the files a validated [`Config`] names and
+//! refuses what `run` could not use, with the YAML path of each problem, in the format of
+//! the first stage (`path: message`). The first stage ([`Config::validate_yaml_str`]) is
+//! pure and imports nothing above `config`; this stage knows the token, inbound TLS and
+//! upstream TLS loaders.
+//!
+//! It reads `server.upstream_ca_file` (the upstream CA roots), `server.tls.*` (inbound
+//! certificate, key and client CA) and every `credentials.*.certificate_file(s)` with its
+//! key. [`Config::load`] and [`Config::from_yaml_str`] run both stages, so `check`,
+//! start-up and reload refuse the same files; reload calls it off the serving threads.
+
+use std::path::Path;
+
+use crate::config::{Config, ConfigError, CredentialKind, Problem, Source};
+
+impl Config {
+    /// Reads a configuration file and runs both stages, expanding variables from the
+    /// process environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let config = Self::validate_file(path)?;
+        preflight(config, &Source::file(path).name)
+    }
+
+    /// Runs both stages on a YAML document: [`Config::validate_yaml_str`], then
+    /// [`preflight`].
+    pub fn from_yaml_str(text: &str, source: &Source) -> Result<Config, ConfigError> {
+        let config = Self::validate_yaml_str(text, source)?;
+        preflight(config, &source.name)
+    }
+}
+
+/// Stage two: `config` if every file it names is usable, else every problem found.
+pub(crate) fn preflight(config: Config, file: &str) -> Result<Config, ConfigError> {
+    let problems = problems(&config);
+    if problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigError::Invalid {
+            file: file.to_owned(),
+            problems,
+        })
+    }
+}
+
+/// The problems of the files `config` names, in document order of the sections.
+fn problems(config: &Config) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    let mut problem = |path: String, message: String| problems.push(Problem { path, message });
+
+    // Read as `run` does before it binds: `check` must refuse what `run` would.
+    if let Some(path) = &config.server.upstream_ca_file
+        && let Err(error) = crate::upstream::client_tls_config(Some(path))
+    {
+        problem("server.upstream_ca_file".to_owned(), error.to_string());
+    }
+    if let Some(tls) = &config.server.tls {
+        for (field, message) in crate::inbound::tls::check_files(tls) {
+            problem(format!("server.tls.{field}"), message);
+        }
+    }
+    for credential in &config.credentials {
+        let CredentialKind::ClientCertificate(settings) = &credential.kind else {
+            continue;
+        };
+        let single = settings.certificates.len() == 1;
+        for (index, certificate) in settings.certificates.iter().enumerate() {
+            if let Err(message) =
+                crate::token::check_certificate(certificate, settings.assertion_alg)
+            {
+                let entry = if single {
+                    "certificate_file".to_owned()
+                } else {
+                    format!("certificate_files[{index}]")
+                };
+                problem(format!("credentials.{}.{entry}", credential.name), message);
+            }
+        }
+    }
+    problems
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::TempDir;
+
+    /// Every file `run` reads is named, and none holds what it should.
+    const YAML: &str = "server:\n  upstream_ca_file: ca.pem\n  \
+        tls: { cert_file: tls.crt, key_file: tls.key }\n\
+        credentials:\n  fo:\n    type: client_certificate\n    \
+        tenant_id: contoso.onmicrosoft.com\n    client_id: fo-app\n    \
+        certificate_file: fo.pem\n\
+        clients:\n  c:\n    networks: [10.0.0.0/8]\n\
+        routes:\n  - prefix: /fo/\n    upstream: https://contoso.operations.dynamics.com/\n    \
+        credential: fo\n    clients: [c]\n";
+
+    #[test]
+    fn stage_one_reads_no_file_content_and_stage_two_reports_each_with_its_path() {
+        let dir = TempDir::new("preflight");
+        for file in ["ca.pem", "tls.crt", "tls.key", "fo.pem"] {
+            dir.write(file, "not PEM\n");
+        }
+        let source = Source {
+            name: "proxy.yaml".to_owned(),
+            base_dir: dir.path().to_owned(),
+            variables: crate::config::Variables::map(Default::default()),
+        };
+
+        let config = Config::validate_yaml_str(YAML, &source).expect("stage one is pure");
+        let error = preflight(config, &source.name).expect_err("stage two reads the files");
+        let paths: Vec<String> = error.problems().into_iter().map(|p| p.path).collect();
+        assert_eq!(
+            paths,
+            [
+                "server.upstream_ca_file",
+                "server.tls.cert_file",
+                "credentials.fo.certificate_file"
+            ]
+        );
+        assert!(error.to_string().starts_with("proxy.yaml"), "{error}");
+
+        // `from_yaml_str` (what `check`, `run` and reload use) runs both stages.
+        let both = Config::from_yaml_str(YAML, &source).expect_err("refused");
+        assert_eq!(both.problems(), error.problems());
+    }
+}
