@@ -18,6 +18,7 @@
 //! - `preflight`: the second configuration stage, reading the files a [`Config`] names.
 //! - [`secret`]: redacting wrappers for secrets.
 //! - `hardening`: no core dumps, not dumpable.
+//! - `header_names`: which request header names the proxy owns (for config and `proxy`).
 //! - [`dev`]: the self-contained demo behind `s2s-proxy dev`.
 //! - [`report`]: what `check` and `token` print.
 //! - [`doctor`]: `s2s-proxy doctor`, a token and one upstream call per route, explained.
@@ -37,6 +38,7 @@ pub mod doctor;
 #[doc(hidden)]
 pub mod fuzzing;
 mod hardening;
+mod header_names;
 mod inbound;
 pub mod init;
 mod metrics;

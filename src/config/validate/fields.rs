@@ -229,7 +229,7 @@ impl Validator<'_> {
             );
             return None;
         };
-        if crate::proxy::headers::is_proxy_managed(&name) || CONTENT.contains(&name.as_str()) {
+        if crate::header_names::is_proxy_managed(&name) || CONTENT.contains(&name.as_str()) {
             self.problem(
                 path,
                 format!(
@@ -262,7 +262,7 @@ impl Validator<'_> {
                 );
                 continue;
             };
-            if crate::proxy::headers::is_proxy_set(&name) || name == http::header::CONTENT_LENGTH {
+            if crate::header_names::is_proxy_set(&name) || name == http::header::CONTENT_LENGTH {
                 self.problem(
                     &path,
                     format!(
