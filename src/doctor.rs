@@ -164,7 +164,7 @@ pub async fn run(config: &Config) -> (String, bool) {
             "credential {} {}: {note} {}",
             expiry.credential,
             expiry.entry,
-            crate::report::utc(epoch)
+            crate::civil_date::utc(epoch)
         );
     }
     (out, all_ok)

@@ -2,6 +2,7 @@
 //! protected APIs (Dynamics 365 Business Central, Finance & Operations, Dataverse, …).
 //!
 //! Module map:
+//! - `civil_date`: UTC dates (`expires:` parsing, printed timestamps), a leaf module.
 //! - [`config`]: the YAML schema, `${…}` expansion and validation into a typed [`Config`].
 //! - `server`: listener, connection limits, TLS handshakes, graceful drain.
 //! - `proxy`: the request pipeline — check, authenticate, route, token, forward.
@@ -32,6 +33,7 @@
 
 mod admin;
 mod batch;
+mod civil_date;
 pub mod config;
 pub mod dev;
 pub mod doctor;

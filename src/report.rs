@@ -9,6 +9,8 @@ use crate::config::{Config, Route};
 use crate::token::{self, Claims, ProviderError, TokenError};
 use crate::upstream;
 
+use crate::civil_date::utc;
+
 /// The route table printed by `check`, like `nginx -t` followed by a summary.
 pub fn route_table(config: &Config) -> String {
     let header = [
@@ -299,28 +301,6 @@ fn claim_warnings(claims: &Claims, route: &Route) -> Vec<String> {
     warnings
 }
 
-/// Epoch seconds as `YYYY-MM-DDTHH:MM:SSZ` (RFC 3339, UTC).
-pub(crate) fn utc(epoch: u64) -> String {
-    let days = (epoch / 86_400) as i64;
-    let secs = epoch % 86_400;
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        secs / 3600,
-        secs % 3600 / 60,
-        secs % 60
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -412,12 +392,5 @@ routes:
             details.starts_with("/bc/") && !details.contains("/plain/"),
             "{table}"
         );
-    }
-
-    #[test]
-    fn epoch_seconds_print_as_utc() {
-        assert_eq!(utc(0), "1970-01-01T00:00:00Z");
-        assert_eq!(utc(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(utc(1_795_867_200), "2026-11-28T12:00:00Z");
     }
 }

@@ -412,7 +412,7 @@ fn hex_value(byte: u8) -> Option<u8> {
 
 /// `2024-05-01 12:34:56Z`, the format of Entra's `timestamp` field.
 fn entra_timestamp(unix: u64) -> String {
-    crate::report::utc(unix).replacen('T', " ", 1)
+    crate::civil_date::utc(unix).replacen('T', " ", 1)
 }
 
 #[cfg(test)]

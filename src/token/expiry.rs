@@ -81,7 +81,7 @@ pub fn warn_expiring(expiries: &[CredentialExpiry], now: SystemTime) -> Vec<Cred
             .expires
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let expires = crate::report::utc(epoch);
+        let expires = crate::civil_date::utc(epoch);
         match expiry.expires.duration_since(now) {
             Ok(left) => tracing::warn!(
                 credential = %expiry.credential,

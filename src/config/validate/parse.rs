@@ -6,7 +6,7 @@ use crate::config::RateLimit;
 use http::uri::{Authority, Scheme};
 use ipnet::IpNet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 /// `500ms`, `30s`, `5m`, `2h`: an integer and a unit. Zero is refused.
 pub(super) fn parse_duration(value: &str) -> Result<Duration, String> {
@@ -39,47 +39,6 @@ pub(super) fn parse_duration(value: &str) -> Result<Duration, String> {
 }
 
 /// `100/s`, `20/m`, `6000/5m`, `1000/h`.
-/// `YYYY-MM-DD` as 00:00 UTC of that day.
-pub(super) fn parse_date(value: &str) -> Option<SystemTime> {
-    let mut parts = value.splitn(3, '-');
-    let (y, m, d) = (parts.next()?, parts.next()?, parts.next()?);
-    if y.len() != 4 || m.len() != 2 || d.len() != 2 {
-        return None;
-    }
-    let (y, m, d): (i64, i64, i64) = (y.parse().ok()?, m.parse().ok()?, d.parse().ok()?);
-    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
-    let month_days = [
-        31,
-        if leap { 29 } else { 28 },
-        31,
-        30,
-        31,
-        30,
-        31,
-        31,
-        30,
-        31,
-        30,
-        31,
-    ];
-    if !(1970..=9999).contains(&y)
-        || !(1..=12).contains(&m)
-        || d < 1
-        || d > month_days[(m - 1) as usize]
-    {
-        return None;
-    }
-    // Howard Hinnant's days_from_civil.
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(days).ok()? * 86_400))
-}
-
 pub(super) fn parse_rate_limit(value: &str) -> Result<RateLimit, String> {
     const HINT: &str = "write requests per period, such as `100/s`, `20/m` or `6000/5m`";
     let Some((requests, per)) = value.split_once('/') else {

@@ -2,7 +2,7 @@
 //! client-certificate files.
 
 use super::Validator;
-use super::parse::parse_date;
+use crate::civil_date::parse_date;
 use crate::config::raw::{RawClientCertificate, RawClientSecret, StringOr};
 use crate::config::{AssertionAlg, CertificateFile, ClientCertificate, ConfiguredSecret};
 use std::time::SystemTime;

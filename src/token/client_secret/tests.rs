@@ -464,7 +464,7 @@ async fn rotation_tries_the_next_secret_after_invalid_client_and_keeps_it() {
     assert_eq!(expiries.len(), 1);
     assert_eq!(expiries[0].entry, "client_secrets[1]");
     assert_eq!(
-        crate::report::utc(
+        crate::civil_date::utc(
             expiries[0]
                 .expires
                 .duration_since(std::time::UNIX_EPOCH)
