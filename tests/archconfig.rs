@@ -1,8 +1,18 @@
 //! Layering of the configuration: `src/config` is data and imports nothing above it (no
 //! token, proxy, server, inbound or upstream code); the leaf modules it shares with the
 //! pipeline import nothing of the crate. Checked over the `crate::` paths in the sources.
+//! And a reload, which runs off the serving threads, changes nothing once shutdown began.
+
+mod support;
+
+#[path = "support/cli.rs"]
+#[allow(dead_code)]
+mod cli;
 
 use std::path::{Path, PathBuf};
+
+use cli::TempDir;
+use support::{CLIENT_SECRET, FakeIdp, FakeUpstream, PASSWORD, admin_yaml, spawn_ops_proxy};
 
 fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
     for entry in std::fs::read_dir(dir).expect("read source dir") {
@@ -68,4 +78,31 @@ fn the_shared_leaf_modules_import_nothing_of_the_crate() {
         let modules = crate_modules(&root().join(leaf));
         assert!(modules.is_empty(), "{leaf} uses crate::{modules:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_that_ends_after_shutdown_began_changes_nothing() {
+    let idp = FakeIdp::start().await;
+    let upstream = FakeUpstream::start().await;
+    let dir = TempDir::new("archconfig-reload");
+    dir.write("bc_secret", CLIENT_SECRET);
+    dir.write("erp_password", PASSWORD);
+    dir.write("scanner_key", support::API_KEY);
+    let yaml = admin_yaml(&idp, &upstream)
+        .replace("${BC_SECRET}", "${file:bc_secret}")
+        .replace("${ERP_PASSWORD}", "${file:erp_password}")
+        .replace("${SCANNER_KEY}", "${file:scanner_key}");
+    let path = dir.write("proxy.yaml", &yaml);
+    let loaded = s2s_proxy::Config::load(&path).expect("valid file");
+    let proxy = spawn_ops_proxy(loaded, Some(&path)).await;
+    idp.wait_for_calls(1).await;
+    // While serving, the file reloads.
+    assert!(proxy.reload.reload().is_ok());
+
+    let reload = proxy.reload.clone();
+    proxy.handle.shutdown().await;
+    assert!(matches!(
+        reload.reload(),
+        Err(s2s_proxy::ReloadError::Draining)
+    ));
 }
