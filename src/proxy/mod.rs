@@ -40,6 +40,7 @@ use self::access_log::AccessLog;
 use self::body::{
     BodyIdle, BodyLimits, BodyTooLarge, InboundStats, ProxyBody, ProxyBodyError, UpstreamBody,
 };
+pub(crate) use self::checks::Framing;
 use self::error::ProxyError;
 use self::headers::{Forwarding, Peer, RequestPolicy, X_REQUEST_ID};
 use self::queue::{QueueLimits, Queues, RouteQueue};
