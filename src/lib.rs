@@ -29,7 +29,6 @@
 //! swaps the pipeline; each request finishes on the one it started with.
 
 mod admin;
-mod batch;
 pub mod config;
 pub mod dev;
 pub mod doctor;

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use http::{HeaderValue, Response, StatusCode, header};
 
+use super::batch::BatchError;
 use super::body::ProxyBody;
 use super::queue::QueueError;
-use crate::batch::BatchError;
 use crate::inbound::AuthError;
 use crate::routing::PathError;
 use crate::token::TokenError;

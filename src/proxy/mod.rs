@@ -21,6 +21,7 @@
 //!    SOAP envelope's WS-Addressing `To` naming the proxy is given the upstream's URL.
 
 pub(crate) mod access_log;
+pub(crate) mod batch;
 pub(crate) mod body;
 mod checks;
 mod error;
@@ -37,6 +38,7 @@ use hyper::body::Incoming;
 use tokio::time::{Instant, timeout_at};
 
 use self::access_log::AccessLog;
+use self::batch::{Batch, BatchError};
 use self::body::{
     BodyIdle, BodyLimits, BodyTooLarge, InboundStats, ProxyBody, ProxyBodyError, UpstreamBody,
 };
@@ -44,7 +46,6 @@ pub(crate) use self::checks::Framing;
 use self::error::ProxyError;
 use self::headers::{Forwarding, Peer, RequestPolicy, X_REQUEST_ID};
 use self::queue::{QueueLimits, Queues, RouteQueue};
-use crate::batch::{self, Batch, BatchError};
 use crate::config::{Config, Limits, Route};
 use crate::inbound::tls::TlsSession;
 use crate::inbound::{Authenticator, ClientSet, Throttles};
