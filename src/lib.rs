@@ -150,17 +150,9 @@ impl Proxy {
         self.admin.as_ref().map(server::local_addr)
     }
 
-    /// Re-reads `server.tls.cert_file` and `key_file`; new handshakes get the new pair.
-    /// Nothing to do without `server.tls`. On error the running certificate stays.
-    /// SIGHUP does this too while the proxy runs.
-    pub fn reload_tls(&self) -> Result<(), InboundTlsError> {
-        match &self.inbound_tls {
-            Some(tls) => tls.reloader.reload(),
-            None => Ok(()),
-        }
-    }
-
-    /// A handle for [`Proxy::reload_tls`] that outlives `run_until` taking the proxy.
+    /// A handle that re-reads `server.tls.cert_file` and `key_file` ([`TlsReloader::reload`]:
+    /// new handshakes get the new pair; on error the running certificate stays), and
+    /// outlives `run_until` taking the proxy. SIGHUP does this too while the proxy runs.
     /// `None` without `server.tls`.
     pub fn tls_reloader(&self) -> Option<TlsReloader> {
         self.inbound_tls.as_ref().map(|tls| tls.reloader.clone())
