@@ -6,7 +6,7 @@
 //! `src/NAME.rs` or `src/NAME/` is an edge from `NAME` to the path's first segment.
 //! Comments (doc links included), `#[cfg(test)]` items and the files of `#[cfg(test)]`
 //! modules are left out, and so is `lib.rs`, which wires every module together.
-//! See `docs/architecture.md` (the module map and its rules) once it exists; the rule
+//! The module map and the rules behind it are in `docs/architecture.md`; the rule checked
 //! here is only that dependencies between top-level modules run one way.
 
 use std::collections::{BTreeMap, BTreeSet};
