@@ -114,7 +114,8 @@ fn answer(runtime: &Runtime, method: &Method, path: &str) -> Response<Full<Bytes
             respond(status, "application/json", format!("{body:#}\n"))
         }
         "/metrics" => {
-            // Queue depths are read at scrape time from the current pipeline.
+            // Queue depths are read at scrape time from the current pipeline, token series
+            // from the current token cache.
             for (route, depth) in runtime.pipelines.load().queue_depths() {
                 runtime
                     .metrics
@@ -126,6 +127,7 @@ fn answer(runtime: &Runtime, method: &Method, path: &str) -> Response<Full<Bytes
                 metrics::CONTENT_TYPE,
                 runtime.metrics.render(
                     &runtime.token_status(),
+                    &runtime.token_fetches(),
                     &runtime.current().credential_expiries,
                 ),
             )

@@ -5,11 +5,11 @@
 //! - `civil_date`: UTC dates (`expires:` parsing, printed timestamps), a leaf module.
 //! - [`config`]: the YAML schema, `${…}` expansion and validation into a typed [`Config`].
 //! - `server`: listener, connection limits, TLS handshakes, graceful drain.
-//! - `proxy`: the request pipeline — check, authenticate, route, token, forward.
+//! - `proxy`: the request pipeline — check, authenticate, route, token, forward — with
+//!   request-side `$batch` translation (`proxy::batch`).
 //! - `inbound`: who the caller is and whether a route admits it; inbound TLS.
 //! - `routing`: prefix table, path safety, upstream URIs.
 //! - `rewrite`: streaming link rewriting of responses (`rewrite_links`).
-//! - `batch`: request-side `$batch`: inner requests' headers and URLs, checked as they stream.
 //! - [`token`]: token sources per credential type and the single-flight cache.
 //! - `upstream`: rustls client configuration and the pooled upstream client.
 //! - `admin`: the admin listener (`/healthz`, `/readyz`, `/metrics`) and `healthcheck`.
@@ -32,7 +32,6 @@
 //! swaps the pipeline; each request finishes on the one it started with.
 
 mod admin;
-mod batch;
 mod civil_date;
 pub mod config;
 pub mod dev;
@@ -157,17 +156,9 @@ impl Proxy {
         self.admin.as_ref().map(server::local_addr)
     }
 
-    /// Re-reads `server.tls.cert_file` and `key_file`; new handshakes get the new pair.
-    /// Nothing to do without `server.tls`. On error the running certificate stays.
-    /// SIGHUP does this too while the proxy runs.
-    pub fn reload_tls(&self) -> Result<(), InboundTlsError> {
-        match &self.inbound_tls {
-            Some(tls) => tls.reloader.reload(),
-            None => Ok(()),
-        }
-    }
-
-    /// A handle for [`Proxy::reload_tls`] that outlives `run_until` taking the proxy.
+    /// A handle that re-reads `server.tls.cert_file` and `key_file` ([`TlsReloader::reload`]:
+    /// new handshakes get the new pair; on error the running certificate stays), and
+    /// outlives `run_until` taking the proxy. SIGHUP does this too while the proxy runs.
     /// `None` without `server.tls`.
     pub fn tls_reloader(&self) -> Option<TlsReloader> {
         self.inbound_tls.as_ref().map(|tls| tls.reloader.clone())

@@ -6,9 +6,11 @@
 //! from request data, so the number of series stays bounded whatever callers send.
 //!
 //! Not here: where requests are counted (the access log, when a response is finished),
-//! where token fetches are counted (the token cache), the HTTP side (`admin`).
+//! where token fetches are counted (the token cache, which `/metrics` reads at scrape
+//! time like token expiry and queue depths), the HTTP side (`admin`).
 
-use std::sync::{Arc, OnceLock, RwLock};
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
 use http::Method;
@@ -20,7 +22,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::config::Config;
-use crate::token::{CredentialExpiry, SlotStatus};
+use crate::token::{CredentialExpiry, FetchCount, SlotStatus};
 
 /// `Content-Type` of `/metrics`: the Prometheus text format 0.0.4.
 pub(crate) const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
@@ -103,7 +105,9 @@ struct Inner {
     requests: Family<RequestLabels, Counter>,
     request_duration: HistogramFamily,
     upstream_duration: HistogramFamily,
-    token_fetches: Family<FetchLabels, Counter>,
+    /// The route credentials of every configuration so far: their token fetch outcomes
+    /// are shown from the start, at 0 until counted.
+    token_credentials: Mutex<BTreeSet<String>>,
     in_flight: Family<RouteLabels, Gauge>,
     queued: Family<RouteLabels, Gauge>,
     reloads: Family<OutcomeLabels, Counter>,
@@ -121,7 +125,6 @@ impl Metrics {
         let requests = Family::default();
         let request_duration = HistogramFamily::new_with_constructor(duration_histogram);
         let upstream_duration = HistogramFamily::new_with_constructor(duration_histogram);
-        let token_fetches = Family::default();
         let in_flight = Family::default();
         let queued = Family::default();
         let reloads = Family::default();
@@ -140,11 +143,6 @@ impl Metrics {
             "s2s_proxy_upstream_duration_seconds",
             "Time from sending to the upstream to its response headers",
             upstream_duration.clone(),
-        );
-        registry.register(
-            "s2s_proxy_token_fetches",
-            "Token requests to identity providers, by credential and outcome",
-            token_fetches.clone(),
         );
         registry.register(
             "s2s_proxy_in_flight",
@@ -167,7 +165,7 @@ impl Metrics {
                 requests,
                 request_duration,
                 upstream_duration,
-                token_fetches,
+                token_credentials: Mutex::default(),
                 in_flight,
                 queued,
                 reloads,
@@ -182,19 +180,20 @@ impl Metrics {
     /// are all present from the start. Request counters keep appearing with their first
     /// status code: those labels are not known in advance.
     pub(crate) fn prepare(&self, config: &Config) {
+        let mut token_credentials = self
+            .inner
+            .token_credentials
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         for route in &config.routes {
             let labels = route_labels(Some(&route.prefix));
             let _ = self.inner.in_flight.get_or_create(&labels);
             let _ = self.inner.queued.get_or_create(&labels);
             let _ = self.inner.request_duration.get_or_create(&labels);
             let _ = self.inner.upstream_duration.get_or_create(&labels);
-            for outcome in TOKEN_OUTCOMES {
-                let _ = self.inner.token_fetches.get_or_create(&FetchLabels {
-                    credential: route.credential.clone(),
-                    outcome,
-                });
-            }
+            token_credentials.insert(route.credential.clone());
         }
+        drop(token_credentials);
         for outcome in RELOAD_OUTCOMES {
             let _ = self.inner.reloads.get_or_create(&OutcomeLabels { outcome });
         }
@@ -222,17 +221,6 @@ impl Metrics {
             .get_or_create_owned(&route_labels(Some(route)))
     }
 
-    /// Counts one token request; `outcome` is `ok` or [`crate::token::TokenError::kind`].
-    pub(crate) fn record_token_fetch(&self, credential: &str, outcome: &'static str) {
-        self.inner
-            .token_fetches
-            .get_or_create(&FetchLabels {
-                credential: credential.to_owned(),
-                outcome,
-            })
-            .inc();
-    }
-
     /// Counts one reload attempt (`ok` or `error`).
     pub(crate) fn record_reload(&self, outcome: &'static str) {
         self.inner
@@ -241,14 +229,49 @@ impl Metrics {
             .inc();
     }
 
-    /// Everything in the Prometheus text format. Token expiry is computed now, from
-    /// `tokens`, so it is exact at scrape time (0 when no valid token is held).
-    pub(crate) fn render(&self, tokens: &[SlotStatus], credentials: &[CredentialExpiry]) -> String {
+    /// Everything in the Prometheus text format. The token series come from the token
+    /// cache at scrape time: `fetches` (counted since start-up) and the expiry computed
+    /// now from `tokens`, so it is exact (0 when no valid token is held).
+    pub(crate) fn render(
+        &self,
+        tokens: &[SlotStatus],
+        fetches: &[FetchCount],
+        credentials: &[CredentialExpiry],
+    ) -> String {
         let mut text = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_text::encode(&mut text, &self.inner.registry);
 
         let mut scrape = Registry::default();
+        let token_fetches = Family::<FetchLabels, Counter>::default();
+        // Counters are registered without `_total`: the encoder appends it.
+        scrape.register(
+            "s2s_proxy_token_fetches",
+            "Token requests to identity providers, by credential and outcome",
+            token_fetches.clone(),
+        );
+        let token_credentials = self
+            .inner
+            .token_credentials
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        for credential in token_credentials {
+            for outcome in TOKEN_OUTCOMES {
+                let _ = token_fetches.get_or_create(&FetchLabels {
+                    credential: credential.clone(),
+                    outcome,
+                });
+            }
+        }
+        for fetch in fetches {
+            token_fetches
+                .get_or_create(&FetchLabels {
+                    credential: fetch.credential.clone(),
+                    outcome: fetch.outcome,
+                })
+                .inc_by(fetch.count);
+        }
         let expiry = Family::<ExpiryLabels, Gauge>::default();
         scrape.register(
             "s2s_proxy_token_expiry_seconds",
@@ -436,7 +459,6 @@ mod tests {
             Duration::ZERO,
             None,
         );
-        metrics.record_token_fetch("bc", "ok");
         metrics.record_reload("error");
         let guard = metrics.route(Some("/bc/")).in_flight();
         metrics.queued("/bc/").set(3);
@@ -455,7 +477,12 @@ mod tests {
             entry: "client_secrets[1]".to_owned(),
             expires: std::time::UNIX_EPOCH + Duration::from_secs(1_798_675_200),
         };
-        let text = metrics.render(&[slot], &[secret]);
+        let fetch = FetchCount {
+            credential: "bc".to_owned(),
+            outcome: "ok",
+            count: 1,
+        };
+        let text = metrics.render(&[slot], &[fetch], &[secret]);
         for line in [
             r#"s2s_proxy_requests_total{route="/bc/",method="GET",status="200"} 1"#,
             r#"s2s_proxy_requests_total{route="none",method="other",status="405"} 1"#,
@@ -478,7 +505,7 @@ mod tests {
         drop(guard);
         assert!(
             metrics
-                .render(&[], &[])
+                .render(&[], &[], &[])
                 .contains(r#"s2s_proxy_in_flight{route="/bc/"} 0"#)
         );
     }
@@ -496,7 +523,7 @@ mod tests {
         first.record(&Method::GET, 999, Duration::ZERO, None);
         second.record(&Method::GET, 42, Duration::ZERO, None);
         let unrouted = metrics.route(None);
-        let text = metrics.render(&[], &[]);
+        let text = metrics.render(&[], &[], &[]);
         for line in [
             r#"s2s_proxy_requests_total{route="/bc/",method="GET",status="200"} 3"#,
             r#"s2s_proxy_requests_total{route="/bc/",method="GET",status="404"} 1"#,

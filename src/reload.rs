@@ -31,7 +31,7 @@ use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
 use crate::proxy::body::UpstreamBody;
 use crate::proxy::{Limiters, Pipeline};
-use crate::token::{SlotStatus, TokenCache};
+use crate::token::{FetchCount, SlotStatus, TokenCache};
 use crate::upstream::{self, UpstreamClient};
 
 /// How often the configuration file is checked for changes.
@@ -122,7 +122,6 @@ impl Runtime {
         let tls = Arc::new(tls);
         let metrics = Metrics::new();
         let tokens = TokenCache::new(&config, Arc::clone(&tls));
-        tokens.count_fetches(&metrics);
         let upstream = upstream::client((*tls).clone());
         let draining = Arc::new(AtomicBool::new(false));
         let limiters = Limiters::default();
@@ -159,6 +158,11 @@ impl Runtime {
 
     pub(crate) fn token_status(&self) -> Vec<SlotStatus> {
         self.current.load().tokens.status()
+    }
+
+    /// Provider calls by credential and outcome since start-up, for `/metrics`.
+    pub(crate) fn token_fetches(&self) -> Vec<FetchCount> {
+        self.current.load().tokens.fetch_counts()
     }
 
     pub(crate) fn set_draining(&self) {

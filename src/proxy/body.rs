@@ -144,7 +144,7 @@ pub(crate) enum UpstreamBody {
     Buffered(Option<Bytes>),
     Streaming(Box<Streaming>),
     /// A `$batch` body being translated (see `batch`).
-    Batch(Box<crate::batch::BatchStream>),
+    Batch(Box<super::batch::BatchStream>),
 }
 
 #[derive(Debug)]

@@ -17,7 +17,18 @@ use http::{HeaderMap, HeaderName, Method, Request, Uri, Version, header};
 
 use super::error::ProxyError;
 use crate::routing;
-use crate::server::framing::Framing;
+
+/// What the connection's framing audit found in one request head: the server's audit
+/// produces it (one per request, as a request extension), the checks here read it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Framing {
+    /// Both `Content-Length` and `Transfer-Encoding` were present.
+    pub(crate) ambiguous_length: bool,
+    /// The head was larger than `server.limits.max_header_bytes` or had more than 100
+    /// header fields (HTTP/2: a header list larger than the limit). For HTTP/1, hyper got
+    /// a stand-in head without fields and the connection reads nothing more.
+    pub(crate) head_too_large: bool,
+}
 
 /// Longest request target accepted (Kestrel's `MaxRequestLineSize` is 8 KiB too).
 const MAX_TARGET: usize = 8 * 1024;

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use http::{HeaderValue, Response, StatusCode, header};
 
-use super::body::ProxyBody;
+use super::batch::BatchError;
+use super::body::{BodyIdle, BodyTooLarge, ProxyBody, ProxyBodyError};
 use super::queue::QueueError;
-use crate::batch::BatchError;
 use crate::inbound::AuthError;
 use crate::routing::PathError;
 use crate::token::TokenError;
@@ -82,6 +82,86 @@ impl From<QueueError> for ProxyError {
     }
 }
 
+impl From<ProxyBodyError> for ProxyError {
+    /// Reading the inbound body ahead (up to the replay limit) failed.
+    fn from(error: ProxyBodyError) -> Self {
+        match error {
+            ProxyBodyError::TooLarge(_) => Self::PayloadTooLarge,
+            ProxyBodyError::Idle(_) => Self::RequestTimeout,
+            ProxyBodyError::Inbound(_) => Self::BadRequest("the request body could not be read"),
+        }
+    }
+}
+
+impl From<tokio::time::error::Elapsed> for ProxyError {
+    /// The route's deadline passed while forwarding.
+    fn from(_: tokio::time::error::Elapsed) -> Self {
+        Self::UpstreamTimeout
+    }
+}
+
+impl ProxyError {
+    /// Why reading a `$batch` body ahead failed, as the caller is told.
+    pub(crate) fn from_batch_body(error: &(dyn std::error::Error + 'static)) -> Self {
+        if let Some(refused) = cause::<BatchError>(error) {
+            Self::Batch(refused.clone())
+        } else if caused_by::<BodyTooLarge>(error) {
+            Self::PayloadTooLarge
+        } else if caused_by::<BodyIdle>(error) {
+            Self::RequestTimeout
+        } else {
+            Self::BadRequest("the request body could not be read")
+        }
+    }
+
+    /// The upstream client's failure: the inbound body's own failure when that caused it
+    /// (too large, stalled, a refused `$batch` part), else the upstream's, whose detail
+    /// (the error chain) is for the log only.
+    pub(crate) fn from_upstream(error: &(dyn std::error::Error + 'static)) -> Self {
+        if caused_by::<BodyTooLarge>(error) {
+            Self::PayloadTooLarge
+        } else if caused_by::<BodyIdle>(error) {
+            Self::RequestTimeout
+        } else if caused_by::<BatchError>(error) {
+            Self::from_batch_body(error)
+        } else {
+            Self::UpstreamFailed(error_chain(error))
+        }
+    }
+}
+
+/// The first of `error`'s sources that is an `E`.
+fn cause<'e, E: std::error::Error + 'static>(
+    error: &'e (dyn std::error::Error + 'static),
+) -> Option<&'e E> {
+    let mut source = Some(error);
+    while let Some(cause) = source {
+        if let Some(found) = cause.downcast_ref::<E>() {
+            return Some(found);
+        }
+        source = cause.source();
+    }
+    None
+}
+
+/// Whether `E` is among `error`'s sources: the inbound body's own failure, seen through
+/// the upstream client's error that it caused.
+fn caused_by<E: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {
+    cause::<E>(error).is_some()
+}
+
+/// An error and its sources on one line, for the log (never for a response body).
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// What a caller turned away by a route's queue is told to wait.
 const QUEUE_RETRY_AFTER: Duration = Duration::from_secs(5);
 
@@ -110,6 +190,35 @@ impl ProxyError {
             | Self::UpstreamRejectedToken
             | Self::UpstreamSwitchedProtocols => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// How loud the log line of a refused request is. A 5xx the proxy could not help is a
+    /// warning; the others are debug: the caller's own mistakes, and the refusals that
+    /// come in bursts and are logged where they arise — each failed token fetch once by
+    /// the token cache, queue refusals under load, shutdown (the access log has each).
+    pub(crate) fn log_level(&self) -> tracing::Level {
+        match self {
+            Self::UpstreamFailed(_)
+            | Self::UpstreamRejectedToken
+            | Self::UpstreamSwitchedProtocols
+            | Self::UpstreamTimeout => tracing::Level::WARN,
+            Self::TokenUnavailable(_)
+            | Self::ShuttingDown
+            | Self::QueueFull(_)
+            | Self::QueueTimeout(_)
+            | Self::BadRequest(_)
+            | Self::BadPath(_)
+            | Self::Batch(_)
+            | Self::MethodNotAllowed
+            | Self::UriTooLong
+            | Self::HeadersTooLarge
+            | Self::Unauthorized(_)
+            | Self::TooManyRequests(_)
+            | Self::Forbidden
+            | Self::NotFound
+            | Self::PayloadTooLarge
+            | Self::RequestTimeout => tracing::Level::DEBUG,
         }
     }
 
@@ -269,5 +378,57 @@ impl ProxyError {
             | Self::QueueTimeout(_) => {}
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A warning is a 5xx the proxy could not help; token, queue and shutdown refusals
+    /// (logged where they arise) and every 4xx are debug.
+    #[test]
+    fn only_upstream_failures_are_warnings() {
+        let quiet = [
+            ProxyError::TokenUnavailable(TokenError::Config(String::new())),
+            ProxyError::ShuttingDown,
+            ProxyError::QueueFull(QueueError::Full(0)),
+            ProxyError::QueueTimeout(QueueError::TimedOut(Duration::ZERO)),
+            ProxyError::BadRequest("x"),
+            ProxyError::NotFound,
+            ProxyError::PayloadTooLarge,
+            ProxyError::RequestTimeout,
+        ];
+        for error in quiet {
+            assert_eq!(error.log_level(), tracing::Level::DEBUG, "{error}");
+        }
+        let loud = [
+            ProxyError::UpstreamFailed(String::new()),
+            ProxyError::UpstreamRejectedToken,
+            ProxyError::UpstreamSwitchedProtocols,
+            ProxyError::UpstreamTimeout,
+        ];
+        for error in loud {
+            assert!(error.status().is_server_error(), "{error}");
+            assert_eq!(error.log_level(), tracing::Level::WARN, "{error}");
+        }
+    }
+
+    #[test]
+    fn body_failures_become_the_callers_errors() {
+        let too_large: Box<dyn std::error::Error + Send + Sync> = Box::new(BodyTooLarge);
+        assert!(matches!(
+            ProxyError::from_upstream(&*too_large),
+            ProxyError::PayloadTooLarge
+        ));
+        assert!(matches!(
+            ProxyError::from_batch_body(&*too_large),
+            ProxyError::PayloadTooLarge
+        ));
+        let other = std::io::Error::other("connection reset");
+        assert!(matches!(
+            ProxyError::from_upstream(&other),
+            ProxyError::UpstreamFailed(detail) if detail == "connection reset"
+        ));
     }
 }

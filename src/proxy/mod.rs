@@ -21,6 +21,7 @@
 //!    SOAP envelope's WS-Addressing `To` naming the proxy is given the upstream's URL.
 
 pub(crate) mod access_log;
+pub(crate) mod batch;
 pub(crate) mod body;
 mod checks;
 mod error;
@@ -37,13 +38,12 @@ use hyper::body::Incoming;
 use tokio::time::{Instant, timeout_at};
 
 use self::access_log::AccessLog;
-use self::body::{
-    BodyIdle, BodyLimits, BodyTooLarge, InboundStats, ProxyBody, ProxyBodyError, UpstreamBody,
-};
+use self::batch::Batch;
+use self::body::{BodyLimits, InboundStats, ProxyBody, UpstreamBody};
+pub(crate) use self::checks::Framing;
 use self::error::ProxyError;
 use self::headers::{Forwarding, Peer, RequestPolicy, X_REQUEST_ID};
-use self::queue::{QueueLimits, Queues, RouteQueue};
-use crate::batch::{self, Batch, BatchError};
+use self::queue::{Permit, QueueLimits, Queues, RouteQueue};
 use crate::config::{Config, Limits, Route};
 use crate::inbound::tls::TlsSession;
 use crate::inbound::{Authenticator, ClientSet, Throttles};
@@ -191,32 +191,12 @@ impl Pipeline {
                         error,
                         ProxyError::Unauthorized(_) | ProxyError::TooManyRequests(_)
                     );
-                match &error {
-                    // Each failed token fetch is logged once by the token cache; the
-                    // requests that find no token are not worth a warning each.
-                    // Queue refusals come in bursts under load; the access log has each.
-                    ProxyError::TokenUnavailable(_)
-                    | ProxyError::ShuttingDown
-                    | ProxyError::QueueFull(_)
-                    | ProxyError::QueueTimeout(_) => {
-                        tracing::debug!(
-                            request_id = request_id.to_str().unwrap_or("-"),
-                            route = log.route.as_deref().unwrap_or("-"),
-                            error = %error,
-                            "Request refused."
-                        );
-                    }
-                    _ if error.status().is_server_error() => tracing::warn!(
-                        request_id = request_id.to_str().unwrap_or("-"),
-                        route = log.route.as_deref().unwrap_or("-"),
-                        error = %error,
-                        "Request failed."
-                    ),
-                    _ => tracing::debug!(
-                        request_id = request_id.to_str().unwrap_or("-"),
-                        error = %error,
-                        "Request refused."
-                    ),
+                let id = request_id.to_str().unwrap_or("-");
+                let route = log.route.as_deref().unwrap_or("-");
+                if error.log_level() == tracing::Level::WARN {
+                    tracing::warn!(request_id = id, route, error = %error, "Request failed.");
+                } else {
+                    tracing::debug!(request_id = id, route, error = %error, "Request refused.");
                 }
                 log.error = Some(error.code());
                 error.into_response(log.route.as_deref(), &request_id)
@@ -279,6 +259,9 @@ impl Pipeline {
         self.forward(route, uri, request, peer, log).await
     }
 
+    /// Sends an admitted request upstream and shapes the answer, in named steps: read the
+    /// body (ahead, up to the replay limit), translate it (`$batch`, WS-Addressing),
+    /// acquire a slot in the route's queue, send with retries, shape the response.
     async fn forward(
         &self,
         route: &RouteState,
@@ -305,63 +288,78 @@ impl Pipeline {
             request_id: &log.request_id,
             authority: parts.uri.authority(),
         };
-        let links = self.link_map(route, &parts.headers, &forwarding);
-        let batch = self.batch(route, &parts, &forwarding)?;
-        let addressing = self.addressing(route, &parts.headers, &forwarding);
+        // The proxy's own URL as this caller reached it, for links, `$batch` parts and
+        // WS-Addressing alike.
+        let public_base = rewrite::public_base(
+            self.public_url.as_ref(),
+            &parts.headers,
+            forwarding.authority,
+            forwarding.proto,
+            forwarding.peer_is_trusted_proxy,
+        );
+        let public_base = public_base.as_deref();
+        let links = link_map(route, public_base);
+        let batch = self.batch(route, &parts, forwarding.policy, public_base)?;
+        let addressing = addressing(route, &parts.headers, public_base);
         let mut headers = headers::to_upstream(parts.headers, &forwarding);
         // Textual answers are searched for the token, links or not: only codings the
         // proxy can decode are asked for.
         rewrite::narrow_accept_encoding(&mut headers);
         let stats = Arc::new(InboundStats::default());
-        let body = timeout_at(
+        let body = self.read_body(inbound, &stats, deadline).await?;
+        let body = translate_body(body, &mut headers, batch, addressing, deadline).await?;
+        let slot = acquire_slot(route, deadline).await?;
+        let outgoing = Outgoing {
+            method: &parts.method,
+            uri: &uri,
+            headers,
+            body,
             deadline,
-            body::prepare(
-                inbound,
-                BodyLimits {
-                    max_bytes: self.limits.max_body_bytes,
-                    idle_timeout: self.limits.body_idle_timeout,
-                },
-                stats.clone(),
-            ),
-        )
-        .await
-        .map_err(|_| ProxyError::UpstreamTimeout)?
-        .map_err(|error| match error {
-            ProxyBodyError::TooLarge(_) => ProxyError::PayloadTooLarge,
-            ProxyBodyError::Idle(_) => ProxyError::RequestTimeout,
-            ProxyBodyError::Inbound(_) => {
-                ProxyError::BadRequest("the request body could not be read")
-            }
-        })?;
-
-        // A `$batch` body is checked (up to its look-ahead) before anything is sent; a
-        // SOAP envelope's `To` is translated as it passes. The length changes either way (a
-        // body kept whole gets its new one from hyper).
-        let body = match (batch, addressing) {
-            (Some(batch), _) => {
-                headers.remove(header::CONTENT_LENGTH);
-                timeout_at(deadline, batch::translate_body(body, batch))
-                    .await
-                    .map_err(|_| ProxyError::UpstreamTimeout)?
-                    .map_err(|error| batch_body_error(&*error))?
-            }
-            (None, Some(addressing)) => {
-                headers.remove(header::CONTENT_LENGTH);
-                body.translate(addressing)
-            }
-            (None, None) => body,
+            stats: &stats,
         };
+        let (response, sent) = self.send_with_retries(route, outgoing, log).await?;
+        let mut response = shape_response(route, &parts.method, response, &sent, links, deadline)?;
+        response.body_mut().hold(slot);
+        Ok(response)
+    }
 
-        let slot = match &route.queue {
-            Some(queue) => Some(queue.acquire(deadline).await?),
-            None => None,
+    /// Reads the inbound body ahead, up to the replay limit, within the body limits and
+    /// the route's deadline.
+    async fn read_body(
+        &self,
+        inbound: Incoming,
+        stats: &Arc<InboundStats>,
+        deadline: Instant,
+    ) -> Result<UpstreamBody, ProxyError> {
+        let limits = BodyLimits {
+            max_bytes: self.limits.max_body_bytes,
+            idle_timeout: self.limits.body_idle_timeout,
         };
+        Ok(timeout_at(deadline, body::prepare(inbound, limits, Arc::clone(stats))).await??)
+    }
 
+    /// Sends the request with the route's token. An upstream 401 renews the token and
+    /// replays the request once; a 429 (`retry_on_429`) waits out `Retry-After` and
+    /// replays it; both only when the body was small enough to keep. Returns the answer
+    /// and every token sent (the response is scrubbed of each).
+    async fn send_with_retries(
+        &self,
+        route: &RouteState,
+        outgoing: Outgoing<'_>,
+        log: &mut AccessLog,
+    ) -> Result<(Response<Incoming>, Vec<Arc<Token>>), ProxyError> {
+        let Outgoing {
+            method,
+            uri,
+            headers,
+            body,
+            deadline,
+            stats,
+        } = outgoing;
         // Taken only now, after waiting for a small body and a slot, so that the token is
         // fresh when the request leaves. Like every token wait below, it ends at the
         // route's deadline (503 `token_unavailable`, docs/credentials.md "Tokens").
         let mut token = route.tokens.get_before(deadline).await?;
-        // Every token this exchange sends: the response is scrubbed of each.
         let mut sent = vec![token.clone()];
         // A small body is kept (with the headers) so the request can be sent again.
         let kept = body.replay().map(|body| (body, headers.clone()));
@@ -375,55 +373,31 @@ impl Pipeline {
         let upstream_started = Instant::now();
         loop {
             let (body, headers) = next;
-            let request = upstream_request(&parts.method, &uri, headers, body, &token);
-            let result = timeout_at(deadline, self.upstream.request(request)).await;
+            let request = upstream_request(method, uri, headers, body, &token);
+            let result = self.send_once(request, deadline).await;
             log.bytes_in = stats.received();
-            let response = match result {
-                Err(_) => return Err(ProxyError::UpstreamTimeout),
-                Ok(Err(error)) if caused_by::<BodyTooLarge>(&error) => {
-                    return Err(ProxyError::PayloadTooLarge);
-                }
-                Ok(Err(error)) if caused_by::<BodyIdle>(&error) => {
-                    return Err(ProxyError::RequestTimeout);
-                }
-                Ok(Err(error)) if caused_by::<BatchError>(&error) => {
-                    return Err(batch_body_error(&error));
-                }
-                Ok(Err(error)) => return Err(ProxyError::UpstreamFailed(error_chain(&error))),
-                Ok(Ok(response)) => response,
-            };
-            // No request asked for an upgrade (`Upgrade` is never forwarded); relaying a
-            // 101 would hand the caller's connection to a protocol the proxy does not
-            // speak (HTTP/2 has no 101 at all, RFC 9113 §8.6).
-            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-                return Err(ProxyError::UpstreamSwitchedProtocols);
-            }
+            let response = result?;
             if response.status() == StatusCode::UNAUTHORIZED {
                 // The upstream refuses the proxy's token, not the caller: the caller's own
                 // credentials were fine. Renew (whatever the body), retry once if we can.
                 if renewed {
                     return Err(ProxyError::UpstreamRejectedToken);
                 }
-                match route.tokens.renew_rejected(&token, deadline).await {
-                    Ok(Some(fresh)) if let Some(again) = again() => {
-                        tracing::info!(
-                            route = %route.prefix,
-                            request_id = log.request_id.to_str().unwrap_or("-"),
-                            "Upstream rejected the token; retrying once with a new one."
-                        );
-                        token = fresh;
-                        sent.push(token.clone());
-                        next = again;
-                        renewed = true;
-                        continue;
-                    }
-                    // Renewed, but the body is gone; or renewed moments ago already.
-                    Ok(_) => return Err(ProxyError::UpstreamRejectedToken),
-                    // No new token (the provider fails, or not before the deadline): 503
-                    // with the provider's reason and `Retry-After`. Not 502: no renewed
-                    // token was refused, and the old one stays in use for other requests.
-                    Err(error) => return Err(ProxyError::TokenUnavailable(error)),
-                }
+                let fresh = renew_rejected(route, &token, deadline).await?;
+                // Renewed, but the body is gone.
+                let Some(again) = again() else {
+                    return Err(ProxyError::UpstreamRejectedToken);
+                };
+                tracing::info!(
+                    route = %route.prefix,
+                    request_id = log.request_id.to_str().unwrap_or("-"),
+                    "Upstream rejected the token; retrying once with a new one."
+                );
+                token = fresh;
+                sent.push(token.clone());
+                next = again;
+                renewed = true;
+                continue;
             }
             let wait = retry::throttled_wait(
                 route.config.retry_on_429,
@@ -451,24 +425,26 @@ impl Pipeline {
                 continue;
             }
             log.upstream_ms = Some(upstream_started.elapsed().as_millis() as u64);
-            let (mut parts_out, body) = response.into_parts();
-            headers::to_client(&mut parts_out.headers);
-            parts_out.version = Version::default();
-            let has_body = parts.method != Method::HEAD
-                && !matches!(
-                    parts_out.status,
-                    StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED
-                );
-            let mut rewriter =
-                links.and_then(|links| rewrite::prepare(links, &mut parts_out.headers, has_body));
-            // The slot's current token too: it may have been renewed since it was sent.
-            let tokens = scrub::Tokens::new(sent.iter().chain(route.tokens.cached().as_ref()));
-            let scrubber = scrub::prepare(tokens, &mut parts_out.headers, has_body, &mut rewriter)
-                .map_err(|error| ProxyError::UpstreamFailed(error.to_string()))?;
-            let mut body = ProxyBody::upstream(body, deadline, rewriter, scrubber);
-            body.hold(slot);
-            return Ok(Response::from_parts(parts_out, body));
+            return Ok((response, sent));
         }
+    }
+
+    /// One upstream exchange, up to the response head, within the route's deadline.
+    async fn send_once(
+        &self,
+        request: Request<UpstreamBody>,
+        deadline: Instant,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let response = timeout_at(deadline, self.upstream.request(request))
+            .await?
+            .map_err(|error| ProxyError::from_upstream(&error))?;
+        // No request asked for an upgrade (`Upgrade` is never forwarded); relaying a 101
+        // would hand the caller's connection to a protocol the proxy does not speak
+        // (HTTP/2 has no 101 at all, RFC 9113 §8.6).
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            return Err(ProxyError::UpstreamSwitchedProtocols);
+        }
+        Ok(response)
     }
 
     /// The translator of a `$batch` request's inner requests (see `batch`), `None` for
@@ -477,75 +453,141 @@ impl Pipeline {
         &self,
         route: &RouteState,
         parts: &http::request::Parts,
-        forwarding: &Forwarding<'_>,
+        policy: RequestPolicy<'_>,
+        public_base: Option<&str>,
     ) -> Result<Option<Batch>, ProxyError> {
-        let public_base = rewrite::public_base(
-            self.public_url.as_ref(),
-            &parts.headers,
-            forwarding.authority,
-            forwarding.proto,
-            forwarding.peer_is_trusted_proxy,
-        );
         let prefixes: Vec<&str> = self.routes.iter().map(|r| &*r.prefix).collect();
         let context = batch::RequestContext {
             path: parts.uri.path(),
             route_prefix: &route.prefix,
             upstream_url: &route.upstream_url,
             upstream_authority: route.config.upstream.authority.as_str(),
-            public_base: public_base.as_deref(),
+            public_base,
             other_prefixes: &prefixes,
-            policy: forwarding.policy,
+            policy,
         };
         Ok(Batch::for_request(&parts.method, &parts.headers, &context)?)
     }
+}
 
-    /// The translator of a SOAP request's WS-Addressing `To` (any route: the upstream
-    /// checks `To` whether or not the route rewrites links), when the public base is known.
-    fn addressing(
-        &self,
-        route: &RouteState,
-        headers: &HeaderMap,
-        forwarding: &Forwarding<'_>,
-    ) -> Option<rewrite::AddressingRewriter> {
-        if !rewrite::is_soap_request(headers) {
-            return None;
-        }
-        let base = rewrite::public_base(
-            self.public_url.as_ref(),
-            headers,
-            forwarding.authority,
-            forwarding.proto,
-            forwarding.peer_is_trusted_proxy,
-        )?;
-        Some(rewrite::AddressingRewriter::new(
-            &format!("{base}{}", route.prefix),
-            &route.upstream_url,
-        ))
-    }
+/// The request as it leaves for the upstream (its token aside).
+struct Outgoing<'a> {
+    method: &'a Method,
+    uri: &'a Uri,
+    headers: HeaderMap,
+    body: UpstreamBody,
+    deadline: Instant,
+    stats: &'a Arc<InboundStats>,
+}
 
-    /// What the route's upstream links become, when the route rewrites them and the
-    /// public base is known.
-    fn link_map(
-        &self,
-        route: &RouteState,
-        headers: &HeaderMap,
-        forwarding: &Forwarding<'_>,
-    ) -> Option<LinkMap> {
-        if !route.config.rewrite_links {
-            return None;
-        }
-        let base = rewrite::public_base(
-            self.public_url.as_ref(),
-            headers,
-            forwarding.authority,
-            forwarding.proto,
-            forwarding.peer_is_trusted_proxy,
-        )?;
-        Some(LinkMap::new(
-            &route.upstream_url,
-            &format!("{base}{}", route.prefix),
-        ))
+/// What the route's upstream links become, when the route rewrites them and the public
+/// base is known.
+fn link_map(route: &RouteState, public_base: Option<&str>) -> Option<LinkMap> {
+    if !route.config.rewrite_links {
+        return None;
     }
+    let base = public_base?;
+    Some(LinkMap::new(
+        &route.upstream_url,
+        &format!("{base}{}", route.prefix),
+    ))
+}
+
+/// The translator of a SOAP request's WS-Addressing `To` (any route: the upstream checks
+/// `To` whether or not the route rewrites links), when the public base is known.
+fn addressing(
+    route: &RouteState,
+    headers: &HeaderMap,
+    public_base: Option<&str>,
+) -> Option<rewrite::AddressingRewriter> {
+    if !rewrite::is_soap_request(headers) {
+        return None;
+    }
+    let base = public_base?;
+    Some(rewrite::AddressingRewriter::new(
+        &format!("{base}{}", route.prefix),
+        &route.upstream_url,
+    ))
+}
+
+/// A `$batch` body is checked (up to its look-ahead) before anything is sent; a SOAP
+/// envelope's `To` is translated as it passes. The length changes either way (a body kept
+/// whole gets its new one from hyper).
+async fn translate_body(
+    body: UpstreamBody,
+    headers: &mut HeaderMap,
+    batch: Option<Batch>,
+    addressing: Option<rewrite::AddressingRewriter>,
+    deadline: Instant,
+) -> Result<UpstreamBody, ProxyError> {
+    match (batch, addressing) {
+        (Some(batch), _) => {
+            headers.remove(header::CONTENT_LENGTH);
+            timeout_at(deadline, batch::translate_body(body, batch))
+                .await?
+                .map_err(|error| ProxyError::from_batch_body(&*error))
+        }
+        (None, Some(addressing)) => {
+            headers.remove(header::CONTENT_LENGTH);
+            Ok(body.translate(addressing))
+        }
+        (None, None) => Ok(body),
+    }
+}
+
+/// A place in the route's queue (`max_concurrent`), when it has one: 503 when the queue
+/// is full or the wait outlasts the deadline. Held until the response body is finished.
+async fn acquire_slot(route: &RouteState, deadline: Instant) -> Result<Option<Permit>, ProxyError> {
+    match &route.queue {
+        Some(queue) => Ok(Some(queue.acquire(deadline).await?)),
+        None => Ok(None),
+    }
+}
+
+/// A renewed token after the upstream answered 401 to `rejected`.
+async fn renew_rejected(
+    route: &RouteState,
+    rejected: &Arc<Token>,
+    deadline: Instant,
+) -> Result<Arc<Token>, ProxyError> {
+    match route.tokens.renew_rejected(rejected, deadline).await {
+        Ok(Some(fresh)) => Ok(fresh),
+        // Renewed moments ago already: renewing again would not help.
+        Ok(None) => Err(ProxyError::UpstreamRejectedToken),
+        // No new token (the provider fails, or not before the deadline): 503 with the
+        // provider's reason and `Retry-After`. Not 502: no renewed token was refused, and
+        // the old one stays in use for other requests.
+        Err(error) => Err(ProxyError::TokenUnavailable(error)),
+    }
+}
+
+/// The upstream's answer as the caller gets it: hop-by-hop headers dropped, links
+/// rewritten (`rewrite_links`), every token of the exchange scrubbed, streaming until the
+/// route's deadline.
+fn shape_response(
+    route: &RouteState,
+    method: &Method,
+    response: Response<Incoming>,
+    sent: &[Arc<Token>],
+    links: Option<LinkMap>,
+    deadline: Instant,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let (mut parts, body) = response.into_parts();
+    headers::to_client(&mut parts.headers);
+    parts.version = Version::default();
+    let has_body = method != Method::HEAD
+        && !matches!(
+            parts.status,
+            StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED
+        );
+    let mut rewriter =
+        links.and_then(|links| rewrite::prepare(links, &mut parts.headers, has_body));
+    // The slot's current token too: it may have been renewed since it was sent.
+    let tokens = scrub::Tokens::new(sent.iter().chain(route.tokens.cached().as_ref()));
+    let scrubber = scrub::prepare(tokens, &mut parts.headers, has_body, &mut rewriter)
+        .map_err(|error| ProxyError::UpstreamFailed(error.to_string()))?;
+    let body = ProxyBody::upstream(body, deadline, rewriter, scrubber);
+    Ok(Response::from_parts(parts, body))
 }
 
 /// The answer when the pipeline itself panicked: a generic 500, nothing about the cause.
@@ -573,56 +615,4 @@ fn upstream_request(
     *request.uri_mut() = uri.clone();
     *request.headers_mut() = headers;
     request
-}
-
-/// Why reading a `$batch` body ahead failed, as the caller is told.
-fn batch_body_error(error: &(dyn std::error::Error + 'static)) -> ProxyError {
-    if let Some(refused) = cause::<BatchError>(error) {
-        ProxyError::Batch(refused.clone())
-    } else if caused_by::<BodyTooLarge>(error) {
-        ProxyError::PayloadTooLarge
-    } else if caused_by::<BodyIdle>(error) {
-        ProxyError::RequestTimeout
-    } else {
-        ProxyError::BadRequest("the request body could not be read")
-    }
-}
-
-/// The first of `error`'s sources that is an `E`.
-fn cause<'e, E: std::error::Error + 'static>(
-    error: &'e (dyn std::error::Error + 'static),
-) -> Option<&'e E> {
-    let mut source = Some(error);
-    while let Some(cause) = source {
-        if let Some(found) = cause.downcast_ref::<E>() {
-            return Some(found);
-        }
-        source = cause.source();
-    }
-    None
-}
-
-/// Whether `E` is among `error`'s sources: the inbound body's own failure, seen through
-/// the upstream client's error that it caused.
-fn caused_by<E: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut source = Some(error);
-    while let Some(cause) = source {
-        if cause.is::<E>() {
-            return true;
-        }
-        source = cause.source();
-    }
-    false
-}
-
-/// An error and its sources on one line, for the log (never for a response body).
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

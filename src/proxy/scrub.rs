@@ -247,13 +247,7 @@ pub(crate) fn is_searched(headers: &HeaderMap) -> bool {
     let Some(value) = headers.get(header::CONTENT_TYPE) else {
         return true;
     };
-    let media = value
-        .as_bytes()
-        .split(|&b| b == b';')
-        .next()
-        .unwrap_or_default()
-        .trim_ascii()
-        .to_ascii_lowercase();
+    let media = rewrite::media_type(value.as_bytes());
     let Some(slash) = memchr::memchr(b'/', &media) else {
         return true;
     };

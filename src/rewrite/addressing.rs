@@ -26,13 +26,7 @@ pub(crate) fn is_soap_request(headers: &HeaderMap) -> bool {
     let Some(content_type) = headers.get(header::CONTENT_TYPE) else {
         return false;
     };
-    let media = content_type
-        .as_bytes()
-        .split(|&b| b == b';')
-        .next()
-        .unwrap_or_default()
-        .trim_ascii()
-        .to_ascii_lowercase();
+    let media = super::media_type(content_type.as_bytes());
     !coded
         && (media == b"application/soap+xml"
             || (media == b"text/xml" && headers.contains_key("soapaction")))

@@ -211,7 +211,7 @@ enum Decision {
 
 /// Scans string content from `start`: returns where it stopped (the closing quote's index
 /// when `closed`, else the input's end) and the pending-escape state.
-fn scan_string(input: &[u8], start: usize, mut escape: bool) -> (usize, bool, bool) {
+pub(crate) fn scan_string(input: &[u8], start: usize, mut escape: bool) -> (usize, bool, bool) {
     let mut i = start;
     while i < input.len() {
         if escape {

@@ -41,6 +41,7 @@ pub(crate) use self::addressing::{AddressingRewriter, is_soap_request};
 pub(crate) use self::decode::Coding;
 use self::decode::Decoder;
 use self::json::JsonRewriter;
+pub(crate) use self::json::scan_string;
 use self::multipart::MultipartRewriter;
 pub(crate) use self::multipart::classify as classify_content_type;
 use self::xml::XmlRewriter;
@@ -368,13 +369,19 @@ fn content(headers: &HeaderMap) -> Option<Content> {
 /// `text/xml`, `application/xml` and every `…+xml` type (RFC 7303 §4.1, §4.2, §9.2:
 /// SOAP 1.2's `application/soap+xml`, Atom's `application/atom+xml`, …).
 fn is_xml(content_type: &[u8]) -> bool {
-    let media = content_type
+    let media = media_type(content_type);
+    media == b"text/xml" || media == b"application/xml" || media.ends_with(b"+xml")
+}
+
+/// A `Content-Type` value's media type (`type/subtype`, RFC 9110 §8.3.1): lowercase,
+/// without parameters.
+pub(crate) fn media_type(content_type: &[u8]) -> Vec<u8> {
+    content_type
         .split(|&b| b == b';')
         .next()
         .unwrap_or_default()
         .trim_ascii()
-        .to_ascii_lowercase();
-    media == b"text/xml" || media == b"application/xml" || media.ends_with(b"+xml")
+        .to_ascii_lowercase()
 }
 
 /// `Ok(None)` for an identity body, `Err` for a coding the proxy cannot undo.

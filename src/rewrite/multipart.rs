@@ -284,12 +284,8 @@ fn trim_line(line: &[u8]) -> &[u8] {
 
 /// A `Content-Type` value: (`application/http`, JSON, multipart boundary).
 pub(crate) fn classify(value: &[u8]) -> (bool, bool, Option<Vec<u8>>) {
-    let mut params = value.split(|&b| b == b';');
-    let media = params
-        .next()
-        .unwrap_or_default()
-        .trim_ascii()
-        .to_ascii_lowercase();
+    let media = super::media_type(value);
+    let mut params = value.split(|&b| b == b';').skip(1);
     let http = media == b"application/http";
     let json = media == b"application/json" || media.ends_with(b"+json");
     let boundary = if media == b"multipart/mixed" {

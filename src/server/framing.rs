@@ -31,6 +31,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
+use crate::proxy::Framing;
+
 /// Header fields hyper accepts in one HTTP/1 request head (its `max_headers` default);
 /// more is answered 431 here, as an oversized head.
 const MAX_HEADER_FIELDS: usize = 100;
@@ -38,17 +40,6 @@ const MAX_HEADER_FIELDS: usize = 100;
 const PARSE_SLOTS: usize = 128;
 /// Longest path kept in a stand-in head (for the access log); longer ones become `/`.
 const MAX_STAND_IN_PATH: usize = 2048;
-
-/// What the audit found in one request head.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct Framing {
-    /// Both `Content-Length` and `Transfer-Encoding` were present.
-    pub(crate) ambiguous_length: bool,
-    /// The head was larger than `server.limits.max_header_bytes` or had more than 100
-    /// header fields (HTTP/2: a header list larger than the limit). For HTTP/1, hyper got
-    /// a stand-in head without fields and the connection reads nothing more.
-    pub(crate) head_too_large: bool,
-}
 
 /// The per-request records of one connection, in request order.
 #[derive(Debug, Clone, Default)]

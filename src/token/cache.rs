@@ -25,10 +25,10 @@
 //! until the token's renewal point or the end of the backoff. Tasks end when the last
 //! `TokenCache` clone is dropped.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock, Weak};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -40,7 +40,6 @@ use tracing::{debug, error, info, warn};
 
 use super::{FailingSource, Token, TokenError, TokenHttp, TokenSource, build_source, claims};
 use crate::config::{Config, Route};
-use crate::metrics::Metrics;
 
 /// First retry delay after a failure (SECURITY.md catalogue F1: ≥ 1–2 s, like Envoy).
 const BACKOFF_INITIAL: Duration = Duration::from_secs(2);
@@ -70,8 +69,9 @@ struct CacheInner {
     sources: HashMap<String, Arc<dyn TokenSource>>,
     started: AtomicBool,
     tasks: Mutex<Vec<AbortHandle>>,
-    /// Where slots count their fetches, once [`TokenCache::count_fetches`] was called.
-    metrics: OnceLock<Metrics>,
+    /// Provider calls by credential and outcome, shared by the slots and carried across
+    /// reloads (the counts only ever grow).
+    fetches: FetchCounts,
 }
 
 impl Drop for CacheInner {
@@ -99,6 +99,38 @@ pub struct SlotStatus {
     pub fetches_failed: u64,
 }
 
+/// How many provider calls of one credential ended with one `outcome` (`ok`, or a
+/// [`TokenError::kind`]), since the proxy started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchCount {
+    pub credential: String,
+    pub outcome: &'static str,
+    pub count: u64,
+}
+
+/// Provider calls by (credential, outcome). Cheap to clone; clones share the counts.
+#[derive(Debug, Clone, Default)]
+struct FetchCounts(Arc<Mutex<BTreeMap<(String, &'static str), u64>>>);
+
+impl FetchCounts {
+    fn record(&self, credential: &str, outcome: &'static str) {
+        let mut counts = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        *counts.entry((credential.to_owned(), outcome)).or_default() += 1;
+    }
+
+    fn snapshot(&self) -> Vec<FetchCount> {
+        let counts = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        counts
+            .iter()
+            .map(|((credential, outcome), &count)| FetchCount {
+                credential: credential.clone(),
+                outcome,
+                count,
+            })
+            .collect()
+    }
+}
+
 impl TokenCache {
     /// Builds the sources and one slot per distinct (credential, scope) of `config.routes`.
     /// Fetches nothing until [`TokenCache::start`] or the first [`TokenSlot::get`].
@@ -114,13 +146,17 @@ impl TokenCache {
     /// A cache over the given sources (credential name → source); slots are created on
     /// demand. For tests and for other credential types under construction.
     pub(crate) fn with_sources(sources: HashMap<String, Arc<dyn TokenSource>>) -> Self {
+        Self::with_counts(sources, FetchCounts::default())
+    }
+
+    fn with_counts(sources: HashMap<String, Arc<dyn TokenSource>>, fetches: FetchCounts) -> Self {
         Self {
             inner: Arc::new(CacheInner {
                 slots: RwLock::new(HashMap::new()),
                 sources,
                 started: AtomicBool::new(false),
                 tasks: Mutex::new(Vec::new()),
-                metrics: OnceLock::new(),
+                fetches,
             }),
         }
     }
@@ -164,10 +200,12 @@ impl TokenCache {
                     )),
                 })
             });
-        let slot = TokenSlot::new(credential, scope_key.clone(), source);
-        if let Some(metrics) = self.inner.metrics.get() {
-            let _ = slot.metrics.set(metrics.clone());
-        }
+        let slot = TokenSlot::with_counts(
+            credential,
+            scope_key.clone(),
+            source,
+            self.inner.fetches.clone(),
+        );
         by_scope.insert(scope_key, Arc::clone(&slot));
         drop(slots);
         if self.inner.started.load(Ordering::Acquire) {
@@ -200,14 +238,6 @@ impl TokenCache {
             .push(task.abort_handle());
     }
 
-    /// Counts every slot's provider calls in `s2s_proxy_token_fetches_total`, from now on.
-    pub(crate) fn count_fetches(&self, metrics: &Metrics) {
-        let _ = self.inner.metrics.set(metrics.clone());
-        for slot in self.all_slots() {
-            let _ = slot.metrics.set(metrics.clone());
-        }
-    }
-
     /// The cache for a reloaded `config`: every (credential, scope) whose credential
     /// `unchanged` accepts keeps its slot — cached token, backoff, counters — and source,
     /// which reads its files again (a certificate renewed in place keeps its path, so its
@@ -234,10 +264,7 @@ impl TokenCache {
                 (credential.name.clone(), source)
             })
             .collect();
-        let next = Self::with_sources(sources);
-        if let Some(metrics) = self.inner.metrics.get() {
-            next.count_fetches(metrics);
-        }
+        let next = Self::with_counts(sources, self.inner.fetches.clone());
         let old = self
             .inner
             .slots
@@ -261,6 +288,12 @@ impl TokenCache {
             next.slot(route);
         }
         next
+    }
+
+    /// Provider calls by credential and outcome since start-up (reloads keep counting),
+    /// sorted; read by `/metrics` at scrape time.
+    pub fn fetch_counts(&self) -> Vec<FetchCount> {
+        self.inner.fetches.snapshot()
     }
 
     /// Every slot's state, sorted by credential and scope.
@@ -297,7 +330,8 @@ pub struct TokenSlot {
     changed: Notify,
     fetches_ok: AtomicU64,
     fetches_failed: AtomicU64,
-    metrics: OnceLock<Metrics>,
+    /// The cache's counts by credential and outcome, which this slot adds to.
+    fetches: FetchCounts,
 }
 
 #[derive(Debug)]
@@ -334,10 +368,20 @@ enum Reason {
 }
 
 impl TokenSlot {
+    #[cfg(test)]
     pub(crate) fn new(
         credential: &str,
         scope: Option<String>,
         source: Arc<dyn TokenSource>,
+    ) -> Arc<Self> {
+        Self::with_counts(credential, scope, source, FetchCounts::default())
+    }
+
+    fn with_counts(
+        credential: &str,
+        scope: Option<String>,
+        source: Arc<dyn TokenSource>,
+        fetches: FetchCounts,
     ) -> Arc<Self> {
         Arc::new_cyclic(|me| Self {
             credential: credential.to_owned(),
@@ -350,7 +394,7 @@ impl TokenSlot {
             changed: Notify::new(),
             fetches_ok: AtomicU64::new(0),
             fetches_failed: AtomicU64::new(0),
-            metrics: OnceLock::new(),
+            fetches,
         })
     }
 
@@ -540,9 +584,7 @@ impl TokenSlot {
                     state.failures = 0;
                 }
                 self.fetches_ok.fetch_add(1, Ordering::Relaxed);
-                if let Some(metrics) = self.metrics.get() {
-                    metrics.record_token_fetch(&self.credential, "ok");
-                }
+                self.fetches.record(&self.credential, "ok");
                 info!(
                     credential = %self.credential,
                     scope = self.scope.as_deref().unwrap_or("-"),
@@ -573,9 +615,7 @@ impl TokenSlot {
             delay
         };
         self.fetches_failed.fetch_add(1, Ordering::Relaxed);
-        if let Some(metrics) = self.metrics.get() {
-            metrics.record_token_fetch(&self.credential, err.kind());
-        }
+        self.fetches.record(&self.credential, err.kind());
         self.log_failure(&err, reason, delay, now);
         TokenError::Backoff {
             error: Box::new(err),

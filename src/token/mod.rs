@@ -45,7 +45,7 @@ use tokio::time::Instant;
 use crate::config::{Config, Credential, CredentialKind, Route};
 use crate::secret::Secret;
 
-pub use cache::{SlotStatus, TokenCache, TokenSlot};
+pub use cache::{FetchCount, SlotStatus, TokenCache, TokenSlot};
 pub use claims::{Claims, decode_claims};
 pub use expiry::{CredentialExpiry, EXPIRY_WARNING, credential_expiries, warn_expiring};
 pub(crate) use provider_error::retry_after;

@@ -14,6 +14,7 @@ use bytes::BytesMut;
 use serde_json::{Map, Value};
 
 use super::{BatchError, BatchRoute};
+use crate::rewrite::scan_string;
 
 /// Longest `url` string, as written (quotes and escapes included).
 const MAX_URL: usize = 16 * 1024;
@@ -416,29 +417,4 @@ impl JsonTranslator {
         self.value_done();
         Ok(())
     }
-}
-
-/// Scans string content from `start`: where it stopped (the closing quote's index when
-/// `closed`, else the input's end) and the pending-escape state.
-fn scan_string(input: &[u8], start: usize, mut escape: bool) -> (usize, bool, bool) {
-    let mut i = start;
-    while i < input.len() {
-        if escape {
-            escape = false;
-            i += 1;
-            continue;
-        }
-        match memchr::memchr2(b'"', b'\\', &input[i..]) {
-            None => return (input.len(), false, false),
-            Some(offset) => {
-                i += offset;
-                if input[i] == b'"' {
-                    return (i, true, false);
-                }
-                escape = true;
-                i += 1;
-            }
-        }
-    }
-    (input.len(), false, escape)
 }
