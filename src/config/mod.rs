@@ -25,7 +25,7 @@ use crate::secret::{Secret, SecretDigest};
 
 pub use expand::Variables;
 pub use permissions::inline_secret_warning;
-pub(crate) use validate::is_loopback_host;
+pub(crate) use validate::{is_guid, is_loopback_host};
 
 /// Default `server.listen`.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";

@@ -22,7 +22,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ring::rand::{SecureRandom as _, SystemRandom};
 
-use crate::config::{Config, ConfigError, Source, Variables};
+use crate::config::{Config, ConfigError, Source, Variables, is_guid};
 use crate::secret::Secret;
 
 /// The configuration file `init` writes.
@@ -184,16 +184,6 @@ fn io_error(what: impl Into<String>) -> impl FnOnce(io::Error) -> InitError {
 // ---------------------------------------------------------------------------------------
 
 const GUID_EXAMPLE: &str = "5f0c8e1a-3b2d-4c6e-9a7f-0d1e2f3a4b5c";
-
-/// `8-4-4-4-12` hexadecimal groups, the form of Entra tenant, application and secret IDs.
-pub fn is_guid(value: &str) -> bool {
-    let groups: Vec<&str> = value.split('-').collect();
-    groups.len() == 5
-        && groups
-            .iter()
-            .zip([8, 4, 4, 4, 12])
-            .all(|(g, len)| g.len() == len && g.chars().all(|c| c.is_ascii_hexdigit()))
-}
 
 /// A GUID as pasted (braces and surrounding spaces tolerated), lowercased.
 pub fn parse_guid(text: &str) -> Result<String, String> {

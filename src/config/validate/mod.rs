@@ -85,7 +85,7 @@ mod credentials;
 mod fields;
 mod parse;
 
-pub(crate) use parse::is_loopback_host;
+pub(crate) use parse::{is_guid, is_loopback_host};
 mod routes;
 mod secrets;
 mod server;

@@ -112,7 +112,8 @@ pub(super) fn check_prefix(prefix: &str) -> Result<(), String> {
     Ok(())
 }
 
-pub(super) fn is_guid(value: &str) -> bool {
+/// `8-4-4-4-12` hexadecimal groups, the form of Entra tenant, application and secret IDs.
+pub(crate) fn is_guid(value: &str) -> bool {
     let groups: Vec<&str> = value.split('-').collect();
     groups.len() == 5
         && groups
