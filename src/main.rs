@@ -67,6 +67,8 @@ enum Command {
     },
     /// Ask for an Entra app's IDs and secret; write proxy.yaml and s2s-proxy.env.
     Init(InitArgs),
+    /// Print the JSON Schema (draft 2020-12) of proxy.yaml, for editors and CI.
+    Schema,
     /// GET an admin endpoint; exit 0 on a 2xx answer (container HEALTHCHECK).
     Healthcheck {
         #[arg(long, default_value = s2s_proxy::DEFAULT_HEALTHCHECK_URL)]
@@ -206,6 +208,10 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Init(args) => init(args),
+        Command::Schema => {
+            print!("{}", s2s_proxy::config::json_schema());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Healthcheck { url } => {
             s2s_proxy::healthcheck(&url, Duration::from_secs(3))
                 .with_context(|| format!("health check of {url}"))?;

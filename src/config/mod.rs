@@ -9,6 +9,7 @@
 mod expand;
 mod permissions;
 mod raw;
+mod schema;
 mod validate;
 
 use std::collections::HashMap;
@@ -25,6 +26,7 @@ use crate::secret::{Secret, SecretDigest};
 
 pub use expand::Variables;
 pub use permissions::inline_secret_warning;
+pub use schema::json_schema;
 pub(crate) use validate::{is_guid, is_loopback_host};
 
 /// Default `server.listen`.

@@ -9,6 +9,7 @@
 use std::fmt;
 use std::marker::PhantomData;
 
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 
@@ -106,62 +107,105 @@ fn is_blank(text: &str) -> bool {
     })
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// The configuration of s2s-proxy (`proxy.yaml`). Any string may hold `${NAME}` (an environment variable) or `${file:PATH}` (a file's contents); `$${` is a literal `${`.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(
     deny_unknown_fields,
     expecting = "a mapping with `server`, `admin`, `credentials`, `clients` and `routes`"
 )]
+#[schemars(rename = "Config")]
 pub(super) struct RawConfig {
+    /// The proxy listener, TLS and limits.
     pub(super) server: Option<RawServer>,
+    /// The admin listener (`/metrics`, `/healthz`, `/readyz`).
     pub(super) admin: Option<RawAdmin>,
+    /// Service-to-service identities by name; a route names one.
     pub(super) credentials: Option<Credentials>,
+    /// Callers by name and how each authenticates; a route lists those it admits.
     pub(super) clients: Option<Named<RawClient>>,
+    /// Path prefixes, each with its upstream, credential and allowed clients.
     pub(super) routes: Option<Vec<RawRoute>>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// The `server` section.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, expecting = "a mapping (the `server` section)")]
+#[schemars(rename = "Server")]
 pub(super) struct RawServer {
+    /// `IP:port` to serve on (default `127.0.0.1:8080`).
     pub(super) listen: Option<String>,
+    /// Base URL that clients see, for link rewriting.
     pub(super) public_url: Option<String>,
+    /// Networks of load balancers whose `X-Forwarded-For` is believed.
     pub(super) trusted_proxies: Option<Vec<String>>,
+    /// PEM file of extra root certificates for upstreams and token endpoints.
     pub(super) upstream_ca_file: Option<String>,
+    /// Header that carries API keys (default `X-API-Key`).
     pub(super) api_key_header: Option<String>,
+    /// Forward request headers whose names contain `_` (default false).
     pub(super) allow_underscore_headers: Option<bool>,
+    /// Runtime worker threads (default: one per core).
     pub(super) workers: Option<u64>,
+    /// Inbound TLS.
     pub(super) tls: Option<RawTls>,
+    /// Sizes and timeouts of inbound requests.
     pub(super) limits: Option<RawLimits>,
 }
 
-#[derive(Debug, Deserialize)]
+/// Inbound TLS (`server.tls`).
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(
     deny_unknown_fields,
     expecting = "a mapping (the `server.tls` section)"
 )]
+#[schemars(rename = "Tls")]
 pub(super) struct RawTls {
+    /// PEM certificate chain.
     pub(super) cert_file: Option<String>,
+    /// PEM private key.
     pub(super) key_file: Option<String>,
+    /// PEM roots that verify client certificates (optional).
     pub(super) client_ca_file: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// Inbound limits (`server.limits`).
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(
     deny_unknown_fields,
     expecting = "a mapping (the `server.limits` section)"
 )]
+#[schemars(rename = "Limits")]
 pub(super) struct RawLimits {
+    /// Largest request head (default 32768).
     pub(super) max_header_bytes: Option<u64>,
+    /// Largest request body (default 350 MiB).
     pub(super) max_body_bytes: Option<u64>,
+    /// Time to receive the request headers (default `10s`).
+    #[serde(default)]
+    #[schemars(schema_with = "super::schema::duration")]
     pub(super) header_read_timeout: Option<String>,
+    /// Longest pause inside a request body (default `60s`).
+    #[serde(default)]
+    #[schemars(schema_with = "super::schema::duration")]
     pub(super) body_idle_timeout: Option<String>,
+    /// Idle connection lifetime (default `75s`).
+    #[serde(default)]
+    #[schemars(schema_with = "super::schema::duration")]
     pub(super) idle_timeout: Option<String>,
+    /// Whole exchange (default `600s`).
+    #[serde(default)]
+    #[schemars(schema_with = "super::schema::duration")]
     pub(super) request_timeout: Option<String>,
+    /// Inbound connections open at once (default 10000).
     pub(super) max_connections: Option<u64>,
 }
 
-#[derive(Debug, Deserialize)]
+/// The `admin` section.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, expecting = "a mapping (the `admin` section)")]
+#[schemars(rename = "Admin")]
 pub(super) struct RawAdmin {
+    /// `IP:port` of the admin listener; off when absent.
     pub(super) listen: Option<String>,
 }
 
@@ -170,11 +214,15 @@ pub(super) struct RawAdmin {
 /// serde buffers the variant's fields before deserializing them, so a scalar reaches the
 /// variant already typed (`12345` as an integer). The string fields therefore use
 /// [`opt_string`], which refuses non-strings without echoing the value: it may be a secret.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(
     tag = "type",
     rename_all = "snake_case",
     expecting = "a credential mapping with a `type`"
+)]
+#[schemars(
+    rename = "Credential",
+    description = "A service-to-service identity; `type` chooses which."
 )]
 pub(super) enum RawCredential {
     ClientSecret(RawClientSecret),
@@ -183,19 +231,27 @@ pub(super) enum RawCredential {
     WorkloadIdentity(RawWorkloadIdentity),
 }
 
-#[derive(Debug, Deserialize)]
+/// An Entra ID app (or OAuth 2.0 client) with a client secret.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "ClientSecret")]
 pub(super) struct RawClientSecret {
+    /// Directory (tenant) ID or domain.
     #[serde(default, deserialize_with = "opt_string")]
     pub(super) tenant_id: Option<String>,
+    /// Token endpoint of a non-Entra OAuth 2.0 server (instead of `tenant_id`).
     #[serde(default, deserialize_with = "opt_string")]
     pub(super) token_url: Option<String>,
+    /// Entra authority (default `https://login.microsoftonline.com`).
     #[serde(default, deserialize_with = "opt_string")]
     pub(super) authority: Option<String>,
+    /// Named national cloud (instead of `authority`).
     #[serde(default, deserialize_with = "opt_string")]
     pub(super) cloud: Option<String>,
+    /// Application (client) ID.
     #[serde(default, deserialize_with = "opt_string")]
     pub(super) client_id: Option<String>,
+    /// The secret value; write `${VAR}` or `${file:PATH}`.
     #[serde(default, deserialize_with = "opt_string")]
     pub(super) client_secret: Option<String>,
     /// Rotation: several secrets, tried in order (instead of `client_secret`).
@@ -204,38 +260,51 @@ pub(super) struct RawClientSecret {
     /// Expiry date of `client_secret` (`2026-09-30`), for warnings.
     #[serde(default, deserialize_with = "opt_string")]
     pub(super) expires: Option<String>,
+    /// `client_secret_post` (default) or `client_secret_basic`.
     #[serde(default, deserialize_with = "opt_string")]
     pub(super) auth_method: Option<String>,
+    /// Extra form fields for the token request.
     #[serde(default)]
     pub(super) params: Option<Params>,
 }
 
 /// One entry of `client_secrets`: `"${A}"` or `{ value: "${A}", expires: 2026-09-30 }`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(
     deny_unknown_fields,
     expecting = "a secret, or a mapping with `value` and `expires`"
 )]
+#[schemars(rename = "SecretEntry")]
 pub(super) struct RawSecretEntry {
+    /// The secret value; write `${VAR}` or `${file:PATH}`.
     #[serde(default, deserialize_with = "opt_string")]
     pub(super) value: Option<String>,
+    /// Expiry date (`2026-09-30`), for warnings.
     #[serde(default, deserialize_with = "opt_string")]
     pub(super) expires: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+/// An Entra ID app with a certificate (a signed client assertion).
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "ClientCertificate")]
 pub(super) struct RawClientCertificate {
+    /// Directory (tenant) ID or domain.
     #[serde(default, deserialize_with = "opt_string")]
     pub(super) tenant_id: Option<String>,
+    /// Token endpoint of a non-Entra OAuth 2.0 server (instead of `tenant_id`).
     #[serde(default, deserialize_with = "opt_string")]
     pub(super) token_url: Option<String>,
+    /// Entra authority (default `https://login.microsoftonline.com`).
     #[serde(default, deserialize_with = "opt_string")]
     pub(super) authority: Option<String>,
+    /// Named national cloud (instead of `authority`).
     #[serde(default, deserialize_with = "opt_string")]
     pub(super) cloud: Option<String>,
+    /// Application (client) ID.
     #[serde(default, deserialize_with = "opt_string")]
     pub(super) client_id: Option<String>,
+    /// PEM (certificate and key) or PKCS#12 (.pfx) file.
     #[serde(default, deserialize_with = "opt_string")]
     pub(super) certificate_file: Option<String>,
     /// Password of a PKCS#12 / .pfx `certificate_file`.
@@ -244,47 +313,64 @@ pub(super) struct RawClientCertificate {
     /// Rotation: several certificates, tried in order (instead of `certificate_file`).
     #[serde(default)]
     pub(super) certificate_files: Option<Vec<StringOr<RawCertificateEntry>>>,
+    /// Signature algorithm of the client assertion.
     #[serde(default, deserialize_with = "opt_string")]
     pub(super) assertion_alg: Option<String>,
+    /// Send the certificate chain (`x5c`) in the assertion.
     #[serde(default)]
     pub(super) send_certificate_chain: Option<bool>,
 }
 
 /// One entry of `certificate_files`: `a.pem` or `{ file: a.pfx, password: "${P}" }`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(
     deny_unknown_fields,
     expecting = "a file path, or a mapping with `file` and `password`"
 )]
+#[schemars(rename = "CertificateEntry")]
 pub(super) struct RawCertificateEntry {
+    /// PEM or PKCS#12 (.pfx) file.
     #[serde(default, deserialize_with = "opt_string")]
     pub(super) file: Option<String>,
+    /// Password of a PKCS#12 file.
     #[serde(default, deserialize_with = "opt_string")]
     pub(super) password: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+/// An Azure managed identity (IMDS).
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "ManagedIdentity")]
 pub(super) struct RawManagedIdentity {
+    /// Client ID of a user-assigned identity.
     #[serde(default, deserialize_with = "opt_string")]
     pub(super) client_id: Option<String>,
+    /// Object ID of a user-assigned identity.
     #[serde(default, deserialize_with = "opt_string")]
     pub(super) object_id: Option<String>,
+    /// Resource ID of a user-assigned identity.
     #[serde(default, deserialize_with = "opt_string")]
     pub(super) resource_id: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+/// Workload identity federation (a projected service account token).
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "WorkloadIdentity")]
 pub(super) struct RawWorkloadIdentity {
+    /// Directory (tenant) ID or domain.
     #[serde(default, deserialize_with = "opt_string")]
     pub(super) tenant_id: Option<String>,
+    /// Application (client) ID.
     #[serde(default, deserialize_with = "opt_string")]
     pub(super) client_id: Option<String>,
+    /// File holding the federated token.
     #[serde(default, deserialize_with = "opt_string")]
     pub(super) token_file: Option<String>,
+    /// Entra authority (default `https://login.microsoftonline.com`).
     #[serde(default, deserialize_with = "opt_string")]
     pub(super) authority: Option<String>,
+    /// Named national cloud (instead of `authority`).
     #[serde(default, deserialize_with = "opt_string")]
     pub(super) cloud: Option<String>,
 }
@@ -340,63 +426,107 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for StringOr<T> {
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// A caller. `basic`, `api_key` or `certificate` identify it; `networks` alone admits by address.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, expecting = "a client mapping")]
+#[schemars(rename = "Client")]
 pub(super) struct RawClient {
+    /// HTTP Basic username and password.
     pub(super) basic: Option<RawBasic>,
+    /// Key sent in the `server.api_key_header` header.
     pub(super) api_key: Option<String>,
+    /// Networks (CIDR or address) the client must come from.
     pub(super) networks: Option<Vec<String>>,
+    /// Requests per period: `6000/5m`, `100/s`, `20/m`.
+    #[serde(default)]
+    #[schemars(schema_with = "super::schema::rate_limit")]
     pub(super) rate_limit: Option<String>,
+    /// The verified TLS client certificate that identifies this client.
     pub(super) certificate: Option<RawCertificateMatch>,
 }
 
-#[derive(Debug, Deserialize)]
+/// HTTP Basic credentials.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(
     deny_unknown_fields,
     expecting = "a mapping with `username` and `password`"
 )]
+#[schemars(rename = "Basic")]
 pub(super) struct RawBasic {
+    /// Username (no `:`).
     pub(super) username: Option<String>,
+    /// Password, or its `sha256:` form from `s2s-proxy hash-secret`.
     pub(super) password: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+/// Which client certificate identifies the client.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(
     deny_unknown_fields,
     expecting = "a mapping with `subject_cn`, `san_dns` or `fingerprint_sha256`"
 )]
+#[schemars(rename = "CertificateMatch")]
 pub(super) struct RawCertificateMatch {
+    /// Subject common name.
     pub(super) subject_cn: Option<String>,
+    /// DNS subject alternative name.
     pub(super) san_dns: Option<String>,
+    /// SHA-256 fingerprint of the certificate.
     pub(super) fingerprint_sha256: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+/// A route.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, expecting = "a route mapping")]
+#[schemars(rename = "Route")]
 pub(super) struct RawRoute {
+    /// Path prefix, starting and ending with `/`.
     pub(super) prefix: Option<String>,
+    /// The upstream URL or a service preset.
     pub(super) upstream: Option<RawUpstream>,
+    /// Name of an entry in `credentials`.
     pub(super) credential: Option<String>,
+    /// OAuth scope of the route's token.
     pub(super) scope: Option<String>,
+    /// Names of the clients allowed on this route.
     pub(super) clients: Option<Vec<String>>,
+    /// Whole exchange for this route.
+    #[serde(default)]
+    #[schemars(schema_with = "super::schema::duration")]
     pub(super) timeout: Option<String>,
+    /// Rewrite upstream URLs in bodies and headers to proxy URLs.
     pub(super) rewrite_links: Option<bool>,
+    /// At most this many requests at the upstream at once.
     pub(super) max_concurrent: Option<u64>,
+    /// How many may wait for a slot.
     pub(super) max_queue: Option<u64>,
+    /// Longest wait in the queue (default `60s`).
+    #[serde(default)]
+    #[schemars(schema_with = "super::schema::duration")]
     pub(super) queue_timeout: Option<String>,
+    /// Wait out `Retry-After` and send again.
     pub(super) retry_on_429: Option<RawRetryOn429>,
+    /// Allow an `http://` upstream that is not on loopback.
     pub(super) allow_plain_http: Option<bool>,
+    /// More request headers never forwarded on this route.
     pub(super) strip_request_headers: Option<Vec<String>>,
+    /// Path that `s2s-proxy doctor` calls on the upstream.
     pub(super) doctor_path: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+/// Retries of 429 answers.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(
     deny_unknown_fields,
     expecting = "a mapping with `attempts` and `max_wait`"
 )]
+#[schemars(rename = "RetryOn429")]
 pub(super) struct RawRetryOn429 {
+    /// How many times to send again.
     pub(super) attempts: Option<u64>,
+    /// Longest `Retry-After` to wait out.
+    #[serde(default)]
+    #[schemars(schema_with = "super::schema::duration")]
     pub(super) max_wait: Option<String>,
 }
 
@@ -409,19 +539,26 @@ pub(super) enum RawUpstream {
     FinanceOperations(RawServiceUrl),
 }
 
-#[derive(Debug, Deserialize)]
+/// The Business Central preset.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(
     deny_unknown_fields,
     expecting = "a mapping with `tenant` and `environment`"
 )]
+#[schemars(rename = "BusinessCentral")]
 pub(super) struct RawBusinessCentral {
+    /// Tenant ID (GUID) or domain.
     pub(super) tenant: Option<String>,
+    /// Environment name, such as `production`.
     pub(super) environment: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+/// A preset of an environment URL.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, expecting = "a mapping with `url`")]
+#[schemars(rename = "ServiceUrl")]
 pub(super) struct RawServiceUrl {
+    /// The environment URL (`https://…`).
     pub(super) url: Option<String>,
 }
 
