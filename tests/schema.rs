@@ -40,6 +40,20 @@ fn shipped_schema_is_the_generated_one() {
 }
 
 #[test]
+fn schema_command_prints_the_shipped_file() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_s2s-proxy"))
+        .arg("schema")
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let shipped = std::fs::read(root().join("proxy.schema.json")).unwrap();
+    assert!(
+        output.stdout == shipped,
+        "`s2s-proxy schema` differs from proxy.schema.json"
+    );
+}
+
+#[test]
 fn schema_is_draft_2020_12_and_closed() {
     let schema: Value = serde_json::from_str(&s2s_proxy::config::json_schema()).unwrap();
     assert_eq!(
