@@ -1,12 +1,15 @@
-//! The admin listener (`admin.listen`): `/healthz`, `/readyz` and `/metrics`, and the
-//! client side of `s2s-proxy healthcheck`.
+//! The admin listener (`admin.listen`): `/healthz`, `/readyz` and `/metrics`, the status
+//! page ([`console`]: `/`, `/status.json`, `POST /status/test`), and the client side of
+//! `s2s-proxy healthcheck`.
 //!
 //! `/healthz` answers 200 while the process serves at all. `/readyz` answers 200 once every
 //! (credential, scope) the routes use holds a valid token, 503 before that, after a token
 //! is lost, and while draining; its JSON body names each route and credential with its
 //! token state and last error (the public message: error code and AADSTS hint, never the
 //! provider's body). `/metrics` is [`crate::metrics`] in the Prometheus text format. Every
-//! other path or method is 404. No authentication: bind it to loopback or a pod network.
+//! other path or method is 404. Probes and `/metrics` need no authentication; the status
+//! page needs `admin.auth` when set (401 with a Basic challenge otherwise), and validation
+//! requires it when `admin.listen` is not a loopback address.
 //!
 //! The listener has its own small connection budget and a 2 s head timeout, so probes
 //! answer within a second whatever the proxy port or other admin clients are doing: at the
@@ -31,6 +34,8 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
+
+mod console;
 
 use crate::metrics;
 use crate::reload::Runtime;
@@ -76,12 +81,16 @@ pub(crate) async fn serve(listener: TcpListener, runtime: Arc<Runtime>) {
             let conn = registered.conn().clone();
             let requests = conn.clone();
             let service = service_fn(move |request: Request<Incoming>| {
-                // Answered at once: in flight only for the call, and a caller that sent a
-                // request counts as one worth keeping.
-                let _in_flight = requests.request_started();
+                // In flight only for the call, and a caller that sent a request counts as
+                // one worth keeping.
+                let in_flight = requests.request_started();
                 requests.authenticated();
-                let response = answer(&runtime, request.method(), request.uri().path());
-                async move { Ok::<_, Infallible>(response) }
+                let runtime = runtime.clone();
+                async move {
+                    let response = answer(&runtime, request).await;
+                    drop(in_flight);
+                    Ok::<_, Infallible>(response)
+                }
             });
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -98,7 +107,12 @@ pub(crate) async fn serve(listener: TcpListener, runtime: Arc<Runtime>) {
     }
 }
 
-fn answer(runtime: &Runtime, method: &Method, path: &str) -> Response<Full<Bytes>> {
+async fn answer(runtime: &Runtime, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = request.uri().path();
+    if matches!(path, "/" | "/status.json" | "/status/test") {
+        return console_answer(runtime, request).await;
+    }
+    let method = request.method();
     if method != Method::GET && method != Method::HEAD {
         return text(StatusCode::NOT_FOUND, "not found\n");
     }
@@ -133,6 +147,83 @@ fn answer(runtime: &Runtime, method: &Method, path: &str) -> Response<Full<Bytes
             )
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// The status page's endpoints, behind `admin.auth`.
+async fn console_answer(runtime: &Runtime, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    let generation = runtime.current();
+    let auth = generation
+        .config
+        .admin
+        .as_ref()
+        .and_then(|a| a.auth.as_ref());
+    let api_key_header = &generation.config.server.api_key_header;
+    if !console::authorized(auth, request.headers(), api_key_header) {
+        let mut response = text(StatusCode::UNAUTHORIZED, "authentication required\n");
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static(console::CHALLENGE),
+        );
+        return response;
+    }
+    let method = request.method().clone();
+    match (request.uri().path(), method) {
+        ("/", Method::GET | Method::HEAD) => {
+            let mut response = respond(
+                StatusCode::OK,
+                "text/html; charset=utf-8",
+                console::page(&console::status(runtime)),
+            );
+            let headers = response.headers_mut();
+            if let Ok(csp) = header::HeaderValue::from_str(&console::CSP) {
+                headers.insert(header::CONTENT_SECURITY_POLICY, csp);
+            }
+            headers.insert(
+                header::X_CONTENT_TYPE_OPTIONS,
+                header::HeaderValue::from_static("nosniff"),
+            );
+            headers.insert(
+                header::REFERRER_POLICY,
+                header::HeaderValue::from_static("no-referrer"),
+            );
+            response
+        }
+        ("/status.json", Method::GET | Method::HEAD) => respond(
+            StatusCode::OK,
+            "application/json",
+            format!("{:#}\n", console::status(runtime)),
+        ),
+        ("/status/test", Method::POST) => {
+            // Only JSON: a cross-site form can send no other content type than the three
+            // CORS-safelisted ones, so it cannot trigger a test.
+            let json = request
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.split(';').next())
+                .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+            if !json {
+                return text(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "send Content-Type: application/json\n",
+                );
+            }
+            let limited = http_body_util::Limited::new(request.into_body(), console::MAX_TEST_BODY);
+            let Ok(body) = http_body_util::BodyExt::collect(limited).await else {
+                return text(StatusCode::PAYLOAD_TOO_LARGE, "body too large\n");
+            };
+            match console::test(runtime, &body.to_bytes()).await {
+                Some(result) => {
+                    respond(StatusCode::OK, "application/json", format!("{result:#}\n"))
+                }
+                None => text(
+                    StatusCode::BAD_REQUEST,
+                    "send {\"route\": \"/prefix/\"} naming a configured route\n",
+                ),
+            }
+        }
+        _ => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
     }
 }
 

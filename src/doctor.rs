@@ -7,7 +7,8 @@
 //! docs/troubleshooting.md "By upstream status": in BC a 401
 //! `Authentication_InvalidCredentials` means the app is not enabled on the "Microsoft Entra
 //! Applications" page or the URL names another tenant; a 403 means missing permission sets.
-//! Never prints a token or a secret.
+//! Never prints a token or a secret. The status page's Test button runs the same steps
+//! for one route ([`test_route`]).
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -170,31 +171,115 @@ pub async fn run(config: &Config) -> (String, bool) {
     (out, all_ok)
 }
 
+/// One step of a route check, as the status page's Test button shows it.
+#[derive(Debug, Clone)]
+pub(crate) struct Step {
+    pub(crate) name: &'static str,
+    pub(crate) ok: bool,
+    pub(crate) ms: u64,
+    /// What happened, in one line; never a token or secret.
+    pub(crate) detail: String,
+}
+
+/// The checks of one route: `token`, then (if a token came) `upstream`; and the hint for
+/// the first failure (an AADSTS explanation, or what an upstream status means).
+pub(crate) async fn route_steps(
+    config: &Config,
+    route: &Route,
+    tls: &Arc<rustls::ClientConfig>,
+    http: &TokenHttp,
+) -> (Vec<Step>, Option<String>) {
+    let started = tokio::time::Instant::now();
+    let ms = |since: tokio::time::Instant| since.elapsed().as_millis() as u64;
+    let fetched = match token::fetch_once(config, route, Arc::clone(tls)).await {
+        Ok(fetched) => fetched,
+        Err(error) => {
+            let (text, hint) = match error.cause() {
+                TokenError::Provider(provider) => {
+                    (error.public_message(), provider.hint().map(str::to_owned))
+                }
+                other => (other.to_string(), None),
+            };
+            let step = Step {
+                name: "token",
+                ok: false,
+                ms: ms(started),
+                detail: format!("token ({}): {text}", route.credential),
+            };
+            return (vec![step], hint);
+        }
+    };
+    let token_step = Step {
+        name: "token",
+        ok: true,
+        ms: ms(started),
+        detail: format!("token ({}): ok", route.credential),
+    };
+    let started = tokio::time::Instant::now();
+    let (ok, detail, hint) = upstream_call(route, http, &fetched).await;
+    let upstream_step = Step {
+        name: "upstream",
+        ok,
+        ms: ms(started),
+        detail,
+    };
+    (vec![token_step, upstream_step], hint)
+}
+
+/// `route_steps` with a TLS configuration and HTTP client of its own, as `doctor` builds
+/// them; for the status page's Test button.
+pub(crate) async fn test_route(config: &Config, route: &Route) -> (Vec<Step>, Option<String>) {
+    let failed = |detail: String| {
+        let step = Step {
+            name: "token",
+            ok: false,
+            ms: 0,
+            detail,
+        };
+        (vec![step], None)
+    };
+    let tls = match upstream::client_tls_config(config.server.upstream_ca_file.as_deref()) {
+        Ok(tls) => Arc::new(tls),
+        Err(error) => return failed(error.to_string()),
+    };
+    let http = match TokenHttp::new(&tls) {
+        Ok(http) => http,
+        Err(error) => return failed(error.to_string()),
+    };
+    route_steps(config, route, &tls, &http).await
+}
+
 async fn check_route(
     config: &Config,
     route: &Route,
     tls: &Arc<rustls::ClientConfig>,
     http: &TokenHttp,
 ) -> (bool, String) {
-    let fetched = match token::fetch_once(config, route, Arc::clone(tls)).await {
-        Ok(fetched) => fetched,
-        Err(error) => {
-            let text = match error.cause() {
-                TokenError::Provider(_) => error.public_message(),
-                other => other.to_string(),
-            };
-            return (false, format!("token ({}): {text}", route.credential));
-        }
-    };
+    let (steps, _) = route_steps(config, route, tls, http).await;
+    let ok = steps.iter().all(|s| s.ok);
+    let line = steps.last().map(|s| s.detail.clone()).unwrap_or_default();
+    (ok, line)
+}
+
+/// The upstream step: whether it passed, its line and, on failure, the explanation.
+async fn upstream_call(
+    route: &Route,
+    http: &TokenHttp,
+    fetched: &token::FetchedToken,
+) -> (bool, String, Option<String>) {
     let path = check_path(route);
     let url = format!("{}{path}", route.upstream.url);
     let Ok(parsed) = reqwest::Url::parse(&url) else {
-        return (false, format!("GET {path}: not a valid URL"));
+        return (false, format!("GET {path}: not a valid URL"), None);
     };
     let Ok(mut bearer) =
         http::HeaderValue::from_str(&format!("Bearer {}", fetched.access_token.expose()))
     else {
-        return (false, "the token cannot be sent in a header".to_owned());
+        return (
+            false,
+            "the token cannot be sent in a header".to_owned(),
+            None,
+        );
     };
     bearer.set_sensitive(true);
     let request = http
@@ -207,10 +292,8 @@ async fn check_route(
         Ok(response) => {
             let status = response.status.as_u16();
             let body = String::from_utf8_lossy(&response.body);
-            let mut line = format!(
-                "GET {shown} → {status}: {}",
-                explain_upstream(route, status, &body)
-            );
+            let explanation = explain_upstream(route, status, &body);
+            let mut line = format!("GET {shown} → {status}: {explanation}");
             if !response.status.is_success()
                 && let Some(tid) = fetched.claims.as_ref().and_then(|c| c.tid.as_deref())
                 && route.upstream.base_path.contains('-')
@@ -226,17 +309,20 @@ async fn check_route(
                     " (the token's tenant {tid} is not the one in the URL)"
                 );
             }
-            (response.status.is_success(), line)
+            let ok = response.status.is_success();
+            (ok, line, (!ok).then_some(explanation))
         }
         Err(TokenError::Redirect { status }) => (
             false,
             format!("GET {shown} → {status}: the upstream redirects; check the upstream URL"),
+            None,
         ),
         // The token was fetched; what failed here is the upstream call, and the line
         // says so (the transport's errors are worded for token requests).
         Err(TokenError::Network(reason)) => (
             false,
             format!("GET {shown}: cannot reach the upstream: {reason}"),
+            None,
         ),
         Err(TokenError::Timeout(after)) => (
             false,
@@ -244,8 +330,9 @@ async fn check_route(
                 "GET {shown}: the upstream did not answer within {}s",
                 after.as_secs()
             ),
+            None,
         ),
-        Err(error) => (false, format!("GET {shown}: {}", error.cause())),
+        Err(error) => (false, format!("GET {shown}: {}", error.cause()), None),
     }
 }
 

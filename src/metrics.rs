@@ -9,7 +9,9 @@
 //! where token fetches are counted (the token cache, which `/metrics` reads at scrape
 //! time like token expiry and queue depths), the HTTP side (`admin`).
 
-use std::collections::BTreeSet;
+mod recent;
+
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -23,6 +25,9 @@ use prometheus_client::registry::Registry;
 
 use crate::config::Config;
 use crate::token::{CredentialExpiry, FetchCount, SlotStatus};
+
+pub(crate) use self::recent::RecentError;
+use self::recent::{RecentErrors, Window};
 
 /// `Content-Type` of `/metrics`: the Prometheus text format 0.0.4.
 pub(crate) const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
@@ -111,6 +116,11 @@ struct Inner {
     in_flight: Family<RouteLabels, Gauge>,
     queued: Family<RouteLabels, Gauge>,
     reloads: Family<OutcomeLabels, Counter>,
+    /// The status page's view: traffic windows by route, recent errors, last reload.
+    windows: Mutex<HashMap<String, Arc<Window>>>,
+    errors: RecentErrors,
+    last_reload: Mutex<Option<(std::time::SystemTime, &'static str)>>,
+    started: tokio::time::Instant,
 }
 
 impl Default for Metrics {
@@ -169,6 +179,10 @@ impl Metrics {
                 in_flight,
                 queued,
                 reloads,
+                windows: Mutex::default(),
+                errors: RecentErrors::default(),
+                last_reload: Mutex::default(),
+                started: tokio::time::Instant::now(),
             }),
         }
     }
@@ -210,7 +224,49 @@ impl Metrics {
             request_duration: OnceLock::new(),
             upstream_duration: OnceLock::new(),
             counters: RwLock::default(),
+            window: self.window(&route_labels(route).route),
         }
+    }
+
+    fn window(&self, route: &str) -> Arc<Window> {
+        let mut windows = self
+            .inner
+            .windows
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        Arc::clone(windows.entry(route.to_owned()).or_default())
+    }
+
+    /// Requests and errors of `route` in the last five minutes.
+    pub(crate) fn recent_traffic(&self, route: &str) -> (u64, u64) {
+        self.window(route).totals()
+    }
+
+    /// Time since the metrics (the proxy's runtime) were created.
+    pub(crate) fn uptime(&self) -> Duration {
+        self.inner.started.elapsed()
+    }
+
+    /// Requests being answered on `route` now.
+    pub(crate) fn in_flight_now(&self, route: &str) -> i64 {
+        self.inner
+            .in_flight
+            .get_or_create(&route_labels(Some(route)))
+            .get()
+    }
+
+    /// The last proxy errors (status, error code, request id; nothing else), oldest first.
+    pub(crate) fn recent_errors(&self) -> Vec<RecentError> {
+        self.inner.errors.list()
+    }
+
+    /// When the last reload was attempted and its outcome (`ok` or `error`).
+    pub(crate) fn last_reload(&self) -> Option<(std::time::SystemTime, &'static str)> {
+        *self
+            .inner
+            .last_reload
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The `s2s_proxy_queued{route}` gauge, set from the route's queue depth when `/metrics`
@@ -223,6 +279,12 @@ impl Metrics {
 
     /// Counts one reload attempt (`ok` or `error`).
     pub(crate) fn record_reload(&self, outcome: &'static str) {
+        *self
+            .inner
+            .last_reload
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) =
+            Some((std::time::SystemTime::now(), outcome));
         self.inner
             .reloads
             .get_or_create(&OutcomeLabels { outcome })
@@ -322,6 +384,8 @@ pub(crate) struct RouteMetrics {
     upstream_duration: OnceLock<Histogram>,
     /// `s2s_proxy_requests_total` by (method, status label) as seen so far: a handful each.
     counters: RwLock<Vec<(&'static str, u16, Counter)>>,
+    /// Requests and errors of the last five minutes, for the status page.
+    window: Arc<Window>,
 }
 
 impl RouteMetrics {
@@ -349,6 +413,26 @@ impl RouteMetrics {
                         .get_or_create_owned(&self.labels())
                 })
                 .observe(upstream.as_secs_f64());
+        }
+    }
+
+    /// Counts one finished request in the status page's window; a proxy error (`error`
+    /// set, or a 5xx) also goes to the recent errors.
+    pub(crate) fn record_recent(
+        &self,
+        status: u16,
+        error: Option<&'static str>,
+        request_id: &[u8],
+    ) {
+        let failed = error.is_some() || status >= 500;
+        self.window.count(failed);
+        if failed {
+            self.families.errors.push(
+                &self.route,
+                status,
+                error.unwrap_or("upstream_error"),
+                request_id,
+            );
         }
     }
 
@@ -469,6 +553,8 @@ mod tests {
             expires_in: Some(Duration::from_millis(3_599_500)),
             last_error: None,
             last_error_permanent: false,
+            fetching: false,
+            renews_in: None,
             fetches_ok: 1,
             fetches_failed: 0,
         };

@@ -12,7 +12,7 @@
 //! queues with the new one, so `max_concurrent` holds across the swap.
 //!
 //! Settings bound to the listener or the runtime (`server.listen`, `server.workers`,
-//! `server.limits`, `server.tls`, `server.upstream_ca_file`, `admin.listen`) keep their
+//! `server.limits`, `server.tls`, `server.upstream_ca_file`, `admin`) keep their
 //! running values until a restart; a reload that changes them says so in a warning.
 //!
 //! Triggers: SIGHUP, and a change of the file's modification time or length, polled
@@ -280,7 +280,12 @@ fn keep_restart_settings(running: &Config, next: &mut Config) -> Vec<&'static st
         new.upstream_ca_file = old.upstream_ca_file.clone();
     }
     if next.admin != running.admin {
-        changed.push("admin.listen");
+        let listen = |c: &Config| c.admin.as_ref().map(|a| a.listen);
+        changed.push(if listen(next) == listen(running) {
+            "admin.auth"
+        } else {
+            "admin.listen"
+        });
         next.admin = running.admin.clone();
     }
     changed

@@ -156,7 +156,7 @@ async fn admin_port_serves_only_its_three_endpoints() {
     let health = get(proxy.admin, "/healthz").await;
     assert_eq!(health.status, 200);
     assert_eq!(health.text(), "ok\n");
-    assert_eq!(get(proxy.admin, "/").await.status, 404);
+    assert_eq!(get(proxy.admin, "/index.html").await.status, 404);
     assert_eq!(get(proxy.admin, "/bc/companies").await.status, 404);
     assert_eq!(get(proxy.admin, "/metrics/x").await.status, 404);
     assert_eq!(

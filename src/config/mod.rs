@@ -98,6 +98,17 @@ impl Default for Limits {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Admin {
     pub listen: SocketAddr,
+    /// Protects the status page (`/`, `/status.json`, `/status/test`); required when
+    /// `listen` is not a loopback address.
+    pub auth: Option<AdminAuth>,
+}
+
+/// `admin.auth`: either or both of Basic and an API key (in `server.api_key_header`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminAuth {
+    /// User name and password digest.
+    pub basic: Option<(String, SecretDigest)>,
+    pub api_key: Option<SecretDigest>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

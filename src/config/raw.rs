@@ -207,6 +207,19 @@ pub(super) struct RawLimits {
 pub(super) struct RawAdmin {
     /// `IP:port` of the admin listener; off when absent.
     pub(super) listen: Option<String>,
+    pub(super) auth: Option<RawAdminAuth>,
+}
+
+/// `admin.auth`: how the status page's operator is recognised (as a client's `basic` or
+/// `api_key`).
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping with `basic` or `api_key` (the `admin.auth` section)"
+)]
+pub(super) struct RawAdminAuth {
+    pub(super) basic: Option<RawBasic>,
+    pub(super) api_key: Option<String>,
 }
 
 /// A service-to-service identity. Internally tagged by `type`.

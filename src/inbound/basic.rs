@@ -7,11 +7,11 @@ use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
 const MAX_ENCODED_LEN: usize = 4096;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Malformed;
+pub(crate) struct Malformed;
 
 /// `None` when the header uses another scheme; otherwise the user-id and password, split
 /// at the first colon (RFC 7617 §2: the user-id cannot contain one, the password can).
-pub(super) fn parse(value: &[u8]) -> Option<Result<(String, String), Malformed>> {
+pub(crate) fn parse(value: &[u8]) -> Option<Result<(String, String), Malformed>> {
     let split = value.iter().position(|&b| b == b' ').unwrap_or(value.len());
     let (scheme, rest) = value.split_at(split);
     if !scheme.eq_ignore_ascii_case(b"basic") {

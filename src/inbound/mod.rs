@@ -16,7 +16,7 @@
 //! /64) out for a minute, and a client's `rate_limit` caps its requests; their state is
 //! the running proxy's ([`Throttles`]), carried across reloads.
 
-mod basic;
+pub(crate) mod basic;
 mod throttle;
 pub(crate) mod tls;
 

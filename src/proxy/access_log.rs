@@ -83,6 +83,8 @@ impl AccessLog {
             total,
             self.upstream_ms.map(Duration::from_millis),
         );
+        self.metrics
+            .record_recent(self.status, self.error, self.request_id.as_bytes());
         tracing::info!(
             target: TARGET,
             request_id = %Printable(self.request_id.as_bytes()),

@@ -95,6 +95,10 @@ pub struct SlotStatus {
     /// The public message of the last failure, until a fetch succeeds again.
     pub last_error: Option<String>,
     pub last_error_permanent: bool,
+    /// A provider call is under way (a first fetch or a renewal).
+    pub fetching: bool,
+    /// Time to the next background renewal (or retry after a failure); `None`: due now.
+    pub renews_in: Option<Duration>,
     pub fetches_ok: u64,
     pub fetches_failed: u64,
 }
@@ -679,6 +683,11 @@ impl TokenSlot {
                 .last_error
                 .as_ref()
                 .is_some_and(TokenError::is_permanent),
+            fetching: self.fetch_lock.try_lock().is_err(),
+            renews_in: {
+                drop(state);
+                self.next_renewal(now).map(|at| at - now)
+            },
             fetches_ok: self.fetches_ok.load(Ordering::Relaxed),
             fetches_failed: self.fetches_failed.load(Ordering::Relaxed),
         }

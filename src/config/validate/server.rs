@@ -2,8 +2,8 @@
 //! listener.
 
 use super::Validator;
-use crate::config::raw::{RawAdmin, RawLimits, RawServer, RawTls};
-use crate::config::{Admin, DEFAULT_LISTEN, Limits, Server, ServerTls};
+use crate::config::raw::{RawAdmin, RawAdminAuth, RawLimits, RawServer, RawTls};
+use crate::config::{Admin, AdminAuth, DEFAULT_LISTEN, Limits, Server, ServerTls};
 use http::HeaderName;
 
 impl Validator<'_> {
@@ -141,6 +141,39 @@ impl Validator<'_> {
             );
             return None;
         }
-        Some(Admin { listen })
+        let auth = raw.auth.as_ref().and_then(|auth| self.admin_auth(auth));
+        if raw.auth.is_none() && !listen.ip().is_loopback() {
+            self.problem(
+                "admin.auth",
+                format!(
+                    "is required when admin.listen ({listen}) is not a loopback address: the \
+                     status page shows every route and its errors; add `basic` or `api_key`"
+                ),
+            );
+            return None;
+        }
+        if raw.auth.is_some() && auth.is_none() {
+            return None;
+        }
+        Some(Admin { listen, auth })
+    }
+
+    fn admin_auth(&mut self, raw: &RawAdminAuth) -> Option<AdminAuth> {
+        let mut ok = true;
+        let basic = raw.basic.as_ref().and_then(|basic| {
+            let checked = self.basic("admin.auth", basic);
+            ok &= checked.is_some();
+            checked.map(|b| (b.username, b.password))
+        });
+        let api_key = raw.api_key.as_ref().and_then(|text| {
+            let digest = self.inbound_secret("admin.auth.api_key", text, true);
+            ok &= digest.is_some();
+            digest
+        });
+        if raw.basic.is_none() && raw.api_key.is_none() {
+            self.problem("admin.auth", "needs `basic` or `api_key`");
+            return None;
+        }
+        ok.then_some(AdminAuth { basic, api_key })
     }
 }
