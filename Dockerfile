@@ -3,7 +3,8 @@
 # s2s-proxy container image: a build stage and a distroless, non-root runtime. No CA bundle
 # is needed: the public roots are built into the binary (add private ones with
 # server.upstream_ca_file). Logs go to stderr. Port 8080 is the proxy, 9090 the admin
-# listener (/healthz, /readyz, /metrics) when proxy.yaml says `admin: { listen: 0.0.0.0:9090 }`;
+# listener (/healthz, /readyz, /metrics, the status page) when proxy.yaml says
+# `admin: { listen: 0.0.0.0:9090, auth: … }` (auth is required off loopback);
 # the HEALTHCHECK uses the binary itself (`s2s-proxy healthcheck`: distroless has no shell
 # or curl) against http://127.0.0.1:9090/healthz.
 #

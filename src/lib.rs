@@ -12,7 +12,8 @@
 //! - `rewrite`: streaming link rewriting of responses (`rewrite_links`).
 //! - [`token`]: token sources per credential type and the single-flight cache.
 //! - `upstream`: rustls client configuration and the pooled upstream client.
-//! - `admin`: the admin listener (`/healthz`, `/readyz`, `/metrics`) and `healthcheck`.
+//! - `admin`: the admin listener (`/healthz`, `/readyz`, `/metrics`, the status page) and
+//!   `healthcheck`.
 //! - `metrics`: the Prometheus registry and metric names.
 //! - `reload`: the running configuration, swapped whole on SIGHUP or a changed file.
 //! - `pem`: reading PEM certificate files.

@@ -3,7 +3,9 @@
 //! Owns the registry and the names. Every label value comes from configuration or from a
 //! fixed set — route prefixes (`none` when no route matched), the allowed methods (`other`
 //! for the rest), three-digit status codes, credential names, token error kinds — never
-//! from request data, so the number of series stays bounded whatever callers send.
+//! from request data, so the number of series stays bounded whatever callers send. Beside
+//! the registry it keeps what the status page shows of recent traffic ([`recent`]:
+//! five-minute windows per route, the last 50 proxy errors) and the last reload's outcome.
 //!
 //! Not here: where requests are counted (the access log, when a response is finished),
 //! where token fetches are counted (the token cache, which `/metrics` reads at scrape

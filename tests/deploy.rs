@@ -109,6 +109,7 @@ fn probes_and_ports_match_the_config_and_the_code() {
             "BC_CLIENT_ID",
             "BC_CLIENT_SECRET",
             "ERP_SYNC_PASSWORD",
+            "ADMIN_API_KEY",
         ]
         .map(|name| (name.to_owned(), "value-1".to_owned())),
     );

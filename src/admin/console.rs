@@ -359,3 +359,33 @@ pub(super) fn page(status: &Value) -> String {
     );
     html
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_markup_and_quotes() {
+        assert_eq!(
+            escape(r#"<script>"a" & 'b'</script>"#),
+            "&lt;script&gt;&quot;a&quot; &amp; &#39;b&#39;&lt;/script&gt;"
+        );
+        let status = json!({
+            "version": "<em>",
+            "config": { "file": "\"><img src=x>" },
+            "routes": [{ "prefix": "/a'<x>/", "token": { "last_error": "<i>e</i>" } }],
+            "credentials": [], "recent_errors": [{ "request_id": "<svg onload=1>" }],
+        });
+        let html = page(&status);
+        for raw in ["<em>", "<img", "<x>", "<i>", "<svg"] {
+            assert!(!html.contains(raw), "{raw} unescaped in {html}");
+        }
+    }
+
+    #[test]
+    fn the_csp_allows_exactly_the_inline_style_and_script() {
+        assert!(CSP.starts_with("default-src 'none';"));
+        assert!(CSP.contains(&hash(SCRIPT)) && CSP.contains(&hash(STYLE)));
+        assert!(!CSP.contains("unsafe"));
+    }
+}
