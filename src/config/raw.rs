@@ -207,18 +207,23 @@ pub(super) struct RawLimits {
 pub(super) struct RawAdmin {
     /// `IP:port` of the admin listener; off when absent.
     pub(super) listen: Option<String>,
+    /// Protects the status page (`/`, `/status.json`, `/status/test`); required when
+    /// `listen` is not a loopback address.
     pub(super) auth: Option<RawAdminAuth>,
 }
 
 /// `admin.auth`: how the status page's operator is recognised (as a client's `basic` or
 /// `api_key`).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(
     deny_unknown_fields,
     expecting = "a mapping with `basic` or `api_key` (the `admin.auth` section)"
 )]
+#[schemars(rename = "AdminAuth")]
 pub(super) struct RawAdminAuth {
+    /// User name and password (a `sha256:` digest or `${VAR}`) the browser sends.
     pub(super) basic: Option<RawBasic>,
+    /// A key sent in `server.api_key_header` (a `sha256:` digest or `${VAR}`).
     pub(super) api_key: Option<String>,
 }
 
