@@ -122,7 +122,7 @@ pub(crate) fn explain_upstream(route: &Route, status: u16, body: &str) -> String
 /// Runs the checks; returns the report and whether every route passed.
 pub async fn run(config: &Config) -> (String, bool) {
     let mut out = String::new();
-    let tls = match upstream::client_tls_config(config.server.upstream_ca_file.as_deref()) {
+    let tls = match upstream::client_tls_for(config) {
         Ok(tls) => Arc::new(tls),
         Err(error) => return (format!("error: {error}\n"), false),
     };

@@ -125,7 +125,7 @@ impl Proxy {
             .as_ref()
             .map(InboundTls::new)
             .transpose()?;
-        let tls = upstream::client_tls_config(config.server.upstream_ca_file.as_deref())?;
+        let tls = upstream::client_tls_for(&config)?;
         let listen = config.server.listen;
         let admin_listen = config.admin.as_ref().map(|admin| admin.listen);
         let runtime = Arc::new(Runtime::new(config, tls, path));

@@ -29,9 +29,12 @@ impl Config {
     }
 }
 
-/// Stage two: `config` if every file it names is usable, else every problem found.
-pub(crate) fn preflight(config: Config, file: &str) -> Result<Config, ConfigError> {
-    let problems = problems(&config);
+/// Stage two: `config` if every file it names is usable, else every problem found. The
+/// parsed client certificates and upstream roots travel in the returned configuration, so
+/// that the token sources, expiry reports and the upstream client use them without reading
+/// the files again.
+pub(crate) fn preflight(mut config: Config, file: &str) -> Result<Config, ConfigError> {
+    let problems = problems(&mut config);
     if problems.is_empty() {
         Ok(config)
     } else {
@@ -43,21 +46,23 @@ pub(crate) fn preflight(config: Config, file: &str) -> Result<Config, ConfigErro
 }
 
 /// The problems of the files `config` names, in document order of the sections.
-fn problems(config: &Config) -> Vec<Problem> {
+fn problems(config: &mut Config) -> Vec<Problem> {
     let mut problems = Vec::new();
     let mut problem = |path: String, message: String| problems.push(Problem { path, message });
 
     // Read as `run` does before it binds: `check` must refuse what `run` would.
-    if let Some(path) = &config.server.upstream_ca_file
-        && let Err(error) = crate::upstream::client_tls_config(Some(path))
-    {
-        problem("server.upstream_ca_file".to_owned(), error.to_string());
+    if let Some(path) = &config.server.upstream_ca_file {
+        match crate::upstream::PreparedRoots::load(path) {
+            Ok(roots) => config.prepared.insert(roots),
+            Err(error) => problem("server.upstream_ca_file".to_owned(), error.to_string()),
+        }
     }
     if let Some(tls) = &config.server.tls {
         for (field, message) in crate::inbound::tls::check_files(tls) {
             problem(format!("server.tls.{field}"), message);
         }
     }
+    let mut certificates = crate::token::PreparedCertificates::default();
     for credential in &config.credentials {
         let CredentialKind::ClientCertificate(settings) = &credential.kind else {
             continue;
@@ -65,7 +70,7 @@ fn problems(config: &Config) -> Vec<Problem> {
         let single = settings.certificates.len() == 1;
         for (index, certificate) in settings.certificates.iter().enumerate() {
             if let Err(message) =
-                crate::token::check_certificate(certificate, settings.assertion_alg)
+                certificates.load(&credential.name, certificate, settings.assertion_alg)
             {
                 let entry = if single {
                     "certificate_file".to_owned()
@@ -76,6 +81,7 @@ fn problems(config: &Config) -> Vec<Problem> {
             }
         }
     }
+    config.prepared.insert(certificates);
     problems
 }
 
@@ -122,5 +128,40 @@ mod tests {
         // `from_yaml_str` (what `check`, `run` and reload use) runs both stages.
         let both = Config::from_yaml_str(YAML, &source).expect_err("refused");
         assert_eq!(both.problems(), error.problems());
+    }
+
+    /// The upstream roots are read by the loader and used from there: with the CA file
+    /// deleted after loading, the upstream client's TLS settings still build, and are the
+    /// ones with the extra root.
+    #[test]
+    fn the_upstream_roots_come_from_the_loader_not_from_the_file_again() {
+        let dir = TempDir::new("preflight-roots");
+        let ca = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/creds/a.crt"),
+        )
+        .unwrap();
+        let path = dir.write("ca.pem", &ca);
+        let source = Source {
+            name: "proxy.yaml".to_owned(),
+            base_dir: dir.path().to_owned(),
+            variables: crate::config::Variables::map(
+                [("S".to_owned(), "secret".to_owned())].into(),
+            ),
+        };
+        let yaml = "server:\n  upstream_ca_file: ca.pem\n\
+            credentials:\n  s:\n    type: client_secret\n    \
+            tenant_id: contoso.onmicrosoft.com\n    client_id: s-app\n    \
+            client_secret: ${S}\n\
+            clients:\n  c:\n    networks: [10.0.0.0/8]\n\
+            routes:\n  - prefix: /a/\n    upstream: https://contoso.example/\n    \
+            credential: s\n    clients: [c]\n";
+        let config = Config::from_yaml_str(yaml, &source).expect("valid");
+        std::fs::remove_file(&path).unwrap();
+        assert!(crate::upstream::client_tls_for(&config).is_ok());
+
+        // Without what the loader prepared, the file is read again, and it is gone.
+        let mut unprepared = config;
+        unprepared.prepared = crate::config::Prepared::default();
+        assert!(crate::upstream::client_tls_for(&unprepared).is_err());
     }
 }

@@ -173,7 +173,7 @@ pub async fn token(config: &Config, prefix: &str, raw: bool) -> (String, bool) {
             false,
         );
     };
-    let tls = match upstream::client_tls_config(config.server.upstream_ca_file.as_deref()) {
+    let tls = match upstream::client_tls_for(config) {
         Ok(tls) => Arc::new(tls),
         Err(error) => return (format!("error: {error}\n"), false),
     };

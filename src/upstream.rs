@@ -72,6 +72,36 @@ pub(crate) fn client_tls_config(
         .with_no_client_auth())
 }
 
+/// The client TLS settings the configuration loader's second stage built from
+/// `server.upstream_ca_file`, with the path they were read from (see `src/preflight.rs`).
+#[derive(Debug)]
+pub(crate) struct PreparedRoots {
+    path: std::path::PathBuf,
+    tls: rustls::ClientConfig,
+}
+
+impl PreparedRoots {
+    /// Reads `path` as [`client_tls_config`] does.
+    pub(crate) fn load(path: &Path) -> Result<Self, TlsSetupError> {
+        Ok(Self {
+            path: path.to_owned(),
+            tls: client_tls_config(Some(path))?,
+        })
+    }
+}
+
+/// The client TLS settings for `config`: those its loader built when they are for the
+/// same file, else built now (reading `server.upstream_ca_file`).
+pub(crate) fn client_tls_for(
+    config: &crate::config::Config,
+) -> Result<rustls::ClientConfig, TlsSetupError> {
+    let extra = config.server.upstream_ca_file.as_deref();
+    match config.prepared.get::<PreparedRoots>() {
+        Some(prepared) if extra == Some(prepared.path.as_path()) => Ok(prepared.tls.clone()),
+        _ => client_tls_config(extra),
+    }
+}
+
 pub(crate) type UpstreamClient<B> =
     Client<HttpsConnector<HttpConnector<GuardedResolver<GaiResolver>>>, B>;
 

@@ -45,6 +45,36 @@ pub struct Config {
     pub clients: Vec<Client>,
     /// In file order.
     pub routes: Vec<Route>,
+    /// What the second stage parsed from the files named above; empty after stage one.
+    pub(crate) prepared: Prepared,
+}
+
+/// What the second stage (`src/preflight.rs`) read and parsed from the files a
+/// configuration names (client certificates, upstream CA roots), handed to the components
+/// that use them so that each file is read and parsed once per load. Opaque here, since
+/// configuration is data and knows none of the parsed types: each owner stores its own
+/// type and finds it again by type. Cloning shares the parsed material.
+#[derive(Clone, Default)]
+pub(crate) struct Prepared(Vec<std::sync::Arc<dyn std::any::Any + Send + Sync>>);
+
+impl Prepared {
+    /// Adds (or replaces) the value of type `T`.
+    pub(crate) fn insert<T: std::any::Any + Send + Sync>(&mut self, value: T) {
+        self.0.retain(|held| !held.is::<T>());
+        self.0.push(std::sync::Arc::new(value));
+    }
+
+    /// The value of type `T`, if the second stage stored one.
+    pub(crate) fn get<T: std::any::Any + Send + Sync>(&self) -> Option<&T> {
+        self.0.iter().find_map(|held| held.downcast_ref::<T>())
+    }
+}
+
+impl fmt::Debug for Prepared {
+    // Parsed key material never reaches Debug output: only how many items are held.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Prepared({} items)", self.0.len())
+    }
 }
 
 #[derive(Debug, Clone)]

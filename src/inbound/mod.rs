@@ -361,6 +361,7 @@ mod tests {
             credentials: vec![],
             clients,
             routes: vec![],
+            prepared: Default::default(),
         }
     }
 

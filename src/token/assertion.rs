@@ -29,6 +29,13 @@ pub(crate) const ASSERTION_LIFETIME: Duration = Duration::from_secs(600);
 /// Largest certificate file read.
 const MAX_FILE_BYTES: u64 = 1024 * 1024;
 
+#[cfg(test)]
+thread_local! {
+    /// How many times [`SigningCertificate::load`] ran on this thread: tests prove that a
+    /// load parses each certificate once.
+    pub(crate) static LOADS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 enum SigningKey {
     Rsa(RsaKeyPair),
     EcP256(EcdsaKeyPair),
@@ -60,6 +67,8 @@ impl SigningCertificate {
     /// Loads `file` and checks that its key can sign with `alg`. Messages name the file and
     /// say how to fix it; they never contain key material or the password.
     pub(crate) fn load(file: &CertificateFile, alg: AssertionAlg) -> Result<Self, String> {
+        #[cfg(test)]
+        LOADS.with(|loads| loads.set(loads.get() + 1));
         let shown = file.path.display();
         let bytes = read_bounded(&file.path).map_err(|e| format!("cannot read {shown}: {e}"))?;
         let (key, certs) = if bytes.windows(11).any(|w| w == b"-----BEGIN ") {

@@ -261,9 +261,12 @@ impl TokenCache {
                 let source = match self.inner.sources.get(&credential.name) {
                     Some(source) if unchanged(&credential.name) => {
                         source.reread_files();
+                        if let Some(prepared) = config.prepared.get() {
+                            source.adopt_prepared(prepared);
+                        }
                         Arc::clone(source)
                     }
-                    _ => build_source(credential, &http),
+                    _ => build_source(credential, &http, config.prepared.get()),
                 };
                 (credential.name.clone(), source)
             })

@@ -1,11 +1,11 @@
 //! When configured secrets and certificates expire: a certificate's `notAfter`, a secret's
 //! `expires:` date. [`credential_expiries`] reads them once per configuration generation
-//! (start-up, reload), for the metric and reports; [`warn_expiring`] logs those due within
+//! (start-up, reload), for the metric and reports, from the certificates the loader
+//! already parsed; [`warn_expiring`] logs those due within
 //! [`EXPIRY_WARNING`] then.
 
 use std::time::{Duration, SystemTime};
 
-use super::assertion::SigningCertificate;
 use crate::config::{Config, CredentialKind};
 
 /// How far ahead an expiry is warned about.
@@ -50,9 +50,14 @@ pub fn credential_expiries(config: &Config) -> Vec<CredentialExpiry> {
             }
             CredentialKind::ClientCertificate(settings) => {
                 let single = settings.certificates.len() == 1;
-                for (index, file) in settings.certificates.iter().enumerate() {
-                    if let Ok(certificate) = SigningCertificate::load(file, settings.assertion_alg)
-                    {
+                for index in 0..settings.certificates.len() {
+                    // Parsed by the loader's second stage; read here only when it did not.
+                    if let Ok(certificate) = super::client_certificate::prepared_or_load(
+                        config.prepared.get(),
+                        &credential.name,
+                        settings,
+                        index,
+                    ) {
                         let entry = if single {
                             "certificate_file".to_owned()
                         } else {

@@ -47,6 +47,7 @@ use crate::secret::Secret;
 
 pub use cache::{FetchCount, SlotStatus, TokenCache, TokenSlot};
 pub use claims::{Claims, decode_claims};
+pub use client_certificate::PreparedCertificates;
 pub use expiry::{CredentialExpiry, EXPIRY_WARNING, credential_expiries, warn_expiring};
 pub(crate) use provider_error::retry_after;
 pub use provider_error::{ProviderError, aadsts_hint};
@@ -64,6 +65,10 @@ pub trait TokenSource: Send + Sync + fmt::Debug {
 
     /// Reads file-backed secrets and certificates again (configuration reload, rotation).
     fn reread_files(&self) {}
+
+    /// Takes the certificates a reload's loader just parsed, instead of reading them again
+    /// on next use (after [`TokenSource::reread_files`]).
+    fn adopt_prepared(&self, _prepared: &PreparedCertificates) {}
 }
 
 /// What a provider returned, before it becomes a cached [`Token`].
@@ -341,7 +346,7 @@ pub async fn fetch_once(
         ))
     })?;
     let http = TokenHttp::new(&tls);
-    let source = build_source(credential, &http);
+    let source = build_source(credential, &http, config.prepared.get());
     let issued = source.fetch(route.scope.as_deref()).await?;
     let claims = decode_claims(issued.access_token.expose());
     Ok(FetchedToken {
@@ -359,6 +364,7 @@ pub async fn fetch_once(
 pub(crate) fn build_source(
     credential: &Credential,
     http: &Result<TokenHttp, TokenError>,
+    prepared: Option<&PreparedCertificates>,
 ) -> Arc<dyn TokenSource> {
     let name = &credential.name;
     let http = http.clone();
@@ -367,7 +373,7 @@ pub(crate) fn build_source(
             client_secret::ClientSecretSource::new(name, settings, http).map(|s| Arc::new(s) as _)
         }
         CredentialKind::ClientCertificate(settings) => {
-            client_certificate::ClientCertificateSource::new(name, settings, http)
+            client_certificate::ClientCertificateSource::new(name, settings, http, prepared)
                 .map(|s| Arc::new(s) as _)
         }
         CredentialKind::ManagedIdentity(settings) => managed_identity::ManagedIdentitySource::new(
@@ -400,15 +406,6 @@ pub(crate) fn endpoint_url(
         ));
     }
     Ok(url)
-}
-
-/// Loads a configured certificate once, for configuration validation (`check`). The
-/// message says what is wrong with the file and how to fix it.
-pub(crate) fn check_certificate(
-    file: &crate::config::CertificateFile,
-    alg: crate::config::AssertionAlg,
-) -> Result<(), String> {
-    assertion::SigningCertificate::load(file, alg).map(|_| ())
 }
 
 /// A source that cannot work (unsupported type, unknown credential, broken setup).

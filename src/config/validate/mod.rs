@@ -10,7 +10,7 @@
 
 use super::raw::RawConfig;
 use super::raw::RawServer;
-use super::{Client, Config, Credential, Problem, Route, Source};
+use super::{Client, Config, Credential, Prepared, Problem, Route, Source};
 
 /// Validates a parsed document. `Err` holds every problem found, in document order, with
 /// the refusals of not-yet-supported settings last.
@@ -62,6 +62,7 @@ pub(super) fn validate(raw: &RawConfig, source: &Source) -> Result<Config, Vec<P
             credentials,
             clients,
             routes: routes.into_iter().flatten().collect(),
+            prepared: Prepared::default(),
         })
     } else {
         Err(v.problems)

@@ -169,7 +169,7 @@ fn settings(url: &str, files: Vec<CertificateFile>, alg: AssertionAlg) -> Client
 }
 
 fn source(settings: &ClientCertificate) -> ClientCertificateSource {
-    ClientCertificateSource::new("fo-cert", settings, fake::http()).unwrap()
+    ClientCertificateSource::new("fo-cert", settings, fake::http(), None).unwrap()
 }
 
 /// A PS256 source for `files`, posting to `entra`.
@@ -326,4 +326,72 @@ fn config_loads_pfx_lists_cloud_and_reports_expiry() {
     assert!(problems[0].contains("only RSA"));
     assert!(problems[1].starts_with("credentials.fo.certificate_files[1]: "));
     assert!(problems[1].contains("wrong certificate_password"));
+}
+
+/// A load reads and parses each certificate once, in the loader's second stage: neither
+/// the token cache's source nor the expiry report reads the file again. Deleted after
+/// loading, the file is not missed: the sources sign with the prepared certificate, also
+/// after a reload (`reread_files` then `adopt_prepared`), where a source without it fails.
+#[tokio::test]
+async fn a_load_parses_each_certificate_once_and_sources_sign_from_it() {
+    use crate::token::assertion::LOADS;
+    let loads = || LOADS.with(std::cell::Cell::get);
+    let entra = FakeEntra::spawn(vec![leaf("a.pem", None)]).await;
+    let dir = crate::test_support::TempDir::new("once");
+    let pem = dir.write(
+        "fo.pem",
+        &std::fs::read_to_string(fixture("a.pem")).unwrap(),
+    );
+    let yaml = format!(
+        "credentials:\n  fo:\n    type: client_certificate\n    token_url: {}\n    \
+         client_id: {CLIENT_ID}\n    certificate_file: fo.pem\n\
+         clients:\n  c:\n    networks: [10.0.0.0/8]\nroutes:\n  - prefix: /fo/\n    \
+         upstream: https://contoso.operations.dynamics.com/\n    credential: fo\n    \
+         scope: {SCOPE}\n    clients: [c]\n",
+        entra.url()
+    );
+    let source = Source {
+        name: "proxy.yaml".to_owned(),
+        base_dir: dir.path().to_owned(),
+        variables: crate::config::Variables::map(Default::default()),
+    };
+
+    let before = loads();
+    let config = Config::from_yaml_str(&yaml, &source).unwrap();
+    assert_eq!(
+        loads() - before,
+        1,
+        "the loader parses the certificate once"
+    );
+    std::fs::remove_file(&pem).unwrap();
+
+    // Read from the file, the gone certificate would be left out of the report.
+    let expiries = crate::token::credential_expiries(&config);
+    assert_eq!(expiries.len(), 1, "{expiries:?}");
+    assert_eq!(expiries[0].entry, "certificate_file");
+    let cache = crate::token::TokenCache::new(&config, fake::tls());
+    let token = cache.slot(&config.routes[0]).get().await.unwrap();
+    assert_eq!(token.header(), "Bearer eyJ.cert-token.sig");
+
+    // A reload keeps an unchanged source and hands it the newly prepared certificate.
+    let crate::config::CredentialKind::ClientCertificate(settings) = &config.credentials[0].kind
+    else {
+        panic!("not a certificate credential");
+    };
+    let prepared = config.prepared.get::<PreparedCertificates>();
+    let kept = ClientCertificateSource::new("fo", settings, fake::http(), prepared).unwrap();
+    kept.reread_files();
+    kept.adopt_prepared(prepared.unwrap());
+    kept.fetch(Some(SCOPE)).await.unwrap();
+    assert_eq!(
+        loads() - before,
+        1,
+        "nothing after the loader parsed it again"
+    );
+
+    // Without the prepared certificate the file is read, and it is gone.
+    let unprepared = ClientCertificateSource::new("fo", settings, fake::http(), None).unwrap();
+    let error = unprepared.fetch(Some(SCOPE)).await.unwrap_err();
+    assert!(error.to_string().contains("cannot read"), "{error}");
+    assert_eq!(entra.seen().len(), 2);
 }
