@@ -119,12 +119,7 @@ impl Proxy {
     }
 
     async fn bind_inner(config: Config, path: Option<PathBuf>) -> Result<Proxy, StartError> {
-        let inbound_tls = config
-            .server
-            .tls
-            .as_ref()
-            .map(InboundTls::new)
-            .transpose()?;
+        let inbound_tls = InboundTls::for_config(&config)?;
         let tls = upstream::client_tls_for(&config)?;
         let listen = config.server.listen;
         let admin_listen = config.admin.as_ref().map(|admin| admin.listen);

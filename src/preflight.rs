@@ -58,8 +58,13 @@ fn problems(config: &mut Config) -> Vec<Problem> {
         }
     }
     if let Some(tls) = &config.server.tls {
-        for (field, message) in crate::inbound::tls::check_files(tls) {
-            problem(format!("server.tls.{field}"), message);
+        match crate::inbound::tls::prepare(tls) {
+            Ok(prepared) => config.prepared.insert(prepared),
+            Err(problems) => {
+                for (field, message) in problems {
+                    problem(format!("server.tls.{field}"), message);
+                }
+            }
         }
     }
     let mut certificates = crate::token::PreparedCertificates::default();
@@ -163,5 +168,45 @@ mod tests {
         let mut unprepared = config;
         unprepared.prepared = crate::config::Prepared::default();
         assert!(crate::upstream::client_tls_for(&unprepared).is_err());
+    }
+
+    /// `server.tls` likewise: with the certificate and key deleted after loading, the
+    /// listener's TLS configuration still builds from what the loader read.
+    #[test]
+    fn the_inbound_key_pair_comes_from_the_loader_not_from_the_files_again() {
+        let dir = TempDir::new("preflight-inbound");
+        let fixture = |name: &str| {
+            std::fs::read_to_string(
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("tests/fixtures/creds")
+                    .join(name),
+            )
+            .unwrap()
+        };
+        let cert = dir.write("tls.crt", &fixture("a.crt"));
+        let key = dir.write("tls.key", &fixture("a.pem"));
+        let source = Source {
+            name: "proxy.yaml".to_owned(),
+            base_dir: dir.path().to_owned(),
+            variables: crate::config::Variables::map(
+                [("S".to_owned(), "secret".to_owned())].into(),
+            ),
+        };
+        let yaml = "server:\n  tls: { cert_file: tls.crt, key_file: tls.key }\n\
+            credentials:\n  s:\n    type: client_secret\n    \
+            tenant_id: contoso.onmicrosoft.com\n    client_id: s-app\n    \
+            client_secret: ${S}\n\
+            clients:\n  c:\n    networks: [10.0.0.0/8]\n\
+            routes:\n  - prefix: /a/\n    upstream: https://contoso.example/\n    \
+            credential: s\n    clients: [c]\n";
+        let config = Config::from_yaml_str(yaml, &source).expect("valid");
+        std::fs::remove_file(&cert).unwrap();
+        std::fs::remove_file(&key).unwrap();
+        let built = crate::inbound::tls::InboundTls::for_config(&config).expect("prepared");
+        assert!(built.is_some());
+
+        let mut unprepared = config;
+        unprepared.prepared = crate::config::Prepared::default();
+        assert!(crate::inbound::tls::InboundTls::for_config(&unprepared).is_err());
     }
 }

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use rustls::crypto::CryptoProvider;
+use rustls::server::danger::ClientCertVerifier;
 use rustls::server::{ClientHello, ResolvesServerCert, ServerConnection, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{RootCertStore, ServerConfig};
@@ -59,28 +60,50 @@ impl InboundTls {
     /// Reads the certificate, key and optional client CA named by `server.tls`.
     pub(crate) fn new(tls: &ServerTls) -> Result<Self, InboundTlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let key = load_certified_key(&tls.cert_file, &tls.key_file, &provider)?;
+        let verifier = tls
+            .client_ca_file
+            .as_deref()
+            .map(|path| client_verifier(path, &provider))
+            .transpose()?;
+        Self::from_parts(tls, Arc::new(key), verifier, provider)
+    }
+
+    /// The listener's configuration for `config.server.tls`: from the files its loader
+    /// already read when it prepared them (see `src/preflight.rs`), else read now.
+    pub(crate) fn for_config(
+        config: &crate::config::Config,
+    ) -> Result<Option<Self>, InboundTlsError> {
+        let Some(files) = &config.server.tls else {
+            return Ok(None);
+        };
+        match config.prepared.get::<PreparedInbound>() {
+            Some(prepared) if prepared.files == *files => Self::from_parts(
+                files,
+                Arc::clone(&prepared.key),
+                prepared.verifier.clone(),
+                Arc::clone(&prepared.provider),
+            )
+            .map(Some),
+            _ => Self::new(files).map(Some),
+        }
+    }
+
+    /// Builds the server configuration around a loaded key pair and client verifier; reads
+    /// no file.
+    fn from_parts(
+        tls: &ServerTls,
+        key: Arc<CertifiedKey>,
+        verifier: Option<Arc<dyn ClientCertVerifier>>,
+        provider: Arc<CryptoProvider>,
+    ) -> Result<Self, InboundTlsError> {
         let resolver = Arc::new(ReloadableCert {
-            current: ArcSwap::from_pointee(load_certified_key(
-                &tls.cert_file,
-                &tls.key_file,
-                &provider,
-            )?),
+            current: ArcSwap::new(key),
         });
         let builder = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
-        let builder = match &tls.client_ca_file {
-            Some(path) => {
-                let roots = client_roots(path)?;
-                let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
-                    // Basic and API-key clients share the port and present no certificate.
-                    .allow_unauthenticated()
-                    .build()
-                    .map_err(|error| InboundTlsError::ClientCa {
-                        path: path.display().to_string(),
-                        message: error.to_string(),
-                    })?;
-                builder.with_client_cert_verifier(verifier)
-            }
+        let builder = match verifier {
+            Some(verifier) => builder.with_client_cert_verifier(verifier),
             None => builder.with_no_client_auth(),
         };
         let mut config = builder.with_cert_resolver(resolver.clone());
@@ -97,17 +120,37 @@ impl InboundTls {
     }
 }
 
+/// `server.tls` as the configuration loader read it: the key pair and the client
+/// verifier, with the file names they came from, so that binding reads no file again.
+/// Debug names the files only, never key material.
+pub(crate) struct PreparedInbound {
+    files: ServerTls,
+    key: Arc<CertifiedKey>,
+    verifier: Option<Arc<dyn ClientCertVerifier>>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl std::fmt::Debug for PreparedInbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedInbound")
+            .field("files", &self.files)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Loads `server.tls` the way [`InboundTls::new`] does, for the configuration loader:
 /// `check` and `run` must agree on whether a certificate, key and client CA are usable.
 /// Each problem comes with the field it belongs to (`cert_file`, `key_file`,
 /// `client_ca_file`); a key that does not belong to the certificate is the key's problem.
-pub(crate) fn check_files(tls: &ServerTls) -> Vec<(&'static str, String)> {
-    let provider = rustls::crypto::ring::default_provider();
+/// What loaded is kept for [`InboundTls::for_config`].
+pub(crate) fn prepare(tls: &ServerTls) -> Result<PreparedInbound, Vec<(&'static str, String)>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut problems = Vec::new();
-    match load_certified_key(&tls.cert_file, &tls.key_file, &provider) {
-        Ok(_) => {}
+    let key = match load_certified_key(&tls.cert_file, &tls.key_file, &provider) {
+        Ok(key) => Some(key),
         Err(error @ InboundTlsError::Certificates(_)) => {
             problems.push(("cert_file", error.to_string()));
+            None
         }
         Err(
             error @ (InboundTlsError::Read { .. }
@@ -115,23 +158,46 @@ pub(crate) fn check_files(tls: &ServerTls) -> Vec<(&'static str, String)> {
             | InboundTlsError::Key { .. }
             | InboundTlsError::ClientCa { .. }
             | InboundTlsError::Rustls(_)),
-        ) => problems.push(("key_file", error.to_string())),
+        ) => {
+            problems.push(("key_file", error.to_string()));
+            None
+        }
+    };
+    let verifier = match &tls.client_ca_file {
+        None => Some(None),
+        Some(path) => match client_verifier(path, &provider) {
+            Ok(verifier) => Some(Some(verifier)),
+            Err(error) => {
+                problems.push(("client_ca_file", error.to_string()));
+                None
+            }
+        },
+    };
+    match (key, verifier) {
+        (Some(key), Some(verifier)) if problems.is_empty() => Ok(PreparedInbound {
+            files: tls.clone(),
+            key: Arc::new(key),
+            verifier,
+            provider,
+        }),
+        _ => Err(problems),
     }
-    if let Some(path) = &tls.client_ca_file
-        && let Err(error) = client_roots(path).and_then(|roots| {
-            WebPkiClientVerifier::builder_with_provider(roots, Arc::new(provider.clone()))
-                .allow_unauthenticated()
-                .build()
-                .map(drop)
-                .map_err(|error| InboundTlsError::ClientCa {
-                    path: path.display().to_string(),
-                    message: error.to_string(),
-                })
+}
+
+/// The verifier of client certificates chaining to `path`'s CA; optional, since Basic and
+/// API-key clients share the port and present no certificate.
+fn client_verifier(
+    path: &Path,
+    provider: &Arc<CryptoProvider>,
+) -> Result<Arc<dyn ClientCertVerifier>, InboundTlsError> {
+    let roots = client_roots(path)?;
+    WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|error| InboundTlsError::ClientCa {
+            path: path.display().to_string(),
+            message: error.to_string(),
         })
-    {
-        problems.push(("client_ca_file", error.to_string()));
-    }
-    problems
 }
 
 /// Re-reads `server.tls.cert_file` and `key_file` and serves the new pair to every
