@@ -8,6 +8,9 @@
 //! certificate, key and client CA) and every `credentials.*.certificate_file(s)` with its
 //! key. [`Config::load`] and [`Config::from_yaml_str`] run both stages, so `check`,
 //! start-up and reload refuse the same files; reload calls it off the serving threads.
+//! What it parsed (client certificates, the inbound key pair and client verifier, the
+//! upstream roots) is kept in the configuration's `prepared` field for the token sources,
+//! the expiry report and `Proxy::bind`, so that a load reads and parses each file once.
 
 use std::path::Path;
 
