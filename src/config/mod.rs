@@ -73,7 +73,7 @@ impl Prepared {
 impl fmt::Debug for Prepared {
     // Parsed key material never reaches Debug output: only how many items are held.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Prepared({} items)", self.0.len())
+        write!(f, "Prepared {{ items: {} }}", self.0.len())
     }
 }
 
