@@ -324,7 +324,16 @@ pub(super) fn page(status: &Value) -> String {
         );
     }
     html.push_str("</table></div><h2>Credential expiry</h2><div class=\"wrap\"><table>");
-    for credential in status["credentials"].as_array().into_iter().flatten() {
+    let credentials = status["credentials"]
+        .as_array()
+        .map_or(&[][..], Vec::as_slice);
+    if credentials.is_empty() {
+        html.push_str(
+            "<tr><td><small>No certificate and no secret with an <code>expires</code> date \
+             is configured.</small></td></tr>",
+        );
+    }
+    for credential in credentials {
         let warning = match credential["warning"].as_str() {
             Some(w) => format!("<span class=\"bad\">{}</span>", escape(w)),
             None => "ok".to_owned(),

@@ -228,6 +228,8 @@ impl DevServices {
             r#"# Built-in configuration of `s2s-proxy dev`.
 server:
   listen: "{listen}"
+admin:
+  listen: "{admin}"
 credentials:
   demo:
     type: client_secret
@@ -248,6 +250,8 @@ routes:
     clients: [demo, scanner]
     rewrite_links: true
 "#,
+            // The status page and probes on a free port of the same loopback address.
+            admin = SocketAddr::new(listen.ip(), 0),
             tenant = self.tenant,
             client_id = self.client_id,
             authority = self.authority(),
@@ -299,7 +303,10 @@ pub async fn run(listen: SocketAddr) -> Result<(), DevError> {
         Err(error) => return Err(error.into()),
     };
     let proxy = Proxy::bind(services.config(listen)?).await?;
-    print!("{}", banner(&services, proxy.local_addr()));
+    print!(
+        "{}",
+        banner(&services, proxy.local_addr(), proxy.admin_addr())
+    );
     proxy.run_until(crate::shutdown_signal()).await?;
     let issued = services.tokens_issued();
     services.shutdown().await;
@@ -310,7 +317,7 @@ pub async fn run(listen: SocketAddr) -> Result<(), DevError> {
     Ok(())
 }
 
-fn banner(services: &DevServices, proxy_addr: SocketAddr) -> String {
+fn banner(services: &DevServices, proxy_addr: SocketAddr, admin: Option<SocketAddr>) -> String {
     let proxy = format!("http://{proxy_addr}");
     let route = format!("{proxy}{DEV_ROUTE}");
     let page2 = upstream::second_page_query();
@@ -325,6 +332,8 @@ s2s-proxy dev: demo running on loopback. Ctrl-C stops it.
                    Business Central API v2.0 look-alike; requires a valid bearer token
   proxy            {proxy}
                    route {DEV_ROUTE} -> sample upstream; clients `demo` (Basic) and `scanner` (API key)
+  status page      {status}
+                   routes, token state and expiry, traffic and recent errors; /metrics beside it
 
 Try:
   curl -u {user} {route}api/v2.0/companies
@@ -340,6 +349,7 @@ Try:
       (400: unsafe path, nothing forwarded)
 
 "#,
+        status = admin.map_or_else(|| "-".to_owned(), |admin| format!("http://{admin}/")),
         token_url = services.token_url(),
         client_id = services.client_id,
         upstream = services.upstream_base_url(),

@@ -527,7 +527,8 @@ async fn built_in_config_points_at_the_running_services_and_keeps_secrets_in_var
 async fn banner_uses_the_real_ports() {
     let services = start_services().await.expect("start");
     let proxy: SocketAddr = "127.0.0.1:41234".parse().expect("addr");
-    let text = banner(&services, proxy);
+    let admin: SocketAddr = "127.0.0.1:41235".parse().expect("addr");
+    let text = banner(&services, proxy, Some(admin));
     for line in [
         "curl -u demo:demo-password http://127.0.0.1:41234/bc/api/v2.0/companies",
         "curl -H 'X-API-Key: demo-key' http://127.0.0.1:41234/bc/api/v2.0/echo",
@@ -536,6 +537,7 @@ async fn banner_uses_the_real_ports() {
         "curl -i --path-as-is -u demo:demo-password 'http://127.0.0.1:41234/bc/../admin'",
         "$skiptoken=",
         "links in answers are rewritten to http://127.0.0.1:41234/bc/",
+        "status page      http://127.0.0.1:41235/",
     ] {
         assert!(text.contains(line), "missing {line:?} in:\n{text}");
     }
