@@ -10,7 +10,7 @@
 //! whose default is `'none'` (W3C CSP Level 3 §6.7.3.4), so nothing else can run or load.
 //! The test endpoint takes only `Content-Type: application/json`, which a cross-site HTML
 //! form cannot send (Fetch standard, "CORS-safelisted request-header"), and answers 415
-//! otherwise.
+//! otherwise. `/?test=<prefix>` runs that route's test on load as its Test button does.
 //!
 //! Not here: the listener and routing of admin requests (`admin`), the checks (`doctor`).
 
@@ -211,14 +211,21 @@ table{border-collapse:collapse;width:100%}td,th{border-bottom:1px solid #ccc;pad
 .valid{color:#060}.renewing{color:#660}.failed,.bad{color:#a00;font-weight:bold}.pending{color:#666}\
 .wrap{overflow-x:auto}small{color:#555}pre{white-space:pre-wrap}";
 
+/// The page's script: reloads every 15 s until a test runs; `run` posts one route's test
+/// and shows its steps. The Test buttons and the deep link `/?test=<prefix>` both call
+/// `run`; the deep link's value is only compared with the buttons' `data-route` (so only a
+/// configured prefix runs) and never written into the page.
 const SCRIPT: &str = "var t=setTimeout(function(){location.reload()},15000);\
-document.querySelectorAll('button[data-route]').forEach(function(b){b.addEventListener('click',function(){\
-clearTimeout(t);var o=document.getElementById('test-'+b.dataset.index);o.textContent='testing\\u2026';\
+function run(b){clearTimeout(t);var o=document.getElementById('test-'+b.dataset.index);o.textContent='testing\\u2026';\
 fetch('status/test',{method:'POST',headers:{'Content-Type':'application/json'},credentials:'same-origin',\
 body:JSON.stringify({route:b.dataset.route})}).then(function(r){return r.json()}).then(function(j){\
 var lines=j.steps.map(function(s){return (s.ok?'ok   ':'FAIL ')+s.name+' ('+s.ms+' ms): '+s.detail});\
 if(j.hint)lines.push('hint: '+j.hint);o.textContent=(j.ok?'PASS\\n':'FAIL\\n')+lines.join('\\n')})\
-.catch(function(e){o.textContent='test failed: '+e})})});";
+.catch(function(e){o.textContent='test failed: '+e})}\
+var bs=document.querySelectorAll('button[data-route]');\
+bs.forEach(function(b){b.addEventListener('click',function(){run(b)})});\
+var q=new URLSearchParams(location.search).get('test');\
+bs.forEach(function(b){if(q!==null&&b.dataset.route===q)run(b)});";
 
 fn hash(text: &str) -> String {
     format!(
