@@ -223,23 +223,35 @@ async fn the_test_deep_link_runs_the_routes_test_and_renders_its_steps() {
     proxy.handle.shutdown().await;
 }
 
-/// Writes `docs/status-healthy.png` and `docs/status-failing.png`:
-/// `cargo test --test browser -- --ignored screenshots`.
+/// Screenshots of a healthy and a failing route, checked to be real PNG images. They go to
+/// a temporary directory; with `S2S_PROXY_WRITE_SCREENSHOTS=1` they replace
+/// `docs/status-healthy.png` and `docs/status-failing.png`:
+/// `S2S_PROXY_WRITE_SCREENSHOTS=1 cargo test --test browser screenshots`.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "writes the documentation's screenshots"]
 async fn screenshots() {
-    assert!(
-        chromium_installed(),
-        "chromium is needed for the screenshots"
-    );
-    let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs");
+    if !chromium_installed() {
+        return;
+    }
+    let scratch = Profile::new();
+    let docs = if std::env::var_os("S2S_PROXY_WRITE_SCREENSHOTS").is_some() {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("docs")
+    } else {
+        scratch.0.clone()
+    };
     let shoot = |proxy: &OpsProxy, path: &str, file: &str| {
         let url = format!("http://{}{path}", proxy.admin);
         let target = docs.join(file);
         async move {
             let arg = format!("--screenshot={}", target.display());
             chromium(&url, &[&arg, "--window-size=1200,900", "--hide-scrollbars"]).await;
-            assert!(target.exists(), "{} written", target.display());
+            let png = std::fs::read(&target)
+                .unwrap_or_else(|e| panic!("{} not written: {e}", target.display()));
+            assert!(
+                png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000,
+                "{} is not a rendered PNG ({} bytes)",
+                target.display(),
+                png.len()
+            );
         }
     };
 
