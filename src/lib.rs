@@ -88,13 +88,16 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot start the worker threads")]
+    Workers(#[source] std::io::Error),
 }
 
 /// A proxy bound to its listening address (and its admin address, if configured),
 /// fetching its tokens, ready to serve.
 #[derive(Debug)]
 pub struct Proxy {
-    listener: TcpListener,
+    /// One listening socket per worker (`server.workers`), all on the same address.
+    listeners: Vec<std::net::TcpListener>,
     admin: Option<TcpListener>,
     runtime: Arc<Runtime>,
     /// `server.tls`: the listener's rustls configuration and its certificate reloader.
@@ -102,8 +105,9 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Builds the runtime pieces (TLS roots, token cache, upstream pool), binds
-    /// `server.listen` (and `admin.listen`) and starts fetching every route's token.
+    /// Builds the runtime pieces (TLS roots, token cache, one upstream pool per worker),
+    /// binds `server.listen` once per worker (and `admin.listen`) and starts fetching
+    /// every route's token on the calling runtime, which keeps renewing them.
     /// Without a file to re-read, SIGHUP only logs; see [`Proxy::bind_with_path`].
     pub async fn bind(config: Config) -> Result<Proxy, StartError> {
         Self::bind_inner(config, None).await
@@ -123,15 +127,20 @@ impl Proxy {
         let tls = upstream::client_tls_for(&config)?;
         let listen = config.server.listen;
         let admin_listen = config.admin.as_ref().map(|admin| admin.listen);
-        let runtime = Arc::new(Runtime::new(config, tls, path));
-        let listener = bind(listen).await?;
+        let workers = server::workers::count(config.server.workers);
+        let runtime = Arc::new(Runtime::new(config, tls, path, workers));
+        let listeners =
+            server::workers::bind(listen, workers).map_err(|source| StartError::Bind {
+                addr: listen,
+                source,
+            })?;
         let admin = match admin_listen {
             Some(addr) => Some(bind(addr).await?),
             None => None,
         };
         runtime.start();
         Ok(Proxy {
-            listener,
+            listeners,
             admin,
             runtime,
             inbound_tls,
@@ -144,7 +153,15 @@ impl Proxy {
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        server::local_addr(&self.listener)
+        self.listeners
+            .first()
+            .and_then(|listener| listener.local_addr().ok())
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// How many workers serve `server.listen` (`server.workers`, by default one per core).
+    pub fn workers(&self) -> usize {
+        self.listeners.len()
     }
 
     /// Where the admin endpoints listen, when `admin.listen` is configured.
@@ -170,16 +187,24 @@ impl Proxy {
     /// Serves until `shutdown` completes, then stops accepting and drains in-flight
     /// requests (at most 30 s). Reloads on SIGHUP and on changes of the configuration
     /// file meanwhile.
+    ///
+    /// The listener is served by [`Proxy::workers`] threads of their own, each with a
+    /// current-thread runtime; this future drives what happens once per process — the
+    /// admin listener, reloads, token renewal (started by [`Proxy::bind`]) and the drain
+    /// — on the calling runtime, and resolves once every worker has stopped. Dropping it
+    /// stops the workers at once.
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), StartError> {
+        let listen = self.local_addr();
         let runtime = self.runtime;
         // Registered before anything else: an unhandled SIGHUP would end the process.
         let hangups = reload::hangups();
         let generation = runtime.current();
         tracing::info!(
-            listen = %server::local_addr(&self.listener),
+            listen = %listen,
+            workers = self.listeners.len(),
             admin = self.admin.as_ref().map(|l| server::local_addr(l).to_string()),
             tls = self.inbound_tls.is_some(),
             routes = generation.config.routes.len(),
@@ -187,30 +212,51 @@ impl Proxy {
         );
         let limits = generation.config.server.limits.clone();
         drop(generation);
+        let serving = server::Serving::new(
+            &limits,
+            self.inbound_tls.as_ref().map(|tls| tls.config.clone()),
+        );
+        // Whatever ends this future, the workers end with it.
+        let _stop = StopWorkers(Arc::clone(&serving));
+        let dispatch = tracing::dispatcher::get_default(Clone::clone);
+        let mut workers = Vec::with_capacity(self.listeners.len());
+        for (index, listener) in self.listeners.into_iter().enumerate() {
+            let worker = server::workers::spawn(
+                index,
+                listener,
+                runtime.pipelines.worker(index),
+                Arc::clone(&serving),
+                dispatch.clone(),
+            )
+            .map_err(StartError::Workers)?;
+            workers.push(worker);
+        }
         let certificates = self.inbound_tls.as_ref().map(|tls| tls.reloader.clone());
         let watcher = tokio::spawn(reload::watch(runtime.clone(), hangups, certificates));
         let admin = self
             .admin
             .map(|listener| tokio::spawn(admin::serve(listener, runtime.clone())));
-        let stopping = runtime.clone();
-        let shutdown = async move {
-            shutdown.await;
-            // No reload may swap the pipeline once draining starts; readiness fails now.
-            watcher.abort();
-            stopping.set_draining();
-        };
-        server::serve(
-            self.listener,
-            runtime.pipelines.clone(),
-            &limits,
-            self.inbound_tls.map(|tls| tls.config),
-            shutdown,
-        )
-        .await;
+        shutdown.await;
+        // No reload may swap the pipeline once draining starts; readiness fails now.
+        watcher.abort();
+        runtime.set_draining();
+        serving.drain().await;
+        for worker in workers {
+            let _ = worker.stopped.await;
+        }
         if let Some(admin) = admin {
             admin.abort();
         }
         Ok(())
+    }
+}
+
+/// Stops the workers when [`Proxy::run_until`] ends, however it ends.
+struct StopWorkers(Arc<server::Serving>);
+
+impl Drop for StopWorkers {
+    fn drop(&mut self) {
+        self.0.finish();
     }
 }
 

@@ -147,7 +147,10 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run(args) => {
             let config = load(&args.config)?;
-            runtime(config.server.workers)?.block_on(async {
+            // This runtime does what happens once per process (token renewal, reloads,
+            // the admin listener, the drain); the proxy serves on `server.workers`
+            // threads of its own, each with a current-thread runtime.
+            runtime()?.block_on(async {
                 let proxy = Proxy::bind_with_path(config, &args.config).await?;
                 proxy.run_until(s2s_proxy::shutdown_signal()).await?;
                 anyhow::Ok(ExitCode::SUCCESS)
@@ -165,7 +168,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Token { route, raw, config } => {
             let config = load(&config.config)?;
-            runtime(Some(1))?.block_on(async {
+            runtime()?.block_on(async {
                 let (text, ok) = report::token(&config, &route, raw).await;
                 if ok {
                     print!("{text}");
@@ -181,7 +184,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Doctor(args) => {
             let config = load(&args.config)?;
-            runtime(Some(1))?.block_on(async {
+            runtime()?.block_on(async {
                 let (text, ok) = s2s_proxy::doctor::run(&config).await;
                 print!("{text}");
                 anyhow::Ok(if ok {
@@ -204,7 +207,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Dev { listen } => {
-            runtime(None)?.block_on(s2s_proxy::dev::run(listen))?;
+            runtime()?.block_on(s2s_proxy::dev::run(listen))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Init(args) => init(args),
@@ -260,7 +263,7 @@ fn init(args: InitArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let config = init::load_with_env_file(&written.config, &written.env)?;
-    let (text, ok) = runtime(Some(1))?.block_on(s2s_proxy::doctor::run(&config));
+    let (text, ok) = runtime()?.block_on(s2s_proxy::doctor::run(&config));
     prompter.say(&text)?;
     if !ok {
         prompter.say(
@@ -279,20 +282,10 @@ fn load(path: &Path) -> anyhow::Result<Config> {
     Ok(config)
 }
 
-fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut builder = match workers {
-        // One worker: the current-thread scheduler does the same work without the
-        // cross-thread hand-offs (work stealing, shared run queue, remote wake-ups).
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        // Without `server.workers`, tokio honours TOKIO_WORKER_THREADS, else one per core.
-        None => tokio::runtime::Builder::new_multi_thread(),
-        Some(workers) => {
-            let mut builder = tokio::runtime::Builder::new_multi_thread();
-            builder.worker_threads(workers);
-            builder
-        }
-    };
-    builder
+/// The command's own runtime: a current-thread one. `run` serves on worker threads of its
+/// own (`server.workers`); everything else here waits on one thing at a time.
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")

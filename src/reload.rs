@@ -1,14 +1,15 @@
 //! The running configuration and its hot reload (docs/operations.md "Reload").
 //!
 //! A [`Runtime`] holds what one configuration builds — the validated [`Config`], its
-//! [`TokenCache`] and the request [`Pipeline`] — behind `ArcSwap`s, plus what outlives
-//! configurations: the upstream connection pool, the TLS roots, the metrics, and the
+//! [`TokenCache`] and the request [`Pipeline`]s (one per worker, [`Pipelines`]) — behind
+//! `ArcSwap`s, plus what outlives configurations: the upstream connection pools (one per
+//! worker), the TLS roots, the metrics, and the
 //! limiters ([`Limiters`]: route queues by prefix, the failed-authentication lockouts,
 //! client rate-limit buckets by name). A reload validates the new file first and changes
 //! nothing when it is invalid. Otherwise it builds a new cache that keeps the slots (and
 //! cached tokens) of every credential whose settings are equal, a new pipeline over the
-//! same upstream client and the same limiters (resized to the new limits), and swaps
-//! both. Requests already running keep the pipeline they started on; they share its
+//! same upstream clients and the same limiters (resized to the new limits), and swaps
+//! them, every worker's pipeline one after the other. Requests already running keep the pipeline they started on; they share its
 //! queues with the new one, so `max_concurrent` holds across the swap.
 //!
 //! Settings bound to the listener or the runtime (`server.listen`, `server.workers`,
@@ -97,13 +98,35 @@ impl Generation {
     }
 }
 
-/// Everything a running proxy shares between its listener, its admin listener and reloads.
+/// The current pipeline of every worker. Each worker's forwards through that worker's own
+/// upstream client; everything else in them (token slots, limiters, metrics) is shared.
+#[derive(Debug)]
+pub(crate) struct Pipelines {
+    workers: Vec<Arc<ArcSwap<Pipeline>>>,
+}
+
+impl Pipelines {
+    /// The first worker's pipeline: what the admin listener reads (queue depths, routes),
+    /// the same in every worker's.
+    pub(crate) fn load(&self) -> arc_swap::Guard<Arc<Pipeline>> {
+        self.workers[0].load()
+    }
+
+    /// Worker `index`'s pipeline, swapped by reloads.
+    pub(crate) fn worker(&self, index: usize) -> Arc<ArcSwap<Pipeline>> {
+        Arc::clone(&self.workers[index])
+    }
+}
+
+/// Everything a running proxy shares between its workers, its admin listener and reloads.
 #[derive(Debug)]
 pub(crate) struct Runtime {
-    pub(crate) pipelines: Arc<ArcSwap<Pipeline>>,
+    pub(crate) pipelines: Pipelines,
     current: ArcSwap<Generation>,
     pub(crate) metrics: Metrics,
-    upstream: UpstreamClient<UpstreamBody>,
+    /// One client (and connection pool) per worker: a worker's upstream connections are
+    /// driven by its own runtime.
+    upstreams: Vec<UpstreamClient<UpstreamBody>>,
     tls: Arc<rustls::ClientConfig>,
     config_path: Option<PathBuf>,
     /// The file's stamp when the proxy was built: later changes are changes.
@@ -117,27 +140,40 @@ pub(crate) struct Runtime {
 }
 
 impl Runtime {
-    /// Builds the token cache and pipeline for `config`; fetches nothing yet.
-    pub(crate) fn new(config: Config, tls: rustls::ClientConfig, path: Option<PathBuf>) -> Self {
+    /// Builds the token cache and one pipeline per worker (at least one) for `config`;
+    /// fetches nothing yet.
+    pub(crate) fn new(
+        config: Config,
+        tls: rustls::ClientConfig,
+        path: Option<PathBuf>,
+        workers: usize,
+    ) -> Self {
         let tls = Arc::new(tls);
         let metrics = Metrics::new();
         let tokens = TokenCache::new(&config, Arc::clone(&tls));
-        let upstream = upstream::client((*tls).clone());
+        let upstreams: Vec<_> = (0..workers.max(1))
+            .map(|_| upstream::client((*tls).clone()))
+            .collect();
         let draining = Arc::new(AtomicBool::new(false));
         let limiters = Limiters::default();
-        let pipeline = Pipeline::new(
-            &config,
-            &tokens,
-            upstream.clone(),
-            &metrics,
-            Arc::clone(&draining),
-            &limiters,
-        );
+        let workers = upstreams
+            .iter()
+            .map(|upstream| {
+                Arc::new(ArcSwap::from_pointee(Pipeline::new(
+                    &config,
+                    &tokens,
+                    upstream.clone(),
+                    &metrics,
+                    Arc::clone(&draining),
+                    &limiters,
+                )))
+            })
+            .collect();
         Self {
-            pipelines: Arc::new(ArcSwap::from_pointee(pipeline)),
+            pipelines: Pipelines { workers },
             current: ArcSwap::from_pointee(Generation::new(config, tokens)),
             metrics,
-            upstream,
+            upstreams,
             tls,
             initial_stamp: path.as_deref().and_then(file_stamp),
             config_path: path,
@@ -228,14 +264,20 @@ impl Runtime {
             .filter(|name| unchanged(name))
             .collect();
         let tokens = old.tokens.reload(&config, &self.tls, unchanged);
-        let pipeline = Pipeline::new(
-            &config,
-            &tokens,
-            self.upstream.clone(),
-            &self.metrics,
-            Arc::clone(&self.draining),
-            &self.limiters,
-        );
+        let pipelines: Vec<Pipeline> = self
+            .upstreams
+            .iter()
+            .map(|upstream| {
+                Pipeline::new(
+                    &config,
+                    &tokens,
+                    upstream.clone(),
+                    &self.metrics,
+                    Arc::clone(&self.draining),
+                    &self.limiters,
+                )
+            })
+            .collect();
         tokens.start();
         info!(
             routes = config.routes.len(),
@@ -245,7 +287,9 @@ impl Runtime {
         );
         self.current
             .store(Arc::new(Generation::new(config, tokens)));
-        self.pipelines.store(Arc::new(pipeline));
+        for (worker, pipeline) in self.pipelines.workers.iter().zip(pipelines) {
+            worker.store(Arc::new(pipeline));
+        }
         self.metrics.record_reload("ok");
         ReloadReport {
             restart_required,

@@ -10,7 +10,6 @@
 //! about a single request lives in [`crate::proxy`].
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -38,6 +37,7 @@ use crate::proxy::{Caller, Pipeline};
 
 pub(crate) mod connections;
 pub(crate) mod framing;
+pub(crate) mod workers;
 
 /// Longest time in-flight requests get to finish after a shutdown signal.
 pub(crate) const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -96,84 +96,126 @@ enum Drain {
     Closing,
 }
 
-/// Serves `listener` until `shutdown` completes, then stops accepting and drains. With
-/// `tls`, every connection starts with a TLS handshake. Each request runs on the pipeline
-/// current when it arrives (a reload swaps it), and finishes on that one.
-pub(crate) async fn serve(
-    listener: TcpListener,
-    pipelines: Arc<ArcSwap<Pipeline>>,
-    limits: &Limits,
-    tls: Option<Arc<rustls::ServerConfig>>,
-    shutdown: impl Future<Output = ()>,
-) {
-    let acceptor = tls.map(TlsAcceptor::from);
-    // Shared: every connection's task would otherwise carry its own copy.
-    let builders = Arc::new(Builders::new(limits));
-    // Every connection holds a permit; draining is done when all are back.
-    let max_connections = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
-    let permits = Arc::new(Semaphore::new(max_connections as usize));
-    let registry = Arc::new(Registry::default());
-    let (drain, draining) = watch::channel(Drain::Serving);
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, peer) = tokio::select! {
-            () = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    tracing::warn!(error = %error, "Accepting a connection failed; pausing.");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    continue;
-                }
-            },
-        };
-        let permit = match permits.clone().try_acquire_owned() {
-            Ok(permit) => permit,
-            // At max_connections: an idle or unauthenticated connection makes room for
-            // this one; only when all are busy does it wait.
-            Err(_) => match tokio::select! {
-                () = &mut shutdown => break,
-                permit = registry.make_room(&permits) => permit,
-            } {
-                Some(permit) => permit,
-                None => break,
-            },
-        };
-        let _ = stream.set_nodelay(true);
-        let registered = registry.register();
-        let connection = Connection {
-            builders: builders.clone(),
-            pipelines: pipelines.clone(),
-            limits: ConnectionLimits::new(limits),
-            stopping: draining.clone(),
-            conn: registered.conn().clone(),
-            peer,
-        };
-        let acceptor = acceptor.clone();
-        tokio::spawn(async move {
-            let conn = registered.conn().clone();
-            tokio::select! {
-                biased;
-                () = conn.closed_now() => {
-                    tracing::debug!(peer = %peer, "Connection closed to admit a new one.");
-                }
-                () = connection.run(stream, acceptor) => {}
-            }
-            drop(registered);
-            drop(permit);
-        });
+/// What every worker's accept loop shares: the connection cap and the registry it
+/// consults (so `max_connections` holds across workers), the drain every connection
+/// follows, hyper's settings and the TLS acceptor. Built once per [`crate::Proxy`] run.
+pub(crate) struct Serving {
+    builders: Arc<Builders>,
+    acceptor: Option<TlsAcceptor>,
+    limits: Limits,
+    /// Every connection holds a permit; draining is done when all are back.
+    permits: Arc<Semaphore>,
+    max_connections: u32,
+    registry: Arc<Registry>,
+    drain: watch::Sender<Drain>,
+    /// Set once the drain is over (or the run was abandoned): workers stop, dropping
+    /// whatever connections they still hold.
+    finished: watch::Sender<bool>,
+}
+
+impl Serving {
+    /// With `tls`, every connection starts with a TLS handshake.
+    pub(crate) fn new(limits: &Limits, tls: Option<Arc<rustls::ServerConfig>>) -> Arc<Self> {
+        let max_connections = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+        Arc::new(Self {
+            // Shared: every connection's task would otherwise carry its own copy.
+            builders: Arc::new(Builders::new(limits)),
+            acceptor: tls.map(TlsAcceptor::from),
+            limits: limits.clone(),
+            permits: Arc::new(Semaphore::new(max_connections as usize)),
+            max_connections,
+            registry: Arc::new(Registry::default()),
+            drain: watch::channel(Drain::Serving).0,
+            finished: watch::channel(false).0,
+        })
     }
-    drop(listener);
-    tracing::info!("Shutting down: no new connections; draining in-flight requests.");
-    let _ = drain.send(Drain::Draining);
-    let deadline = Instant::now() + DRAIN_TIMEOUT;
-    let _ = tokio::time::timeout_at(deadline, registry.quiet()).await;
-    let _ = drain.send(Drain::Closing);
-    tokio::select! {
-        _ = permits.acquire_many(max_connections) => tracing::info!("All connections drained."),
-        () = tokio::time::sleep_until(deadline) => {
-            tracing::warn!(timeout_s = DRAIN_TIMEOUT.as_secs(), "Drain timed out; closing the remaining connections.");
+
+    /// One worker's share of the serving: accepts on `listener` until the drain starts,
+    /// then keeps its connections' tasks running until the drain is over ([`Serving::drain`],
+    /// run once for all workers) or [`Serving::finish`]. Each request runs on the pipeline
+    /// current when it arrives (a reload swaps it), and finishes on that one.
+    pub(crate) async fn worker(&self, listener: TcpListener, pipelines: Arc<ArcSwap<Pipeline>>) {
+        let mut finished = self.finished.subscribe();
+        tokio::select! {
+            () = self.accept(listener, pipelines) => {}
+            _ = finished.wait_for(|finished| *finished) => return,
         }
+        let _ = finished.wait_for(|finished| *finished).await;
+    }
+
+    async fn accept(&self, listener: TcpListener, pipelines: Arc<ArcSwap<Pipeline>>) {
+        let mut draining = self.drain.subscribe();
+        let permits = &self.permits;
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = draining.wait_for(|drain| *drain != Drain::Serving) => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        tracing::warn!(error = %error, "Accepting a connection failed; pausing.");
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                        continue;
+                    }
+                },
+            };
+            let permit = match permits.clone().try_acquire_owned() {
+                Ok(permit) => permit,
+                // At max_connections: an idle or unauthenticated connection (of any
+                // worker) makes room for this one; only when all are busy does it wait.
+                Err(_) => match tokio::select! {
+                    _ = draining.wait_for(|drain| *drain != Drain::Serving) => break,
+                    permit = self.registry.make_room(permits) => permit,
+                } {
+                    Some(permit) => permit,
+                    None => break,
+                },
+            };
+            let _ = stream.set_nodelay(true);
+            let registered = self.registry.register();
+            let connection = Connection {
+                builders: self.builders.clone(),
+                pipelines: pipelines.clone(),
+                limits: ConnectionLimits::new(&self.limits),
+                stopping: self.drain.subscribe(),
+                conn: registered.conn().clone(),
+                peer,
+            };
+            let acceptor = self.acceptor.clone();
+            tokio::spawn(async move {
+                let conn = registered.conn().clone();
+                tokio::select! {
+                    biased;
+                    () = conn.closed_now() => {
+                        tracing::debug!(peer = %peer, "Connection closed to admit a new one.");
+                    }
+                    () = connection.run(stream, acceptor) => {}
+                }
+                drop(registered);
+                drop(permit);
+            });
+        }
+    }
+
+    /// The drain, once for every worker: no new connections, in-flight requests finish
+    /// (at most [`DRAIN_TIMEOUT`]), then every connection closes and the workers stop.
+    pub(crate) async fn drain(&self) {
+        tracing::info!("Shutting down: no new connections; draining in-flight requests.");
+        self.drain.send_replace(Drain::Draining);
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        let _ = tokio::time::timeout_at(deadline, self.registry.quiet()).await;
+        self.drain.send_replace(Drain::Closing);
+        tokio::select! {
+            _ = self.permits.acquire_many(self.max_connections) => tracing::info!("All connections drained."),
+            () = tokio::time::sleep_until(deadline) => {
+                tracing::warn!(timeout_s = DRAIN_TIMEOUT.as_secs(), "Drain timed out; closing the remaining connections.");
+            }
+        }
+        self.finish();
+    }
+
+    /// Stops every worker now, dropping their connections. Idempotent.
+    pub(crate) fn finish(&self) {
+        self.finished.send_replace(true);
     }
 }
 

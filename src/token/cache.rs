@@ -23,16 +23,20 @@
 //!
 //! [`TokenCache::start`] spawns one renewal task per slot: it fetches at once, then sleeps
 //! until the token's renewal point or the end of the backoff. Tasks end when the last
-//! `TokenCache` clone is dropped.
+//! `TokenCache` clone is dropped. The renewal tasks, and every fetch (whichever worker's
+//! request asked for it), run on the runtime that called `start`: the proxy's workers
+//! each have a runtime of their own, and a fetch must neither stop with one of them nor
+//! leave the token client's connections to one.
 
 use std::collections::{BTreeMap, HashMap};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use futures_util::FutureExt;
+use tokio::runtime::Handle;
 use tokio::sync::{Notify, OwnedMutexGuard};
 use tokio::task::AbortHandle;
 use tokio::time::{Instant, timeout_at};
@@ -68,6 +72,8 @@ struct CacheInner {
     /// One source per configured credential, shared by its scopes.
     sources: HashMap<String, Arc<dyn TokenSource>>,
     started: AtomicBool,
+    /// The runtime [`TokenCache::start`] ran on: renewals and fetches run there.
+    background: OnceLock<Handle>,
     tasks: Mutex<Vec<AbortHandle>>,
     /// Provider calls by credential and outcome, shared by the slots and carried across
     /// reloads (the counts only ever grow).
@@ -159,6 +165,7 @@ impl TokenCache {
                 slots: RwLock::new(HashMap::new()),
                 sources,
                 started: AtomicBool::new(false),
+                background: OnceLock::new(),
                 tasks: Mutex::new(Vec::new()),
                 fetches,
             }),
@@ -218,11 +225,14 @@ impl TokenCache {
         slot
     }
 
-    /// Prefetches every slot now and keeps renewing in the background. Idempotent. Needs a
-    /// tokio runtime.
+    /// Prefetches every slot now and keeps renewing in the background, on the calling
+    /// runtime, which also runs every later fetch. Idempotent. Needs a tokio runtime.
     pub fn start(&self) {
         if self.inner.started.swap(true, Ordering::AcqRel) {
             return;
+        }
+        if let Ok(runtime) = Handle::try_current() {
+            let _ = self.inner.background.set(runtime);
         }
         for slot in self.all_slots() {
             self.spawn_renewal(&slot);
@@ -230,10 +240,12 @@ impl TokenCache {
     }
 
     fn spawn_renewal(&self, slot: &Arc<TokenSlot>) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        let runtime = self.inner.background.get().cloned();
+        let Some(runtime) = runtime.or_else(|| Handle::try_current().ok()) else {
             error!(credential = %slot.credential, "Token renewal not started: no async runtime.");
             return;
         };
+        let _ = slot.background.set(runtime.clone());
         let task = runtime.spawn(renew_forever(Arc::clone(slot)));
         self.inner
             .tasks
@@ -330,6 +342,9 @@ pub struct TokenSlot {
     /// Itself, so a fetch can run in a task of its own.
     me: Weak<TokenSlot>,
     current: ArcSwapOption<Token>,
+    /// Where fetches run: the runtime of the cache that started the slot's renewal (else
+    /// the caller's).
+    background: OnceLock<Handle>,
     /// Held for the whole of a fetch: the single-flight gate.
     fetch_lock: Arc<tokio::sync::Mutex<()>>,
     state: Mutex<SlotState>,
@@ -396,6 +411,7 @@ impl TokenSlot {
             source,
             me: me.clone(),
             current: ArcSwapOption::empty(),
+            background: OnceLock::new(),
             fetch_lock: Arc::new(tokio::sync::Mutex::new(())),
             state: Mutex::new(SlotState::default()),
             changed: Notify::new(),
@@ -545,11 +561,15 @@ impl TokenSlot {
             // Unreachable while `&self` exists (slots are only built inside an `Arc`).
             return self.fetch_locked(reason).await;
         };
-        let task = tokio::spawn(async move {
+        let fetch = async move {
             let result = me.fetch_locked(reason).await;
             drop(guard);
             result
-        });
+        };
+        let task = match self.background.get() {
+            Some(runtime) => runtime.spawn(fetch),
+            None => tokio::spawn(fetch),
+        };
         // `fetch_locked` catches the source's panics; should its own bookkeeping fail, that
         // is a failed token request too (backed off, so the renewal task cannot spin).
         // Nothing of the join error is shown: a panic's text could carry anything.
