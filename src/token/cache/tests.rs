@@ -676,3 +676,49 @@ async fn a_reload_keeps_unchanged_sources_and_makes_them_read_their_files_again(
         &(fake as Arc<dyn TokenSource>)
     ));
 }
+
+/// A fetch runs on the runtime that started the cache, not on the one of the request that
+/// asked for it: the proxy's workers each have a runtime, and one that stops mid-fetch
+/// must neither cancel the fetch nor leave the slot without the new token.
+#[test]
+fn a_fetch_outlives_the_runtime_of_the_request_that_asked_for_it() {
+    let fake = Fake::with_delay(Outcome::Token(3600), Duration::from_millis(300));
+    let (cache, slot) = cache(&fake);
+    let background = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    background.block_on(async { cache.start() });
+    let cached = |token: &str| {
+        (0..200).any(|_| {
+            let found = slot
+                .cached()
+                .is_some_and(|t| value(&t) == format!("Bearer {token}"));
+            if !found {
+                std::thread::sleep(Duration::from_millis(25));
+            }
+            found
+        })
+    };
+    assert!(cached("tok-1"), "the start-up fetch");
+
+    // A worker's request has its token rejected and asks for a new one; the worker's
+    // runtime stops before the provider answers.
+    let worker = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let rejected = slot.cached().unwrap();
+    let gave_up = worker.block_on(async {
+        tokio::time::timeout(
+            Duration::from_millis(50),
+            slot.renew_rejected(&rejected, a_day()),
+        )
+        .await
+    });
+    assert!(gave_up.is_err());
+    drop(worker);
+    assert!(cached("tok-2"), "the fetch went on without the worker");
+    assert_eq!(fake.calls(), 2);
+}
