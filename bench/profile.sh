@@ -5,18 +5,22 @@
 #   bench/profile.sh perf        # sampled CPU profile under wrk load (perf record)
 #   bench/profile.sh syscalls    # system calls per request (strace -c), s2s-proxy and nginx
 #   bench/profile.sh idle        # RSS with IDLE_CONNS (10000) idle keep-alive connections
+#   S2S_BIN=/path/to/other/s2s-proxy bench/profile.sh callgrind   # profile another build
 #
 # Same set-up as run.sh: nginx upstream returning ~200 bytes, nginx token issuer, one route,
-# Basic client, one worker. The counters are zeroed after start-up and warm-up, so the
-# callgrind totals divided by the request count are the cost of one request.
+# Basic client, one worker (WORKERS=N for N; WORKERS= for `workers` unset, one per core).
+# The counters are zeroed after start-up and warm-up, so the callgrind totals divided by
+# the request count are the cost of one request.
 set -euo pipefail
 mode=${1:-callgrind}
 REQUESTS=${REQUESTS:-20000}
+WORKERS=${WORKERS-1}
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
 bin=${CARGO_TARGET_DIR:-$repo/target}/release/s2s-proxy
 export PATH=$PATH:/usr/sbin
-(cd "$repo" && cargo build --release --locked --quiet)
+if [ -n "${S2S_BIN:-}" ]; then bin=$S2S_BIN    # another build, for A/B comparisons
+else (cd "$repo" && cargo build --release --locked --quiet); fi
 
 T=$(mktemp -d /tmp/s2s-prof.XXXXXX)
 pids=()
@@ -41,7 +45,7 @@ export BENCH_CLIENT_ID=bench-client BENCH_CLIENT_SECRET='bench~secret'
 hash=$(printf bench-password | "$bin" hash-secret)
 auth="Basic $(printf bench:bench-password | base64)"
 cat > "$T/proxy.yaml" <<YAML
-server: { listen: "127.0.0.1:$PX", workers: 1, limits: { max_connections: 12000 } }
+server: { listen: "127.0.0.1:$PX", ${WORKERS:+workers: $WORKERS,} limits: { max_connections: 12000 } }
 credentials:
   bench: { type: client_secret, token_url: "http://127.0.0.1:$TOK/token", client_id: "\${BENCH_CLIENT_ID}", client_secret: "\${BENCH_CLIENT_SECRET}" }
 clients:

@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# s2s-proxy benchmark (issue 7): throughput and latency against nginx and HAProxy doing the
-# same job, plus memory with idle connections, 1 GiB streams and first-request latency.
-# Loopback only. Installs wrk, nginx and haproxy with apt-get when missing. Cleans up every
-# process and temp file on exit. Results: a Markdown report on stdout (see bench/RESULTS.md).
+# s2s-proxy benchmark (issues 7 and 16): throughput, latency and CPU per request against
+# nginx, HAProxy, Caddy and a bare hyper proxy (bench/floor, the floor) doing the same job,
+# plus memory with idle connections, 1 GiB streams and first-request latency.
+# Loopback only. Installs wrk, nginx, haproxy and caddy with apt-get when missing. Cleans up
+# every process and temp file on exit. Results: a Markdown report on stdout (see
+# bench/RESULTS.md).
 #
 #   bench/run.sh                 # defaults: 3 rounds of 10 s, 50 connections
 #   ROUNDS=5 DURATION=15s CONNS=100 IDLE_CONNS=10000 bench/run.sh
-#   CANDS="nginx haproxy s2s-1w" SCENARIOS=0 ROUNDS=3 DURATION=5s bench/run.sh   # quick A/B
+#   CANDS="nginx haproxy floor s2s-1w" SCENARIOS=0 ROUNDS=3 DURATION=5s bench/run.sh  # quick A/B
 #   ALT_BIN=/tmp/s2s-old CANDS="nginx s2s-1w s2s-alt" SCENARIOS=0 bench/run.sh    # two builds
 #
-# Pinning (2+ cores): every proxy under test runs alone on CPU 0; wrk and the upstream share
-# CPU 1. The "default runtime" s2s-proxy (one worker per core) is left unpinned.
+# Pinning (2+ cores): every one-worker proxy under test runs alone on CPU 0; wrk and the
+# upstream share CPU 1. The "one worker per core" candidates (s2s-default: `workers` unset;
+# nginx-auto: `worker_processes auto`) are left unpinned.
 set -euo pipefail
 
 ROUNDS=${ROUNDS:-3}
@@ -18,7 +21,7 @@ DURATION=${DURATION:-10s}
 CONNS=${CONNS:-50}
 IDLE_CONNS=${IDLE_CONNS:-10000}
 # Quick before/after comparisons: a subset of candidates, and no memory/stream scenarios.
-CANDS=${CANDS:-direct nginx haproxy s2s-1w s2s-default}
+CANDS=${CANDS:-direct nginx haproxy caddy floor s2s-1w nginx-auto s2s-default}
 SCENARIOS=${SCENARIOS:-1}
 MAX_LOAD=${MAX_LOAD:-1.0}        # wait (bounded) for the 1-min load average to drop below this
 LOAD_WAIT=${LOAD_WAIT:-60}       # seconds, at most
@@ -35,6 +38,7 @@ need=()
 command -v wrk >/dev/null || need+=(wrk)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
 command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
+command -v caddy >/dev/null || need+=(caddy)
 if [ ${#need[@]} -gt 0 ]; then
     log "Installing ${need[*]} ..."
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${need[@]}" >&2
@@ -45,8 +49,10 @@ if [ "$ncpu" -ge 2 ]; then PROXY_CPU=0; LOAD_CPU=1; else PROXY_CPU=0; LOAD_CPU=0
 pin_proxy=(taskset -c "$PROXY_CPU")
 pin_load=(taskset -c "$LOAD_CPU")
 
-log "Building s2s-proxy (release) ..."
+log "Building s2s-proxy and the floor (release) ..."
 (cd "$repo" && cargo build --release --locked --quiet)
+(cd "$here/floor" && CARGO_TARGET_DIR=$target cargo build --release --locked --quiet)
+floor_bin=$target/release/s2s-floor
 
 # --- temp dir, cleanup ----------------------------------------------------------------
 T=$(mktemp -d /tmp/s2s-bench.XXXXXX)
@@ -61,9 +67,9 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
-read -r UP TOK NGX HAP S1 SD SF SINK SA < <(python3 - <<'PY'
+read -r UP TOK NGX HAP S1 SD SF SINK SA FL CD NA < <(python3 - <<'PY'
 import socket
-socks = [socket.socket() for _ in range(9)]
+socks = [socket.socket() for _ in range(12)]
 for s in socks: s.bind(("127.0.0.1", 0))
 print(*[s.getsockname()[1] for s in socks])
 PY
@@ -130,6 +136,37 @@ http {
 }
 NGX
 "${pin_proxy[@]}" nginx -c "$T/nginx-px.conf" -e "$T/nginx-px.err" & pids+=($!); ngx_pid=$!
+
+# --- the same nginx with one worker per core (worker_processes auto, unpinned) -----------
+sed -e 's/worker_processes 1;/worker_processes auto;/' -e "s/listen 127.0.0.1:$NGX;/listen 127.0.0.1:$NA;/" \
+    -e "s#$T/nginx-px#$T/nginx-auto#g" "$T/nginx-px.conf" > "$T/nginx-auto.conf"
+nginx -c "$T/nginx-auto.conf" -e "$T/nginx-auto.err" & pids+=($!)
+
+# --- Caddy doing the same (one Go thread: GOMAXPROCS=1, CPU 0) ---------------------------
+cat > "$T/Caddyfile" <<CADDY
+{
+  admin off
+  auto_https off
+  persist_config off
+}
+http://127.0.0.1:$CD {
+  handle_path /bench/* {
+    reverse_proxy 127.0.0.1:$UP {
+      header_up Authorization "Bearer bench"
+      transport http {
+        keepalive 60s
+        keepalive_idle_conns_per_host 64
+      }
+    }
+  }
+}
+CADDY
+mkdir -p "$T/caddy-home"
+HOME=$T/caddy-home XDG_DATA_HOME=$T/caddy-home XDG_CONFIG_HOME=$T/caddy-home GOMAXPROCS=1 \
+    "${pin_proxy[@]}" caddy run --adapter caddyfile --config "$T/Caddyfile" >"$T/caddy.log" 2>&1 & pids+=($!); cd_pid=$!
+
+# --- the floor: a bare hyper 1 proxy (bench/floor), one current-thread worker, CPU 0 -----
+"${pin_proxy[@]}" "$floor_bin" "127.0.0.1:$FL" "127.0.0.1:$UP" 2>"$T/floor.err" & pids+=($!); fl_pid=$!
 
 # --- HAProxy doing the same (nbthread 1, CPU 0) -----------------------------------------
 cat > "$T/haproxy.cfg" <<HAP
@@ -203,7 +240,7 @@ kib() { awk -v k="$2" '$1==k":" {print $2}' "/proc/$1/status"; }
 mib() { awk -v k="$1" 'BEGIN{printf "%.1f", k/1024}'; }
 
 wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; log "port $1 not up"; exit 1; }
-for p in $UP $TOK $NGX $HAP $SINK; do wait_port "$p"; done
+for p in $UP $TOK $NGX $HAP $SINK $NA $CD $FL; do wait_port "$p"; done
 
 start_s2s s2s-1w "$S1" 1 "${pin_proxy[@]}"; s1_pid=$s2s_pid
 sleep 0.5; s1_idle_kib=$(kib "$s1_pid" VmRSS)
@@ -215,6 +252,7 @@ sleep 0.5; sd_idle_kib=$(kib "$sd_pid" VmRSS)
 
 # sanity: every candidate answers 200 with the upstream body
 for url in "http://127.0.0.1:$UP/" "http://127.0.0.1:$NGX/bench/x" "http://127.0.0.1:$HAP/bench/x" \
+           "http://127.0.0.1:$NA/bench/x" "http://127.0.0.1:$CD/bench/x" "http://127.0.0.1:$FL/bench/x" \
            "http://127.0.0.1:$S1/bench/x" "http://127.0.0.1:$SD/bench/x"; do
     got=$(curl -s -H "Authorization: $auth" "$url")
     [ "$got" = "$body" ] || { log "unexpected answer from $url: $got"; exit 1; }
@@ -226,17 +264,22 @@ done
 read -r -a cands <<< "$CANDS"
 declare -A url=( [direct]="http://127.0.0.1:$UP/x" [nginx]="http://127.0.0.1:$NGX/bench/x"
                  [haproxy]="http://127.0.0.1:$HAP/bench/x" [s2s-1w]="http://127.0.0.1:$S1/bench/x"
-                 [s2s-default]="http://127.0.0.1:$SD/bench/x" [s2s-alt]="http://127.0.0.1:$SA/bench/x" )
+                 [s2s-default]="http://127.0.0.1:$SD/bench/x" [s2s-alt]="http://127.0.0.1:$SA/bench/x"
+                 [caddy]="http://127.0.0.1:$CD/bench/x" [floor]="http://127.0.0.1:$FL/bench/x"
+                 [nginx-auto]="http://127.0.0.1:$NA/bench/x" )
 upw=$(pgrep -P "$(cat "$T/nginx-up.pid")" | head -1)
 pxw=$(pgrep -P "$(cat "$T/nginx-px.pid")" | head -1)
-declare -A cpupid=( [direct]=$upw [nginx]=$pxw [haproxy]=$hap_pid [s2s-1w]=$s1_pid [s2s-default]=$sd_pid [s2s-alt]=${sa_pid:-$s1_pid} )
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+naw=$(pgrep -P "$(cat "$T/nginx-auto.pid")" | tr '\n' ' ')
+# The processes whose CPU time is the candidate's (nginx: its worker processes).
+declare -A cpupid=( [direct]=$upw [nginx]=$pxw [haproxy]=$hap_pid [s2s-1w]=$s1_pid [s2s-default]=$sd_pid
+                    [s2s-alt]=${sa_pid:-$s1_pid} [caddy]=$cd_pid [floor]=$fl_pid [nginx-auto]=$naw )
+ticks() { local u=0 s=0 p; for p in $1; do read -r pu ps < <(awk '{print $14, $15}' "/proc/$p/stat"); u=$((u + pu)); s=$((s + ps)); done; echo "$u $s"; }
 clk=$(getconf CLK_TCK)
 
 log "Warming up ..."
 for c in "${cands[@]}"; do "${pin_load[@]}" wrk -t1 -c"$CONNS" -d1s -H "Authorization: $auth" "${url[$c]}" >/dev/null; done
 
-echo -e "round\tcandidate\trps\tp50_ms\tp99_ms\tcpu_pct\terrors\tload1" > "$T/runs.tsv"
+echo -e "round\tcandidate\trps\tp50_ms\tp99_ms\tcpu_pct\terrors\tload1\tuser_us\tsys_us" > "$T/runs.tsv"
 for ((r = 0; r < ROUNDS; r++)); do
     order=()
     for ((i = 0; i < ${#cands[@]}; i++)); do order+=("${cands[$(((i + r) % ${#cands[@]}))]}"); done
@@ -244,38 +287,26 @@ for ((r = 0; r < ROUNDS; r++)); do
     log "Round $((r + 1))/$ROUNDS: ${order[*]} (load $(cut -d' ' -f1-3 /proc/loadavg))"
     for c in "${order[@]}"; do
         load1=$(cut -d' ' -f1 /proc/loadavg)
-        t0=$(ticks "${cpupid[$c]}"); s0=$(date +%s.%N)
+        read -r u0 k0 < <(ticks "${cpupid[$c]}"); s0=$(date +%s.%N)
         out=$("${pin_load[@]}" wrk -t1 -c"$CONNS" -d"$DURATION" --latency -H "Authorization: $auth" "${url[$c]}")
-        t1=$(ticks "${cpupid[$c]}"); s1=$(date +%s.%N)
-        echo "$out" | awk -v r=$((r + 1)) -v c="$c" -v l="$load1" \
-            -v cpu="$(awk -v a="$t0" -v b="$t1" -v s0="$s0" -v s1="$s1" -v k="$clk" 'BEGIN{printf "%.0f", (b-a)/k/(s1-s0)*100}')" '
+        read -r u1 k1 < <(ticks "${cpupid[$c]}"); s1=$(date +%s.%N)
+        # CPU % of one core over the run; user and system CPU per request (wrk's count).
+        echo "$out" | awk -v r=$((r + 1)) -v c="$c" -v l="$load1" -v hz="$clk" \
+            -v du=$((u1 - u0)) -v dk=$((k1 - k0)) -v secs="$(awk -v a="$s0" -v b="$s1" 'BEGIN{print b-a}')" '
             function ms(v) { if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /s$/) return v*1000; return v }
             $1=="50%" {p50=ms($2)} $1=="99%" {p99=ms($2)} /^Requests\/sec/ {rps=$2}
+            / requests in / {n=$1}
             /Non-2xx/ {err+=$NF} /Socket errors/ {for(i=4;i<=NF;i+=2) {gsub(",","",$i); err+=$i}}
-            END {printf "%s\t%s\t%.0f\t%.3f\t%.3f\t%s\t%d\t%s\n", r, c, rps, p50, p99, cpu, err, l}' >> "$T/runs.tsv"
+            END {n = n > 0 ? n : 1
+                 printf "%s\t%s\t%.0f\t%.3f\t%.3f\t%.0f\t%d\t%s\t%.2f\t%.2f\n", r, c, rps, p50, p99,
+                        (du+dk)/hz/secs*100, err, l, du/hz/n*1e6, dk/hz/n*1e6}' >> "$T/runs.tsv"
     done
 done
 s1_hwm_kib=$(kib "$s1_pid" VmHWM); sd_hwm_kib=$(kib "$sd_pid" VmHWM)
 s1_after_kib=$(kib "$s1_pid" VmRSS)
 
 if [ "$SCENARIOS" != 1 ]; then # quick A/B: the throughput table only
-    python3 - "$T/runs.tsv" <<'PY'
-import csv, statistics, sys
-runs = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
-med = {}
-print("| candidate | req/s | p50 ms | p99 ms | CPU % | errors | req/s per round |")
-print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
-for c in dict.fromkeys(r["candidate"] for r in runs):
-    rs = [r for r in runs if r["candidate"] == c]
-    m = lambda k: statistics.median(float(r[k]) for r in rs)
-    med[c] = m("rps")
-    print(f"| {c} | {m('rps'):.0f} | {m('p50_ms'):.3f} | {m('p99_ms'):.3f} | {m('cpu_pct'):.0f} "
-          f"| {sum(int(r['errors']) for r in rs)} | {', '.join(r['rps'] for r in rs)} |")
-for s in ("s2s-1w", "s2s-default", "s2s-alt"):
-    for o in ("nginx", "haproxy"):
-        if s in med and o in med:
-            print(f"- {s} / {o}: **{med[s] / med[o]:.2f}**")
-PY
+    python3 "$here/throughput.py" "$T/runs.tsv"
     exit 0
 fi
 
@@ -314,31 +345,13 @@ tok_logged=""
 for n in s2s-1w s2s-default s2s-fresh; do tok_logged+="$n=$(grep -c 'Token fetched' "$T/$n.log") "; done
 
 # --- report ---------------------------------------------------------------------------
+echo "## Throughput and latency (wrk -t1 -c$CONNS -d$DURATION, $ROUNDS rounds, medians)"
+echo
+python3 "$here/throughput.py" "$T/runs.tsv"
 python3 - "$T/runs.tsv" "$T/streams.tsv" <<PY
 import csv, statistics, sys
-runs = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
 streams = [l.split("\t") for l in open(sys.argv[2]).read().splitlines()]
-med = {}
-for c in ["direct", "nginx", "haproxy", "s2s-1w", "s2s-default"]:
-    rs = [r for r in runs if r["candidate"] == c]
-    m = lambda k: statistics.median(float(r[k]) for r in rs)
-    med[c] = dict(rps=m("rps"), p50=m("p50_ms"), p99=m("p99_ms"), cpu=m("cpu_pct"),
-                  err=sum(int(r["errors"]) for r in rs), all=", ".join(r["rps"] for r in rs))
 def mi(k): return float(k) / 1024
-print("## Throughput and latency (wrk -t1 -c$CONNS -d$DURATION, $ROUNDS rounds, medians)\n")
-print("| candidate | req/s | p50 ms | p99 ms | CPU % of its process | errors | req/s per round |")
-print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
-for c, v in med.items():
-    print(f"| {c} | {v['rps']:.0f} | {v['p50']:.3f} | {v['p99']:.3f} | {v['cpu']:.0f} | {v['err']} | {v['all']} |")
-s, n, h = med["s2s-1w"], med["nginx"], med["haproxy"]
-print()
-print(f"- s2s-1w / nginx req/s: **{s['rps']/n['rps']:.2f}** (target >= 1.2); "
-      f"s2s-1w / HAProxy req/s: **{s['rps']/h['rps']:.2f}** (target >= 1.0)")
-print(f"- s2s-1w p99 {s['p99']:.3f} ms vs nginx {n['p99']:.3f} ms (target: no worse)")
-print(f"- s2s-default / nginx req/s: {med['s2s-default']['rps']/n['rps']:.2f}; "
-      f"s2s-default / HAProxy: {med['s2s-default']['rps']/h['rps']:.2f}")
-print(f"- req/s per CPU-second of the proxy process: s2s-1w {s['rps']/max(s['cpu'],1)*100:.0f}, "
-      f"nginx {n['rps']/max(n['cpu'],1)*100:.0f}, HAProxy {h['rps']/max(h['cpu'],1)*100:.0f}")
 print()
 print("## Memory\n")
 print("| measure | MiB |")
