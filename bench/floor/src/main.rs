@@ -48,7 +48,10 @@ async fn serve(listen: SocketAddr, upstream: Authority) {
         let (client, upstream, bearer) = (client.clone(), upstream.clone(), bearer.clone());
         tokio::spawn(async move {
             let service = service_fn(move |mut request: Request<Incoming>| {
-                let path = request.uri().path_and_query().map_or("/", PathAndQuery::as_str);
+                let path = request
+                    .uri()
+                    .path_and_query()
+                    .map_or("/", PathAndQuery::as_str);
                 let path = path.strip_prefix("/bench").unwrap_or(path);
                 let mut parts = http::uri::Parts::default();
                 parts.scheme = Some(Scheme::HTTP);
