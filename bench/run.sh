@@ -147,7 +147,6 @@ cat > "$T/Caddyfile" <<CADDY
 {
   admin off
   auto_https off
-  persist_config off
 }
 http://127.0.0.1:$CD {
   handle_path /bench/* {
