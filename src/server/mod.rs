@@ -1,8 +1,9 @@
 //! The listener: accepting connections, HTTP/1.1 and HTTP/2 on one port (h2c, or h2 and
 //! http/1.1 by ALPN over inbound TLS), graceful drain.
 //!
-//! Owns connection-level concerns only — the connection cap (and which connections make
-//! room at it, [`connections`]), the TLS handshake and its timeout, hyper's protocol
+//! Owns connection-level concerns only — the worker threads that accept ([`workers`]), the
+//! connection cap shared by all of them (and which connections make room at it,
+//! [`connections`]), the TLS handshake and its timeout, hyper's protocol
 //! limits (header bytes, header read timeout, HTTP/2 streams), the deadlines of a
 //! connection itself (first request, idle, a peer that stopped reading, repeated failed
 //! authentication), the HTTP/1 framing audit ([`framing`], on the decrypted bytes) and
