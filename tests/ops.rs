@@ -484,8 +484,8 @@ async fn sighup_reloads_the_running_binary_and_healthcheck_probes_it() {
             "admin:\n  listen: 127.0.0.1:0",
             &format!("admin:\n  listen: {admin}"),
         )
-        // One worker: the binary runs the current-thread scheduler then; the other
-        // binary tests cover the default multi-threaded one.
+        // One worker; the other binary tests (and tests/workers.rs) run the default,
+        // one worker per core.
         .replacen(
             "listen: 127.0.0.1:0",
             &format!("listen: {addr}\n  workers: 1"),
