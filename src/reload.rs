@@ -3,13 +3,13 @@
 //! A [`Runtime`] holds what one configuration builds — the validated [`Config`], its
 //! [`TokenCache`] and the request [`Pipeline`]s (one per worker, [`Pipelines`]) — behind
 //! `ArcSwap`s, plus what outlives configurations: the upstream connection pools (one per
-//! worker), the TLS roots, the metrics, and the
-//! limiters ([`Limiters`]: route queues by prefix, the failed-authentication lockouts,
-//! client rate-limit buckets by name). A reload validates the new file first and changes
-//! nothing when it is invalid. Otherwise it builds a new cache that keeps the slots (and
-//! cached tokens) of every credential whose settings are equal, a new pipeline over the
-//! same upstream clients and the same limiters (resized to the new limits), and swaps
-//! them, every worker's pipeline one after the other. Requests already running keep the pipeline they started on; they share its
+//! worker), the TLS roots, the metrics, and the limiters ([`Limiters`]: route queues by
+//! prefix, the failed-authentication lockouts, client rate-limit buckets by name). A
+//! reload validates the new file first and changes nothing when it is invalid. Otherwise
+//! it builds a new cache that keeps the slots (and cached tokens) of every credential
+//! whose settings are equal, new pipelines over the same upstream clients and the same
+//! limiters (resized to the new limits), and swaps them, every worker's pipeline one after
+//! the other. Requests already running keep the pipeline they started on; they share its
 //! queues with the new one, so `max_concurrent` holds across the swap.
 //!
 //! Settings bound to the listener or the runtime (`server.listen`, `server.workers`,
