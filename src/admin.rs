@@ -6,7 +6,9 @@
 //! (credential, scope) the routes use holds a valid token, 503 before that, after a token
 //! is lost, and while draining; its JSON body names each route and credential with its
 //! token state and last error (the public message: error code and AADSTS hint, never the
-//! provider's body). `/metrics` is [`crate::metrics`] in the Prometheus text format. Every
+//! provider's body), and in fleet mode the cluster's state (`cluster`: the redacted Redis
+//! URL, `available`, `subscribed`, `fallbacks`), which never fails the probe: a Redis
+//! outage makes the limits local, the proxy still serves. `/metrics` is [`crate::metrics`] in the Prometheus text format. Every
 //! other path or method is 404. Probes and `/metrics` need no authentication; the status
 //! page needs `admin.auth` when set (401 with a Basic challenge otherwise), and validation
 //! requires it when `admin.listen` is not a loopback address.
@@ -273,10 +275,12 @@ fn readiness(runtime: &Runtime) -> (bool, Value) {
         (false, true) => "ready",
         (false, false) => "waiting_for_tokens",
     };
-    (
-        ready,
-        json!({ "status": status, "routes": routes, "credentials": credentials }),
-    )
+    let mut body = json!({ "status": status, "routes": routes, "credentials": credentials });
+    if let Some(cluster) = runtime.cluster() {
+        // An outage degrades the limits, not readiness: shown, never failing the probe.
+        body["cluster"] = json!(cluster.status());
+    }
+    (ready, body)
 }
 
 /// `valid`: a token may be injected now; `failed`: none, and the last fetch failed;

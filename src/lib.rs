@@ -14,6 +14,8 @@
 //! - `upstream`: rustls client configuration and the pooled upstream client.
 //! - `admin`: the admin listener (`/healthz`, `/readyz`, `/metrics`, the status page) and
 //!   `healthcheck`.
+//! - `cluster`: fleet mode, the Redis handle (fail-open calls, availability probe, release
+//!   notifications) and the fleet-wide semaphore behind `max_concurrent`.
 //! - `metrics`: the Prometheus registry and metric names.
 //! - `reload`: the running configuration, swapped whole on SIGHUP or a changed file.
 //! - `pem`: reading PEM certificate files.
@@ -34,6 +36,7 @@
 
 mod admin;
 mod civil_date;
+mod cluster;
 pub mod config;
 pub mod dev;
 pub mod doctor;

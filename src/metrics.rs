@@ -123,6 +123,20 @@ struct Inner {
     errors: RecentErrors,
     last_reload: Mutex<Option<(std::time::SystemTime, &'static str)>>,
     started: tokio::time::Instant,
+    /// `s2s_proxy_cluster_available` and `s2s_proxy_cluster_fallbacks_total`, rendered
+    /// once fleet mode asked for them ([`Metrics::cluster_series`]).
+    cluster: ClusterSeries,
+    cluster_registry: Registry,
+    cluster_shown: std::sync::atomic::AtomicBool,
+}
+
+/// The fleet mode series, updated by the cluster handle itself.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ClusterSeries {
+    /// 1 while Redis answers within the budget, 0 while the replica uses its local limits.
+    pub(crate) available: Gauge,
+    /// Limiter decisions taken locally because Redis did not answer.
+    pub(crate) fallbacks: Counter,
 }
 
 impl Default for Metrics {
@@ -171,8 +185,23 @@ impl Metrics {
             "Configuration reloads, by outcome",
             reloads.clone(),
         );
+        let cluster = ClusterSeries::default();
+        let mut cluster_registry = Registry::default();
+        cluster_registry.register(
+            "s2s_proxy_cluster_available",
+            "1 while the fleet's Redis answers, 0 while this replica uses its local limits",
+            cluster.available.clone(),
+        );
+        cluster_registry.register(
+            "s2s_proxy_cluster_fallbacks",
+            "Limiter decisions taken with local limits because Redis did not answer in time",
+            cluster.fallbacks.clone(),
+        );
         Self {
             inner: Arc::new(Inner {
+                cluster,
+                cluster_registry,
+                cluster_shown: std::sync::atomic::AtomicBool::new(false),
                 registry,
                 requests,
                 request_duration,
@@ -187,6 +216,14 @@ impl Metrics {
                 started: tokio::time::Instant::now(),
             }),
         }
+    }
+
+    /// The fleet mode series, shown on `/metrics` from now on.
+    pub(crate) fn cluster_series(&self) -> ClusterSeries {
+        self.inner
+            .cluster_shown
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.inner.cluster.clone()
     }
 
     /// Creates at 0 every series whose labels the configuration decides: the per-route
@@ -305,6 +342,13 @@ impl Metrics {
         let mut text = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_text::encode(&mut text, &self.inner.registry);
+        if self
+            .inner
+            .cluster_shown
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            let _ = prometheus_text::encode(&mut text, &self.inner.cluster_registry);
+        }
 
         let mut scrape = Registry::default();
         let token_fetches = Family::<FetchLabels, Counter>::default();

@@ -13,7 +13,8 @@
 //! queues with the new one, so `max_concurrent` holds across the swap.
 //!
 //! Settings bound to the listener or the runtime (`server.listen`, `server.workers`,
-//! `server.limits`, `server.tls`, `server.upstream_ca_file`, `admin`) keep their
+//! `server.limits`, `server.tls`, `server.upstream_ca_file`, `admin`, `cluster` — the
+//! Redis connection and the key namespace the limiters share) keep their
 //! running values until a restart; a reload that changes them says so in a warning.
 //!
 //! Triggers: SIGHUP, and a change of the file's modification time or length, polled
@@ -28,6 +29,7 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwap;
 use tracing::{error, info, warn};
 
+use crate::cluster::Cluster;
 use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
 use crate::proxy::body::UpstreamBody;
@@ -155,7 +157,11 @@ impl Runtime {
             .map(|_| upstream::client((*tls).clone()))
             .collect();
         let draining = Arc::new(AtomicBool::new(false));
-        let limiters = Limiters::default();
+        let cluster = config
+            .cluster
+            .as_ref()
+            .map(|cluster| Cluster::new(cluster, metrics.cluster_series()));
+        let limiters = Limiters::new(cluster);
         let workers = upstreams
             .iter()
             .map(|upstream| {
@@ -186,6 +192,14 @@ impl Runtime {
     /// Starts fetching and renewing the tokens. Needs a tokio runtime.
     pub(crate) fn start(&self) {
         self.current.load().tokens.start();
+        if let Some(cluster) = &self.limiters.cluster {
+            cluster.start();
+        }
+    }
+
+    /// Fleet mode's Redis handle, when `cluster` is configured.
+    pub(crate) fn cluster(&self) -> Option<&Cluster> {
+        self.limiters.cluster.as_ref()
     }
 
     pub(crate) fn current(&self) -> Arc<Generation> {
@@ -322,6 +336,10 @@ fn keep_restart_settings(running: &Config, next: &mut Config) -> Vec<&'static st
     if new.upstream_ca_file != old.upstream_ca_file {
         changed.push("server.upstream_ca_file");
         new.upstream_ca_file = old.upstream_ca_file.clone();
+    }
+    if next.cluster != running.cluster {
+        changed.push("cluster");
+        next.cluster = running.cluster.clone();
     }
     if next.admin != running.admin {
         let listen = |c: &Config| c.admin.as_ref().map(|a| a.listen);

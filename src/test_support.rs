@@ -35,3 +35,9 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// A real `redis-server` on a free loopback port (shared with the integration tests).
+#[path = "../tests/support/redis.rs"]
+#[allow(dead_code, unreachable_pub)]
+mod redis_server;
+pub(crate) use redis_server::RedisServer;

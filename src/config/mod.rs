@@ -39,6 +39,8 @@ pub const DEFAULT_AUTHORITY: &str = "https://login.microsoftonline.com";
 pub struct Config {
     pub server: Server,
     pub admin: Option<Admin>,
+    /// Fleet mode (`cluster`), when configured.
+    pub cluster: Option<Cluster>,
     /// Sorted by name.
     pub credentials: Vec<Credential>,
     /// In file order.
@@ -131,6 +133,63 @@ pub struct Admin {
     /// Protects the status page (`/`, `/status.json`, `/status/test`); required when
     /// `listen` is not a loopback address.
     pub auth: Option<AdminAuth>,
+}
+
+/// `cluster`: the Redis that the replicas of a fleet share their limits through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cluster {
+    pub redis: RedisUrl,
+    /// Prefix of every key (default `s2s-proxy`).
+    pub key_prefix: String,
+    /// Budget of one Redis round trip (default 5 ms); past it the replica uses its local
+    /// limits until Redis answers again.
+    pub timeout: std::time::Duration,
+}
+
+/// Default `cluster.key_prefix`.
+pub const DEFAULT_KEY_PREFIX: &str = "s2s-proxy";
+/// Default `cluster.timeout`.
+pub const DEFAULT_CLUSTER_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// A validated Redis URL (`redis://` or `rediss://`). It may hold a password, so its
+/// `Debug` and `Display` show [`RedisUrl::redacted`], never the URL itself.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrl {
+    url: Secret,
+    redacted: String,
+}
+
+impl RedisUrl {
+    pub(crate) fn new(url: Secret, redacted: String) -> Self {
+        Self { url, redacted }
+    }
+
+    /// The URL with its password, for the Redis client only.
+    pub fn expose(&self) -> &str {
+        self.url.expose()
+    }
+
+    /// The URL with any user information replaced by `****`.
+    pub fn redacted(&self) -> &str {
+        &self.redacted
+    }
+
+    /// `rediss://`: TLS with certificate verification.
+    pub fn is_tls(&self) -> bool {
+        self.redacted.starts_with("rediss://")
+    }
+}
+
+impl std::fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RedisUrl({})", self.redacted)
+    }
+}
+
+impl std::fmt::Display for RedisUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted)
+    }
 }
 
 /// `admin.auth`: either or both of Basic and an API key (in `server.api_key_header`).

@@ -111,7 +111,7 @@ fn is_blank(text: &str) -> bool {
 #[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a mapping with `server`, `admin`, `credentials`, `clients` and `routes`"
+    expecting = "a mapping with `server`, `admin`, `cluster`, `credentials`, `clients` and `routes`"
 )]
 #[schemars(rename = "Config")]
 pub(super) struct RawConfig {
@@ -119,6 +119,8 @@ pub(super) struct RawConfig {
     pub(super) server: Option<RawServer>,
     /// The admin listener (`/metrics`, `/healthz`, `/readyz`).
     pub(super) admin: Option<RawAdmin>,
+    /// Fleet mode: replicas share their limits through Redis.
+    pub(super) cluster: Option<RawCluster>,
     /// Service-to-service identities by name; a route names one.
     pub(super) credentials: Option<Credentials>,
     /// Callers by name and how each authenticates; a route lists those it admits.
@@ -210,6 +212,22 @@ pub(super) struct RawAdmin {
     /// Protects the status page (`/`, `/status.json`, `/status/test`); required when
     /// `listen` is not a loopback address.
     pub(super) auth: Option<RawAdminAuth>,
+}
+
+/// Fleet mode (`cluster`): the replicas that share `key_prefix` on one Redis hold each
+/// route's `max_concurrent` together. A restart applies changes.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, expecting = "a mapping (the `cluster` section)")]
+#[schemars(rename = "Cluster")]
+pub(super) struct RawCluster {
+    /// `redis://[user:password@]host[:port][/db]`, or `rediss://` for TLS (the certificate is verified); `${VAR}` for the password.
+    pub(super) redis: Option<String>,
+    /// Prefix of every Redis key (default `s2s-proxy`); replicas sharing it share limits.
+    pub(super) key_prefix: Option<String>,
+    /// Budget of one Redis round trip before the replica falls back to its local limits (default `5ms`).
+    #[serde(default)]
+    #[schemars(schema_with = "super::schema::duration")]
+    pub(super) timeout: Option<String>,
 }
 
 /// `admin.auth`: how the status page's operator is recognised (as a client's `basic` or

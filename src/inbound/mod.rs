@@ -358,6 +358,7 @@ mod tests {
                 limits: Limits::default(),
             },
             admin: None,
+            cluster: None,
             credentials: vec![],
             clients,
             routes: vec![],

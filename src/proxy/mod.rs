@@ -44,6 +44,7 @@ pub(crate) use self::checks::Framing;
 use self::error::ProxyError;
 use self::headers::{Forwarding, Peer, RequestPolicy, X_REQUEST_ID};
 use self::queue::{Permit, QueueLimits, Queues, RouteQueue};
+use crate::cluster::Cluster;
 use crate::config::{Config, Limits, Route};
 use crate::inbound::tls::TlsSession;
 use crate::inbound::{Authenticator, ClientSet, Throttles};
@@ -86,6 +87,19 @@ struct RouteState {
 pub(crate) struct Limiters {
     pub(crate) queues: Queues,
     pub(crate) throttles: Throttles,
+    /// Fleet mode (`cluster:`): the Redis handle the limiters share, when configured.
+    pub(crate) cluster: Option<Cluster>,
+}
+
+impl Limiters {
+    /// The limiters of a runtime; in fleet mode they hold across the replicas.
+    pub(crate) fn new(cluster: Option<Cluster>) -> Self {
+        Self {
+            queues: Queues::new(cluster.clone()),
+            throttles: Throttles::default(),
+            cluster,
+        }
+    }
 }
 
 /// Shared state of the request pipeline for one configuration.

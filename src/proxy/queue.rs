@@ -18,8 +18,18 @@
 //! A route removed by a reload keeps its queue for the requests already using it only.
 //!
 //! The pipeline sees [`RouteQueue::acquire`], [`Permit`] and [`RouteQueue::queued`]
-//! only, so a fleet-wide limiter (leases in a shared store) can take the local
-//! semaphore's place behind them.
+//! only. In fleet mode (`cluster:`) a request takes two things in turn, each first come
+//! first served: a local slot as above (the replica never holds more than
+//! `max_concurrent` anyway), then a fleet-wide lease from Redis
+//! ([`crate::cluster::semaphore`]), for which only the head of the local queue competes.
+//! `max_queue` and `queue_timeout` hold per replica and cover both waits.
+//!
+//! At the switch to fail-open: when Redis does not answer, the request goes on with its
+//! local slot alone, and so does every request until Redis answers again (each replica
+//! then holds `max_concurrent` on its own). When it is back, new requests take leases
+//! again; requests admitted during the outage finish without one and are not counted
+//! by the other replicas, so the fleet may exceed `max_concurrent` by them until they
+//! end. A lease taken is renewed until the request ends, whatever Redis does meanwhile.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -27,6 +37,9 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::cluster::Cluster;
+use crate::cluster::semaphore::{Attempt, FleetSlots, Lease};
 use tokio::time::{Instant, timeout_at};
 
 /// Why a request did not get a slot.
@@ -64,9 +77,19 @@ impl QueueLimits {
 #[derive(Debug, Default)]
 pub(crate) struct Queues {
     by_prefix: Mutex<HashMap<String, Weak<RouteQueue>>>,
+    /// Fleet mode: every route's `max_concurrent` holds across the replicas.
+    cluster: Option<Cluster>,
 }
 
 impl Queues {
+    /// Queues whose limits hold for the fleet when `cluster` is given.
+    pub(crate) fn new(cluster: Option<Cluster>) -> Self {
+        Self {
+            by_prefix: Mutex::default(),
+            cluster,
+        }
+    }
+
     /// The queue of the route `prefix`: the running one resized to `limits`, or a new one.
     pub(crate) fn route(&self, prefix: &str, limits: QueueLimits) -> Arc<RouteQueue> {
         let mut by_prefix = self
@@ -79,7 +102,12 @@ impl Queues {
             queue.resize(limits);
             return queue;
         }
-        let queue = Arc::new(RouteQueue::new(limits));
+        let mut queue = RouteQueue::new(limits);
+        queue.fleet = self
+            .cluster
+            .as_ref()
+            .map(|cluster| FleetSlots::new(cluster, prefix));
+        let queue = Arc::new(queue);
         by_prefix.insert(prefix.to_owned(), Arc::downgrade(&queue));
         queue
     }
@@ -94,6 +122,8 @@ pub(crate) struct RouteQueue {
     owed: AtomicUsize,
     queued: AtomicUsize,
     limits: Mutex<QueueLimits>,
+    /// Fleet mode: the route's leases in Redis, taken after the local slot.
+    fleet: Option<FleetSlots>,
 }
 
 /// A slot at the upstream; released when dropped (or retired, when the route's
@@ -101,6 +131,8 @@ pub(crate) struct RouteQueue {
 #[derive(Debug)]
 pub(crate) struct Permit {
     slot: Option<OwnedSemaphorePermit>,
+    /// The fleet-wide lease, in fleet mode while Redis answers.
+    _lease: Option<Lease>,
     /// Keeps the queue (and its place in [`Queues`]) alive while the slot is in use.
     queue: Arc<RouteQueue>,
 }
@@ -125,7 +157,15 @@ impl RouteQueue {
             owed: AtomicUsize::new(0),
             queued: AtomicUsize::new(0),
             limits: Mutex::new(limits),
+            fleet: None,
         }
+    }
+
+    fn max_concurrent(&self) -> usize {
+        self.limits
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .max_concurrent
     }
 
     /// Requests waiting for a slot right now.
@@ -157,16 +197,27 @@ impl RouteQueue {
     }
 
     /// Waits for a slot, first come first served, until `queue_timeout` or `deadline`,
-    /// whichever is sooner.
+    /// whichever is sooner. In fleet mode, then for a lease (see the module header).
     pub(crate) async fn acquire(self: &Arc<Self>, deadline: Instant) -> Result<Permit, QueueError> {
-        let permit = |slot| Permit {
+        let permit = |slot, lease| Permit {
             slot: Some(slot),
+            _lease: lease,
             queue: Arc::clone(self),
         };
         // No queue-jumping: while anyone waits, the semaphore hands freed slots to the
         // waiters, so this succeeds only when nobody is queued.
+        let mut held = None;
         if let Ok(slot) = self.slots.clone().try_acquire_owned() {
-            return Ok(permit(slot));
+            let Some(fleet) = &self.fleet else {
+                return Ok(permit(slot, None));
+            };
+            match fleet.try_first(self.max_concurrent()).await {
+                Some(Attempt::Granted(lease)) => return Ok(permit(slot, Some(lease))),
+                Some(Attempt::Unavailable) => return Ok(permit(slot, None)),
+                // All fleet slots taken, or a local request is ahead in Redis: queue up
+                // with the local slot in hand.
+                Some(Attempt::Busy(_)) | None => held = Some(slot),
+            }
         }
         let QueueLimits {
             max_queue, timeout, ..
@@ -183,10 +234,21 @@ impl RouteQueue {
         let _waiting = Waiting(&self.queued);
         let started = Instant::now();
         let until = deadline.min(started + timeout);
-        match timeout_at(until, self.slots.clone().acquire_owned()).await {
-            Ok(Ok(slot)) => Ok(permit(slot)),
+        let wait = async {
+            let slot = match held {
+                Some(slot) => slot,
+                None => self.slots.clone().acquire_owned().await.ok()?,
+            };
+            let lease = match &self.fleet {
+                Some(fleet) => fleet.acquire(|| self.max_concurrent()).await,
+                None => None,
+            };
+            Some(permit(slot, lease))
+        };
+        match timeout_at(until, wait).await {
+            Ok(Some(permit)) => Ok(permit),
             // The semaphore is never closed.
-            Ok(Err(_)) | Err(_) => Err(QueueError::TimedOut(started.elapsed())),
+            Ok(None) | Err(_) => Err(QueueError::TimedOut(started.elapsed())),
         }
     }
 }
@@ -335,6 +397,7 @@ mod tests {
             .map(|()| queue.slots.clone().try_acquire_owned().unwrap())
             .map(|slot| Permit {
                 slot: Some(slot),
+                _lease: None,
                 queue: queue.clone(),
             })
             .collect();

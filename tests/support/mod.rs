@@ -838,3 +838,8 @@ pub fn quiet_global_dispatch() {
         let _ = tracing::subscriber::set_global_default(Quiet);
     });
 }
+
+/// A real `redis-server` for fleet mode tests (tests/support/redis.rs).
+mod redis;
+#[allow(unused_imports)]
+pub use self::redis::RedisServer;

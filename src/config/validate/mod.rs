@@ -22,6 +22,7 @@ pub(super) fn validate(raw: &RawConfig, source: &Source) -> Result<Config, Vec<P
     let default_server = RawServer::default();
     let server = v.server(raw.server.as_ref().unwrap_or(&default_server));
     let admin = raw.admin.as_ref().and_then(|admin| v.admin(admin, &server));
+    let cluster = raw.cluster.as_ref().and_then(|cluster| v.cluster(cluster));
 
     let raw_credentials = raw.credentials.as_ref().map_or(&[][..], |c| &c.0[..]);
     let mut credentials: Vec<Credential> = raw_credentials
@@ -59,6 +60,7 @@ pub(super) fn validate(raw: &RawConfig, source: &Source) -> Result<Config, Vec<P
         Ok(Config {
             server,
             admin,
+            cluster,
             credentials,
             clients,
             routes: routes.into_iter().flatten().collect(),
@@ -82,6 +84,7 @@ struct Validator<'s> {
 }
 
 mod clients;
+mod cluster;
 mod credentials;
 mod fields;
 mod parse;

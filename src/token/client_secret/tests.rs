@@ -323,6 +323,7 @@ fn config(token_url: &str) -> Config {
             limits: Limits::default(),
         },
         admin: None,
+        cluster: None,
         credentials: vec![
             Credential {
                 name: "bc".to_owned(),
