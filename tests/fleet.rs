@@ -1,0 +1,468 @@
+//! Fleet mode (`cluster:`): three proxy processes share one real `redis-server` on a free
+//! loopback port and one gated upstream that records how many requests it holds at once.
+//! The route's `max_concurrent` holds for the fleet (and without `cluster` for each
+//! replica only), a Redis outage loses no request and the limit comes back with Redis, a
+//! `kill -9`ed replica's slots come free within 30 s, and `rediss://` verifies the
+//! server certificate.
+//!
+//! Processes need real time: every wait polls its condition against a generous deadline.
+
+mod support;
+
+#[path = "support/cli.rs"]
+#[allow(dead_code)]
+mod cli;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use cli::{Running, TempDir, command, free_port};
+use support::dynamics::yaml_with;
+use support::{
+    FakeIdp, GatedUpstream, RedisServer, erp, eventually, get, metric, send, standard_vars,
+};
+
+/// How long a process may take to notice what a test did (busy machine, real sockets).
+const LIMIT: Duration = Duration::from_secs(30);
+const MAX_CONCURRENT: usize = 2;
+const REPLICAS: usize = 3;
+const QUEUED: &str = r#"s2s_proxy_queued{route="/bc/"}"#;
+
+/// One `s2s-proxy run` process.
+struct Replica {
+    process: Running,
+    addr: SocketAddr,
+    admin: SocketAddr,
+}
+
+/// The route's limits, and `cluster` when given (the budget is generous: the machine is
+/// shared and a late answer would make the replica fall back).
+fn replica_yaml(
+    idp: &FakeIdp,
+    upstream: &str,
+    redis: Option<&str>,
+) -> (String, SocketAddr, SocketAddr) {
+    let (addr, admin) = (free_port(), free_port());
+    let cluster = redis.map_or_else(String::new, |url| {
+        format!("cluster:\n  redis: {url}\n  key_prefix: fleet-test\n  timeout: 1s\n")
+    });
+    let route = format!(
+        "    max_concurrent: {MAX_CONCURRENT}\n    max_queue: 100\n    timeout: 5m\n    queue_timeout: 5m\n"
+    );
+    let yaml = format!(
+        "admin:\n  listen: {admin}\n{cluster}{}",
+        yaml_with(idp, upstream, "", &route)
+    )
+    .replace("listen: 127.0.0.1:0", &format!("listen: {addr}"));
+    (yaml, addr, admin)
+}
+
+async fn start_replica(
+    dir: &TempDir,
+    name: &str,
+    idp: &FakeIdp,
+    upstream: &str,
+    redis: Option<&str>,
+    env: &[(&str, &str)],
+) -> Replica {
+    let (yaml, addr, admin) = replica_yaml(idp, upstream, redis);
+    let path = dir.write(&format!("{name}.yaml"), &yaml);
+    let mut cmd = command(["run", "--config"]);
+    cmd.arg(path)
+        .envs(standard_vars())
+        .envs(env.iter().copied());
+    let mut process = Running::spawn(cmd);
+    process.wait_until_accepting(addr).await;
+    process.wait_until_accepting(admin).await;
+    Replica {
+        process,
+        addr,
+        admin,
+    }
+}
+
+async fn readyz(replica: &Replica) -> (u16, Value) {
+    let answer = get(replica.admin, "/readyz").await;
+    (answer.status, answer.json())
+}
+
+/// Waits until the replica is ready and, with `cluster`, reaches Redis and its release
+/// notifications.
+async fn wait_ready(replica: &Replica, clustered: bool) {
+    eventually(LIMIT, "the replica is ready (and connected)", || async {
+        let (status, body) = readyz(replica).await;
+        let connected = !clustered
+            || (body["cluster"]["available"] == true && body["cluster"]["subscribed"] == true);
+        (status == 200 && connected).then_some(())
+    })
+    .await;
+}
+
+async fn fleet(
+    dir: &TempDir,
+    idp: &FakeIdp,
+    upstream: &GatedUpstream,
+    redis: Option<&str>,
+) -> Vec<Replica> {
+    let mut replicas = Vec::new();
+    for n in 0..REPLICAS {
+        replicas
+            .push(start_replica(dir, &format!("r{n}"), idp, &upstream.base(), redis, &[]).await);
+    }
+    for replica in &replicas {
+        wait_ready(replica, redis.is_some()).await;
+    }
+    replicas
+}
+
+/// A GET from `erp` on its own connection, in the background; its status, or `None`
+/// when the connection broke.
+fn request(addr: SocketAddr, n: usize) -> tokio::task::JoinHandle<u16> {
+    tokio::spawn(async move {
+        let (name, value) = erp();
+        send(addr, "GET", &format!("/bc/r{n}"), &[(name, &value)], "")
+            .await
+            .status
+    })
+}
+
+/// `per_replica` requests to each replica, interleaved.
+fn load(
+    replicas: &[Replica],
+    per_replica: usize,
+    first: usize,
+) -> Vec<tokio::task::JoinHandle<u16>> {
+    (0..per_replica * replicas.len())
+        .map(|n| request(replicas[n % replicas.len()].addr, first + n))
+        .collect()
+}
+
+async fn metrics_of(replica: &Replica) -> String {
+    get(replica.admin, "/metrics").await.text()
+}
+
+async fn queued_in_fleet(replicas: &[Replica]) -> usize {
+    let mut total = 0;
+    for replica in replicas {
+        total += metric(&metrics_of(replica).await, QUEUED).unwrap_or(0.0) as usize;
+    }
+    total
+}
+
+/// Waits until `at_upstream` requests have arrived in all and the rest of `sent` wait in
+/// the replicas' queues: the fleet is at its limit and holds still.
+async fn wait_settled(
+    replicas: &[Replica],
+    upstream: &GatedUpstream,
+    at_upstream: usize,
+    sent: usize,
+) {
+    eventually(
+        LIMIT,
+        &format!(
+            "{at_upstream} requests at the upstream and the other {} queued",
+            sent - at_upstream
+        ),
+        || async {
+            let arrived = upstream.arrived().len();
+            let queued = queued_in_fleet(replicas).await;
+            (arrived == at_upstream && queued == sent - at_upstream).then_some(())
+        },
+    )
+    .await;
+}
+
+/// Lets the held requests go one at a time, each time waiting for the next to arrive,
+/// and checks the upstream never holds more than `limit`; then waits for every answer.
+/// Gives the upstream exactly one pass per request, so none is left for later requests.
+async fn drain(
+    upstream: &GatedUpstream,
+    requests: Vec<tokio::task::JoinHandle<u16>>,
+    limit: usize,
+) {
+    let total = upstream.arrived().len() - upstream.in_flight() + requests.len();
+    let mut released = 0;
+    while upstream.arrived().len() < total {
+        let before = upstream.arrived().len();
+        upstream.release(1);
+        released += 1;
+        eventually(LIMIT, "the next request reaches the upstream", || async {
+            (upstream.arrived().len() > before).then_some(())
+        })
+        .await;
+        assert!(
+            upstream.in_flight() <= limit,
+            "the upstream holds {} requests, more than {limit}",
+            upstream.in_flight()
+        );
+    }
+    upstream.release(requests.len() - released);
+    for request in requests {
+        let status = tokio::time::timeout(LIMIT, request)
+            .await
+            .expect("answered")
+            .expect("no connection broke");
+        assert_eq!(status, 200, "every request is answered 2xx");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_never_holds_more_than_max_concurrent_at_the_upstream() {
+    let redis = RedisServer::start();
+    let idp = FakeIdp::start().await;
+    let upstream = GatedUpstream::start().await;
+    let dir = TempDir::new("fleet-limit");
+    let replicas = fleet(&dir, &idp, &upstream, Some(&redis.url())).await;
+
+    let sent = 4 * REPLICAS;
+    let requests = load(&replicas, 4, 0);
+    wait_settled(&replicas, &upstream, MAX_CONCURRENT, sent).await;
+    assert_eq!(upstream.in_flight(), MAX_CONCURRENT);
+    assert_eq!(
+        redis.integer(&["ZCARD", "fleet-test:slots:/bc/"]),
+        Some(MAX_CONCURRENT as i64),
+        "one lease per request at the upstream"
+    );
+    drain(&upstream, requests, MAX_CONCURRENT).await;
+    assert_eq!(
+        upstream.max_in_flight(),
+        MAX_CONCURRENT,
+        "the fleet used its whole allowance and never more"
+    );
+    for replica in &replicas {
+        let text = metrics_of(replica).await;
+        assert_eq!(metric(&text, "s2s_proxy_cluster_available"), Some(1.0));
+        assert_eq!(
+            metric(&text, "s2s_proxy_cluster_fallbacks_total"),
+            Some(0.0)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_cluster_three_replicas_hold_three_times_max_concurrent() {
+    let idp = FakeIdp::start().await;
+    let upstream = GatedUpstream::start().await;
+    let dir = TempDir::new("fleet-local");
+    let replicas = fleet(&dir, &idp, &upstream, None).await;
+
+    let sent = 4 * REPLICAS;
+    let requests = load(&replicas, 4, 0);
+    wait_settled(&replicas, &upstream, MAX_CONCURRENT * REPLICAS, sent).await;
+    let (_, body) = readyz(&replicas[0]).await;
+    assert!(
+        body.get("cluster").is_none(),
+        "no cluster, no cluster state"
+    );
+    assert!(
+        metric(
+            &metrics_of(&replicas[0]).await,
+            "s2s_proxy_cluster_available"
+        )
+        .is_none()
+    );
+    drain(&upstream, requests, MAX_CONCURRENT * REPLICAS).await;
+    assert_eq!(upstream.max_in_flight(), MAX_CONCURRENT * REPLICAS);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_redis_loses_no_request_and_the_fleet_limit_comes_back_with_it() {
+    let mut redis = RedisServer::start();
+    let idp = FakeIdp::start().await;
+    let upstream = GatedUpstream::start().await;
+    let dir = TempDir::new("fleet-outage");
+    let replicas = fleet(&dir, &idp, &upstream, Some(&redis.url())).await;
+
+    let sent = 4 * REPLICAS;
+    let requests = load(&replicas, 4, 0);
+    wait_settled(&replicas, &upstream, MAX_CONCURRENT, sent).await;
+
+    // Redis dies mid-run: every replica falls back to its own max_concurrent.
+    redis.kill();
+    wait_settled(&replicas, &upstream, MAX_CONCURRENT * REPLICAS, sent).await;
+    for replica in &replicas {
+        eventually(LIMIT, "the replica shows the outage", || async {
+            let text = metrics_of(replica).await;
+            let down = metric(&text, "s2s_proxy_cluster_available") == Some(0.0);
+            let counted = metric(&text, "s2s_proxy_cluster_fallbacks_total").unwrap_or(0.0) >= 1.0;
+            (down && counted).then_some(())
+        })
+        .await;
+        let (status, body) = readyz(replica).await;
+        assert_eq!(status, 200, "still ready: {body}");
+        assert_eq!(body["cluster"]["available"], false);
+        assert_eq!(body["cluster"]["redis"], redis.url());
+    }
+    drain(&upstream, requests, MAX_CONCURRENT * REPLICAS).await;
+    for replica in &replicas {
+        let warnings = replica
+            .process
+            .stderr()
+            .matches("Redis unavailable")
+            .count();
+        assert_eq!(
+            warnings,
+            1,
+            "one warning per outage:\n{}",
+            replica.process.stderr()
+        );
+    }
+
+    // Redis is back on the same port, empty: the fleet limit holds again.
+    redis.restart();
+    for replica in &replicas {
+        wait_ready(replica, true).await;
+    }
+    let before = upstream.arrived().len();
+    let requests = load(&replicas, 4, 100);
+    wait_settled(&replicas, &upstream, before + MAX_CONCURRENT, before + sent).await;
+    assert_eq!(upstream.in_flight(), MAX_CONCURRENT);
+    drain(&upstream, requests, MAX_CONCURRENT).await;
+    for replica in &replicas {
+        assert!(
+            replica
+                .process
+                .stderr()
+                .contains("fleet-wide limits in force"),
+            "one line says the limits are back"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_replica_frees_its_slots_within_30_seconds() {
+    let redis = RedisServer::start();
+    let idp = FakeIdp::start().await;
+    let upstream = GatedUpstream::start().await;
+    let dir = TempDir::new("fleet-crash");
+    let replicas = fleet(&dir, &idp, &upstream, Some(&redis.url())).await;
+    let (doomed, survivors) = replicas.split_first().unwrap();
+
+    // The doomed replica holds both slots; the others' requests wait for them.
+    let held: Vec<_> = (0..MAX_CONCURRENT)
+        .map(|n| request(doomed.addr, n))
+        .collect();
+    eventually(LIMIT, "both slots held by one replica", || async {
+        (upstream.arrived().len() == MAX_CONCURRENT).then_some(())
+    })
+    .await;
+    let waiting: Vec<_> = (0..MAX_CONCURRENT)
+        .map(|n| request(survivors[n % survivors.len()].addr, 10 + n))
+        .collect();
+    eventually(LIMIT, "the survivors' requests queued", || async {
+        (queued_in_fleet(survivors).await == MAX_CONCURRENT).then_some(())
+    })
+    .await;
+
+    doomed.process.signal("KILL");
+    let killed = Instant::now();
+    eventually(
+        Duration::from_secs(40),
+        "the survivors took the freed slots",
+        || async { (upstream.arrived().len() == 2 * MAX_CONCURRENT).then_some(()) },
+    )
+    .await;
+    let freed_after = killed.elapsed();
+    assert!(
+        freed_after < Duration::from_secs(30),
+        "slots freed after {freed_after:?}"
+    );
+    for request in held {
+        let _ = request.await;
+    }
+    upstream.release(4 * MAX_CONCURRENT);
+    for request in waiting {
+        let status = tokio::time::timeout(LIMIT, request).await.unwrap().unwrap();
+        assert_eq!(status, 200);
+    }
+}
+
+/// A CA and a `localhost` certificate it signed, as PEM files in `dir`.
+fn tls_files(dir: &TempDir) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    (
+        dir.write("ca.pem", &ca.pem()),
+        dir.write("redis.pem", &leaf.pem()),
+        dir.write("redis.key", &key.serialize_pem()),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_verifies_the_server_certificate() {
+    let idp = FakeIdp::start().await;
+    let upstream = GatedUpstream::start().await;
+    let dir = TempDir::new("fleet-tls");
+    let (ca, cert, key) = tls_files(&dir);
+    let redis = RedisServer::start_tls(&cert, &key);
+    let url = redis.url();
+    assert!(url.starts_with("rediss://localhost:"));
+
+    // Trusting the CA (rustls-native-certs reads SSL_CERT_FILE): connected.
+    let ca_path = ca.display().to_string();
+    let trusting = start_replica(
+        &dir,
+        "trusting",
+        &idp,
+        &upstream.base(),
+        Some(&url),
+        &[("SSL_CERT_FILE", &ca_path)],
+    )
+    .await;
+    wait_ready(&trusting, true).await;
+
+    // The platform's roots only: the handshake fails, the replica serves on local limits.
+    let other = dir.write("other-ca.pem", &{
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.self_signed(&key).unwrap().pem()
+    });
+    let other = other.display().to_string();
+    let doubting = start_replica(
+        &dir,
+        "doubting",
+        &idp,
+        &upstream.base(),
+        Some(&url),
+        &[("SSL_CERT_FILE", &other)],
+    )
+    .await;
+    eventually(LIMIT, "the doubting replica is ready", || async {
+        (readyz(&doubting).await.0 == 200).then_some(())
+    })
+    .await;
+    eventually(LIMIT, "its start-up warning", || async {
+        doubting
+            .process
+            .stderr()
+            .contains("Redis unavailable at start")
+            .then_some(())
+    })
+    .await;
+    // Several probes later it still has not accepted the certificate.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (status, body) = readyz(&doubting).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["cluster"]["available"], false, "{body}");
+    upstream.release(10);
+    let (name, value) = erp();
+    let answer = send(doubting.addr, "GET", "/bc/x", &[(name, &value)], "").await;
+    assert_eq!(answer.status, 200, "served on local limits");
+    let (status, body) = readyz(&trusting).await;
+    assert_eq!(
+        (status, body["cluster"]["available"].clone()),
+        (200, Value::Bool(true))
+    );
+}
