@@ -87,6 +87,16 @@ pub fn route_table(config: &Config) -> String {
             out.push('\n');
         }
     }
+    if let Some(cluster) = &config.cluster {
+        // The redacted URL: `check` output lands in CI logs.
+        let _ = writeln!(
+            out,
+            "\nfleet mode: limits shared through {} (key prefix {}, {} per call)",
+            cluster.redis,
+            cluster.key_prefix,
+            duration(cluster.timeout)
+        );
+    }
     let _ = writeln!(
         out,
         "\n{} route{}, {} credential{}, {} client{}; listening on {}",

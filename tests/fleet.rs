@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use cli::{Running, TempDir, command, free_port};
+use cli::{Running, TempDir, command, free_port, run_to_end};
 use support::dynamics::yaml_with;
 use support::{
     FakeIdp, GatedUpstream, RedisServer, erp, eventually, get, metric, send, standard_vars,
@@ -464,5 +464,92 @@ async fn rediss_verifies_the_server_certificate() {
     assert_eq!(
         (status, body["cluster"]["available"].clone()),
         (200, Value::Bool(true))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_password_reaches_redis_and_nothing_else() {
+    const REDIS_PASSWORD: &str = "rp_CANARY_9d4e";
+    let mut redis = RedisServer::start_with_password(REDIS_PASSWORD);
+    let idp = FakeIdp::start().await;
+    let upstream = GatedUpstream::start().await;
+    let dir = TempDir::new("fleet-password");
+    let url = format!("redis://:${{REDIS_PASSWORD}}@127.0.0.1:{}", redis.port());
+    let shown = format!("redis://****@127.0.0.1:{}", redis.port());
+    let env = [("REDIS_PASSWORD", REDIS_PASSWORD)];
+    let replica = start_replica(&dir, "r", &idp, &upstream.base(), Some(&url), &env).await;
+    wait_ready(&replica, true).await;
+    let (_, body) = readyz(&replica).await;
+    assert_eq!(body["cluster"]["redis"], shown);
+
+    // An outage puts the (redacted) URL in a warning.
+    redis.kill();
+    upstream.release(1);
+    let (name, value) = erp();
+    let answer = send(replica.addr, "GET", "/bc/x", &[(name, &value)], "").await;
+    assert_eq!(answer.status, 200);
+    eventually(LIMIT, "the outage warning", || async {
+        replica
+            .process
+            .stderr()
+            .contains("Redis unavailable")
+            .then_some(())
+    })
+    .await;
+
+    let mut check = command(["check", "--config"]);
+    check
+        .arg(dir.path().join("r.yaml"))
+        .envs(standard_vars())
+        .envs(env);
+    let checked = run_to_end(check, None).await;
+    assert_eq!(checked.code, Some(0), "{}", checked.all());
+    assert!(
+        checked
+            .stdout
+            .contains(&format!("fleet mode: limits shared through {shown}"))
+    );
+
+    // A wrong password is refused by Redis (the replica serves on local limits) and never
+    // shown either.
+    redis.restart();
+    const WRONG: &str = "rp_CANARY_wrong";
+    let refused = start_replica(
+        &dir,
+        "wrong",
+        &idp,
+        &upstream.base(),
+        Some(&url),
+        &[("REDIS_PASSWORD", WRONG)],
+    )
+    .await;
+    wait_ready(&refused, false).await;
+    eventually(LIMIT, "the refused replica's start-up warning", || async {
+        refused
+            .process
+            .stderr()
+            .contains("Redis unavailable at start")
+            .then_some(())
+    })
+    .await;
+    let (status, refused_body) = readyz(&refused).await;
+    assert_eq!(status, 200);
+    assert_eq!(refused_body["cluster"]["available"], false);
+    let refused_output = format!("{}{}", refused.process.stderr(), refused_body);
+    assert!(!refused_output.contains(WRONG), "{refused_output}");
+
+    let everything = [
+        replica.process.stderr(),
+        replica.process.stdout(),
+        body.to_string(),
+        metrics_of(&replica).await,
+        get(replica.admin, "/readyz").await.text(),
+        checked.all(),
+        refused_output,
+    ]
+    .join("\n");
+    assert!(
+        !everything.contains(REDIS_PASSWORD),
+        "the Redis password leaked:\n{everything}"
     );
 }

@@ -30,6 +30,11 @@ impl RedisServer {
         Self::launch(Vec::new(), false)
     }
 
+    /// Starts a plain server that requires `password` (`requirepass`).
+    pub fn start_with_password(password: &str) -> Self {
+        Self::launch(vec!["--requirepass".to_owned(), password.to_owned()], false)
+    }
+
     /// Starts a TLS-only server (`rediss://`) with the given PEM files; waits until it
     /// accepts connections.
     pub fn start_tls(cert: &std::path::Path, key: &std::path::Path) -> Self {
@@ -115,8 +120,9 @@ impl RedisServer {
             let ready = if self.tls {
                 TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)).is_ok()
             } else {
+                // Without the password a server that requires one answers NOAUTH.
                 self.command(&["PING"])
-                    .is_some_and(|answer| answer == "+PONG")
+                    .is_some_and(|answer| answer == "+PONG" || answer.starts_with("-NOAUTH"))
             };
             if ready {
                 return;
