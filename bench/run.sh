@@ -10,6 +10,12 @@
 #   ROUNDS=5 DURATION=15s CONNS=100 IDLE_CONNS=10000 bench/run.sh
 #   CANDS="nginx haproxy floor s2s-1w" SCENARIOS=0 ROUNDS=3 DURATION=5s bench/run.sh  # quick A/B
 #   ALT_BIN=/tmp/s2s-old CANDS="nginx s2s-1w s2s-alt" SCENARIOS=0 bench/run.sh    # two builds
+#   CANDS="s2s-1w s2s-fleet" SCENARIOS=0 bench/run.sh   # fleet mode's added latency per request
+#
+# Optional candidate s2s-fleet: the s2s-1w set-up plus `cluster:` against a redis-server on
+# loopback (CPU 1, with wrk) and `max_concurrent: 100000` on /bench/, which never binds: every
+# request takes and releases a lease, i.e. one acquire round trip on its path (release and
+# renewal run in the background). Needs redis-server (installed with apt-get when missing).
 #
 # Pinning (2+ cores): every one-worker proxy under test runs alone on CPU 0; wrk and the
 # upstream share CPU 1. The "one worker per core" candidates (s2s-default: `workers` unset;
@@ -39,6 +45,7 @@ command -v wrk >/dev/null || need+=(wrk)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
 command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
 command -v caddy >/dev/null || need+=(caddy)
+case " $CANDS " in *" s2s-fleet "*) command -v redis-server >/dev/null || need+=(redis-server) ;; esac
 if [ ${#need[@]} -gt 0 ]; then
     log "Installing ${need[*]} ..."
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${need[@]}" >&2
@@ -67,9 +74,9 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
-read -r UP TOK NGX HAP S1 SD SF SINK SA FL CD NA < <(python3 - <<'PY'
+read -r UP TOK NGX HAP S1 SD SF SINK SA FL CD NA FLT RD < <(python3 - <<'PY'
 import socket
-socks = [socket.socket() for _ in range(12)]
+socks = [socket.socket() for _ in range(14)]
 for s in socks: s.bind(("127.0.0.1", 0))
 print(*[s.getsockname()[1] for s in socks])
 PY
@@ -221,11 +228,17 @@ routes:
     credential: bench
     clients: [bench]
 YAML
+        if [ -n "${4:-}" ]; then # fleet mode: a lease per request on /bench/, never binding
+            printf 'cluster:\n  redis: %s\n  key_prefix: bench\n' "$4"
+        fi
     } > "$T/$1.yaml"
+    if [ -n "${4:-}" ]; then
+        sed -i '0,/    clients: \[bench\]/s//    clients: [bench]\n    max_concurrent: 100000\n    max_queue: 0/' "$T/$1.yaml"
+    fi
 }
-start_s2s() { # name port workers pin... ; sets s2s_pid
+start_s2s() { # name port workers pin... ; sets s2s_pid ($FLEET_REDIS: the cluster URL)
     local name=$1 port=$2 workers=$3; shift 3
-    s2s_config "$name" "$port" "$workers"
+    s2s_config "$name" "$port" "$workers" "${FLEET_REDIS:-}"
     NO_COLOR=1 RUST_LOG=info,s2s_proxy::access=off "$@" "${S2S_BIN:-$bin}" run --config "$T/$name.yaml" \
         >"$T/$name.log" 2>&1 &
     s2s_pid=$!; pids+=($s2s_pid)
@@ -248,6 +261,21 @@ if [ -n "${ALT_BIN:-}" ]; then # A/B: another build as candidate "s2s-alt" (one 
     S2S_BIN=$ALT_BIN start_s2s s2s-alt "$SA" 1 "${pin_proxy[@]}"; sa_pid=$s2s_pid
 fi
 sleep 0.5; sd_idle_kib=$(kib "$sd_pid" VmRSS)
+flt_pid=$s1_pid
+case " $CANDS " in *" s2s-fleet "*)
+    "${pin_load[@]}" redis-server --bind 127.0.0.1 --port "$RD" --save '' --appendonly no \
+        >"$T/redis.log" 2>&1 & pids+=($!)
+    wait_port "$RD"
+    FLEET_REDIS="redis://127.0.0.1:$RD" start_s2s s2s-fleet "$FLT" 1 "${pin_proxy[@]}"; flt_pid=$s2s_pid
+    for _ in $(seq 100); do # the fleet limits are in force once the probe reached Redis
+        grep -qs 'fleet-wide limits in force' "$T/s2s-fleet.log" && break; sleep 0.05
+    done
+    grep -qs 'fleet-wide limits in force' "$T/s2s-fleet.log" \
+        || { log "s2s-fleet did not reach Redis:"; cat "$T/s2s-fleet.log" >&2; exit 1; }
+    got=$(curl -s -H "Authorization: $auth" "http://127.0.0.1:$FLT/bench/x")
+    [ "$got" = "$body" ] || { log "unexpected answer from s2s-fleet: $got"; exit 1; }
+    ;;
+esac
 
 # sanity: every candidate answers 200 with the upstream body
 for url in "http://127.0.0.1:$UP/" "http://127.0.0.1:$NGX/bench/x" "http://127.0.0.1:$HAP/bench/x" \
@@ -265,13 +293,15 @@ declare -A url=( [direct]="http://127.0.0.1:$UP/x" [nginx]="http://127.0.0.1:$NG
                  [haproxy]="http://127.0.0.1:$HAP/bench/x" [s2s-1w]="http://127.0.0.1:$S1/bench/x"
                  [s2s-default]="http://127.0.0.1:$SD/bench/x" [s2s-alt]="http://127.0.0.1:$SA/bench/x"
                  [caddy]="http://127.0.0.1:$CD/bench/x" [floor]="http://127.0.0.1:$FL/bench/x"
-                 [nginx-auto]="http://127.0.0.1:$NA/bench/x" )
+                 [nginx-auto]="http://127.0.0.1:$NA/bench/x"
+                 [s2s-fleet]="http://127.0.0.1:$FLT/bench/x" )
 upw=$(pgrep -P "$(cat "$T/nginx-up.pid")" | head -1)
 pxw=$(pgrep -P "$(cat "$T/nginx-px.pid")" | head -1)
 naw=$(pgrep -P "$(cat "$T/nginx-auto.pid")" | tr '\n' ' ')
 # The processes whose CPU time is the candidate's (nginx: its worker processes).
 declare -A cpupid=( [direct]=$upw [nginx]=$pxw [haproxy]=$hap_pid [s2s-1w]=$s1_pid [s2s-default]=$sd_pid
-                    [s2s-alt]=${sa_pid:-$s1_pid} [caddy]=$cd_pid [floor]=$fl_pid [nginx-auto]=$naw )
+                    [s2s-alt]=${sa_pid:-$s1_pid} [caddy]=$cd_pid [floor]=$fl_pid [nginx-auto]=$naw
+                    [s2s-fleet]=$flt_pid )
 ticks() { local u=0 s=0 p; for p in $1; do read -r pu ps < <(awk '{print $14, $15}' "/proc/$p/stat"); u=$((u + pu)); s=$((s + ps)); done; echo "$u $s"; }
 clk=$(getconf CLK_TCK)
 

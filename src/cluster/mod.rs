@@ -18,7 +18,9 @@
 //! Release notifications: one pub/sub connection per replica subscribes to
 //! `{key_prefix}:released:*`; [`Cluster::waker`] hands out the `Notify` of one channel,
 //! which a message on it wakes. While that connection is down, waiters wake at most every
-//! [`UNSUBSCRIBED_RECHECK`] instead.
+//! [`UNSUBSCRIBED_RECHECK`] instead. When it drops, a PING tells whether Redis is gone,
+//! so an outage shows (log, gauge) even on a replica that has no request to decide.
+//! Background calls (lease renewal and release) that fail mark Redis unavailable too.
 //!
 //! The URL may hold a password: only its redacted form ([`crate::config::RedisUrl`]) is
 //! logged, and Redis errors are logged by kind, never with the URL.
@@ -213,20 +215,22 @@ impl Cluster {
     }
 
     /// A call nobody waits for (lease renewal and release): up to [`BACKGROUND_BUDGET`],
-    /// made even while Redis is marked unavailable, and not counted as a fallback.
+    /// made even while Redis is marked unavailable, and not counted as a fallback. A
+    /// failure marks Redis unavailable like [`Cluster::call`]'s.
     pub(crate) async fn call_in_background<T, F, Fut>(&self, f: F) -> Option<T>
     where
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
-        match tokio::time::timeout(BACKGROUND_BUDGET, f(self.inner.manager.clone())).await {
-            Ok(Ok(value)) => Some(value),
-            Ok(Err(error)) => {
-                tracing::debug!(error = error_kind(&error), "Background Redis call failed.");
-                None
-            }
-            Err(_) => None,
-        }
+        let reason =
+            match tokio::time::timeout(BACKGROUND_BUDGET, f(self.inner.manager.clone())).await {
+                Ok(Ok(value)) => return Some(value),
+                Ok(Err(error)) => error_kind(&error),
+                Err(_) => "no answer within 1s",
+            };
+        tracing::debug!(reason, "Background Redis call failed.");
+        self.inner.went_down(reason);
+        None
     }
 }
 

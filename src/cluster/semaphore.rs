@@ -8,11 +8,14 @@
 //! [`LEASE_TTL`] (15 s) and its holder renews it every third of that while the request
 //! runs (Business Central requests may take 10 minutes), so a crashed replica's slots
 //! come free within 15 s. Release is `ZREM` and a `PUBLISH` on the route's channel
-//! (`{key_prefix}:released:{route}`), one script too.
+//! (`{key_prefix}:released:{route}`), one script too; the message goes out only while a
+//! refused acquire's marker (`{key_prefix}:waiting:{route}`, kept a second past the wait
+//! it announced) says someone waits, so an uncontended fleet sends no messages.
 //!
 //! Waiting: within a replica the route's local queue stays FIFO-fair (`proxy::queue`);
 //! only the request at its head competes in Redis ([`FleetSlots::acquire`] holds the
-//! head lock). It sleeps until a release message on the route's channel or the earliest
+//! head lock), and while anyone waits no new request tries its luck first
+//! ([`FleetSlots::try_first`]). It sleeps until a release message on the route's channel or the earliest
 //! lease expiry the script returned, whichever comes first — no polling loop. Which
 //! replica's head wins a freed slot is a race between them, one at a time per replica.
 //!
@@ -20,9 +23,12 @@
 //! ([`Attempt::Unavailable`], `None`) and uses the local semaphore. A renewal that fails
 //! is logged at debug level and tried again at the next interval; the request goes on.
 //! Renewal re-adds a lease that is gone (Redis restarted empty), so requests that were
-//! running count again within a third of the TTL.
+//! running count again within a third of the TTL. A lease whose answer never arrives (the
+//! call timed out, or the caller hung up mid-call) is nobody's: it expires within the
+//! TTL, keeping one slot of the fleet busy until then.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use redis::Script;
@@ -33,8 +39,10 @@ use super::{Cluster, UNSUBSCRIBED_RECHECK};
 /// How long a lease lives without renewal.
 pub(crate) const LEASE_TTL: Duration = Duration::from_secs(15);
 
-/// KEYS[1]: the route's leases; ARGV: lease id, max_concurrent, TTL (ms).
-/// Answers `{1, 0}` (granted) or `{0, ms until the earliest lease expires}`.
+/// KEYS[1]: the route's leases, KEYS[2]: its "someone waits" marker; ARGV: lease id,
+/// max_concurrent, TTL (ms). Answers `{1, 0}` (granted) or `{0, ms until the earliest
+/// lease expires}`; a refusal (re)sets the marker for a second past that wait, so that
+/// releases are announced only while someone may be waiting.
 const ACQUIRE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -46,7 +54,9 @@ if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
   return {1, 0}
 end
 local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-return {0, math.max(tonumber(first[2]) - now, 1)}
+local wait = math.max(tonumber(first[2]) - now, 1)
+redis.call('SET', KEYS[2], '1', 'PX', wait + 1000)
+return {0, wait}
 ";
 
 /// KEYS[1]: the route's leases; ARGV: lease id, TTL (ms). Pushes the expiry out, adding
@@ -60,10 +70,13 @@ redis.call('PEXPIRE', KEYS[1], ttl * 2)
 return 1
 ";
 
-/// KEYS[1]: the route's leases; ARGV: lease id, release channel.
+/// KEYS[1]: the route's leases, KEYS[2]: its "someone waits" marker; ARGV: lease id,
+/// release channel. Publishes only while the marker says someone waits.
 const RELEASE: &str = r"
 local removed = redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('PUBLISH', ARGV[2], 'released')
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('PUBLISH', ARGV[2], 'released')
+end
 return removed
 ";
 
@@ -83,10 +96,14 @@ fn scripts() -> &'static (Script, Script, Script) {
 pub(crate) struct FleetSlots {
     cluster: Cluster,
     key: Arc<str>,
+    /// The "someone waits" marker.
+    waiting_key: Arc<str>,
     channel: Arc<str>,
     released: Arc<Notify>,
     /// Held by the one local waiter that competes in Redis; tokio's mutex is FIFO.
     head: tokio::sync::Mutex<()>,
+    /// Local requests in [`FleetSlots::acquire`]: while any waits, none takes the fast path.
+    waiting: AtomicUsize,
     ttl: Duration,
 }
 
@@ -109,10 +126,12 @@ impl FleetSlots {
         let channel = cluster.key(&["released", route]);
         Self {
             key: cluster.key(&["slots", route]).into(),
+            waiting_key: cluster.key(&["waiting", route]).into(),
             released: cluster.waker(&channel),
             channel: channel.into(),
             cluster: cluster.clone(),
             head: tokio::sync::Mutex::new(()),
+            waiting: AtomicUsize::new(0),
             ttl,
         }
     }
@@ -127,6 +146,7 @@ impl FleetSlots {
                 scripts()
                     .0
                     .key(&*self.key)
+                    .key(&*self.waiting_key)
                     .arg(&id)
                     .arg(limit)
                     .arg(ttl_ms)
@@ -142,16 +162,22 @@ impl FleetSlots {
         }
     }
 
-    /// The fast path of a request that found a local slot and nobody waiting: one try,
-    /// unless another local request is competing in Redis already (`None`: queue up).
+    /// The fast path of a request that found a local slot: one try, unless local
+    /// requests are waiting for a lease already (`None`: queue up behind them). Fast
+    /// paths run side by side, so an idle fleet adds one round trip per request and no
+    /// queueing.
     pub(crate) async fn try_first(&self, limit: usize) -> Option<Attempt> {
-        let _head = self.head.try_lock().ok()?;
+        if self.waiting.load(Ordering::Acquire) > 0 {
+            return None;
+        }
         Some(self.try_acquire(limit).await)
     }
 
     /// Waits, first in line locally, for a lease under the current `limit()`. `None` when
     /// Redis is unavailable: the caller goes on with its local slot.
     pub(crate) async fn acquire(&self, limit: impl Fn() -> usize) -> Option<Lease> {
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        let _waiting = Waiting(&self.waiting);
         let _head = self.head.lock().await;
         loop {
             let released = self.released.notified();
@@ -186,10 +212,20 @@ impl FleetSlots {
         Lease {
             cluster: self.cluster.clone(),
             key: Arc::clone(&self.key),
+            waiting_key: Arc::clone(&self.waiting_key),
             channel: Arc::clone(&self.channel),
             id,
             renewal,
         }
+    }
+}
+
+/// Counts a waiter out however its wait ends (the caller may hang up).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -229,6 +265,7 @@ async fn renew(cluster: Cluster, key: Arc<str>, id: String, ttl: Duration) {
 pub(crate) struct Lease {
     cluster: Cluster,
     key: Arc<str>,
+    waiting_key: Arc<str>,
     channel: Arc<str>,
     id: String,
     renewal: tokio::task::JoinHandle<()>,
@@ -237,9 +274,10 @@ pub(crate) struct Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         self.renewal.abort();
-        let (cluster, key, channel) = (
+        let (cluster, key, waiting_key, channel) = (
             self.cluster.clone(),
             Arc::clone(&self.key),
+            Arc::clone(&self.waiting_key),
             Arc::clone(&self.channel),
         );
         let id = std::mem::take(&mut self.id);
@@ -251,6 +289,7 @@ impl Drop for Lease {
                         scripts()
                             .2
                             .key(&*key)
+                            .key(&*waiting_key)
                             .arg(&id)
                             .arg(&*channel)
                             .invoke_async::<u8>(&mut redis)

@@ -99,6 +99,7 @@ async fn an_unrenewed_lease_expires_and_the_waiter_takes_it_at_that_time() {
     let (granted_flag, _): (u8, u64) = scripts()
         .0
         .key(&key)
+        .key(cluster.key(&["waiting", "/bc/"]))
         .arg("crashed:0")
         .arg(1)
         .arg(700)
@@ -129,6 +130,11 @@ async fn a_held_lease_is_renewed_past_its_ttl_and_freed_on_drop() {
     let lease = granted(slots.try_acquire(1).await);
     tokio::time::sleep(Duration::from_millis(2000)).await;
     busy(&slots.try_acquire(1).await);
+    assert_eq!(
+        redis.integer(&["EXISTS", &cluster.key(&["waiting", "/bc/"])]),
+        Some(1),
+        "the refusal marked the route as waited for"
+    );
     drop(lease);
     let key = cluster.key(&["slots", "/bc/"]);
     until("the release removed the lease", || {
