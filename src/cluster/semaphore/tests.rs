@@ -145,18 +145,27 @@ async fn a_held_lease_is_renewed_past_its_ttl_and_freed_on_drop() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn renewal_adds_back_a_lease_that_redis_lost() {
+async fn renewal_outlives_an_outage_and_adds_back_a_lease_that_redis_lost() {
     let mut redis = RedisServer::start();
     let (cluster, _) = connected(&redis.url()).await;
     let slots = FleetSlots::with_ttl(&cluster, "/bc/", Duration::from_millis(900));
     let key = cluster.key(&["slots", "/bc/"]);
-    let _lease = granted(slots.try_acquire(1).await);
+    let lease = granted(slots.try_acquire(1).await);
+    redis.kill();
+    // A renewal (or the dropped subscription) finds Redis gone; the lease is kept.
+    until("the outage is noticed", || !cluster.is_available()).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        !lease.renewal.is_finished(),
+        "renewal goes on after failures"
+    );
     redis.restart();
     assert_eq!(redis.integer(&["ZCARD", &key]), Some(0), "restarted empty");
     until("the renewal re-registered the running request", || {
         redis.integer(&["ZCARD", &key]) == Some(1)
     })
     .await;
+    drop(lease);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
