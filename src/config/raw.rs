@@ -111,7 +111,7 @@ fn is_blank(text: &str) -> bool {
 #[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a mapping with `server`, `admin`, `cluster`, `credentials`, `clients` and `routes`"
+    expecting = "a mapping with `server`, `admin`, `credentials`, `clients` and `routes`"
 )]
 #[schemars(rename = "Config")]
 pub(super) struct RawConfig {
