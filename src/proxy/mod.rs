@@ -10,8 +10,8 @@
 //! 3. **route** by the longest prefix — 404 — and **authorize** the client for it — 403;
 //! 4. **token**: the route's cached bearer token — 503 when none is valid, or none comes
 //!    before the route's `timeout`;
-//! 5. **forward**: wait for a slot in the route's queue (`max_concurrent`) — 503 when
-//!    full or too slow — then send with the token injected, streaming both bodies. An
+//! 5. **forward**: wait for a slot in the route's queue (`max_concurrent`, for the whole
+//!    fleet with `cluster`: see `queue`) — 503 when full or too slow — then send with the token injected, streaming both bodies. An
 //!    upstream 401 to the token we sent renews it and replays the request once, a 429
 //!    (`retry_on_429`) waits out `Retry-After` and replays it, both only when the body was
 //!    small enough to keep — 502 / 504 on upstream failure. On `rewrite_links` routes the
