@@ -136,6 +136,13 @@ fn route_details(route: &Route) -> Option<String> {
     if let Some(wait) = route.queue_timeout {
         parts.push(format!("queue_timeout {}", duration(wait)));
     }
+    if let Some(rate) = route.upstream_rate_limit {
+        parts.push(format!(
+            "upstream_rate_limit {}/{}",
+            rate.requests,
+            duration(rate.per)
+        ));
+    }
     if let Some(retry) = route.retry_on_429 {
         parts.push(format!(
             "retry_on_429 {} attempt{} up to {}",

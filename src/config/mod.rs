@@ -428,12 +428,15 @@ pub struct Route {
     pub timeout: Duration,
     pub rewrite_links: bool,
     pub max_concurrent: Option<usize>,
-    /// Set exactly when `max_concurrent` is: validation applies the default (or the
-    /// preset's) here, once.
+    /// Set exactly when `max_concurrent` or `upstream_rate_limit` is: validation applies
+    /// the default (or the preset's) here, once.
     pub max_queue: Option<usize>,
-    /// Set exactly when `max_concurrent` is, like `max_queue`.
+    /// Set exactly when `max_queue` is.
     pub queue_timeout: Option<Duration>,
     pub retry_on_429: Option<RetryOn429>,
+    /// At most `requests` sent upstream in any window of length `per` (a sliding window);
+    /// callers wait in the route's queue.
+    pub upstream_rate_limit: Option<RateLimit>,
     pub allow_plain_http: bool,
     /// Request headers removed before forwarding, besides the built-in header policy.
     pub strip_request_headers: Vec<HeaderName>,

@@ -534,7 +534,7 @@ pub(super) struct RawRoute {
     pub(super) rewrite_links: Option<bool>,
     /// At most this many requests at the upstream at once.
     pub(super) max_concurrent: Option<u64>,
-    /// How many may wait for a slot.
+    /// How many may wait for a slot (or for the upstream rate).
     pub(super) max_queue: Option<u64>,
     /// Longest wait in the queue (default `60s`).
     #[serde(default)]
@@ -542,6 +542,11 @@ pub(super) struct RawRoute {
     pub(super) queue_timeout: Option<String>,
     /// Wait out `Retry-After` and send again.
     pub(super) retry_on_429: Option<RawRetryOn429>,
+    /// At most this many requests sent upstream in any window of this length
+    /// (`6000/5m`); more wait in the route's queue.
+    #[serde(default)]
+    #[schemars(schema_with = "super::schema::rate_limit")]
+    pub(super) upstream_rate_limit: Option<String>,
     /// Allow an `http://` upstream that is not on loopback.
     pub(super) allow_plain_http: Option<bool>,
     /// More request headers never forwarded on this route.

@@ -1080,8 +1080,8 @@ fn later_release_settings_are_validated_then_refused() {
              period, such as `100/s`, `20/m` or `6000/5m`",
             "clients.edi.certificate: needs server.tls.client_ca_file to verify client \
              certificates; set server.tls.client_ca_file or remove this certificate",
-            "routes[0].max_queue: applies only with routes[0].max_concurrent; set \
-             routes[0].max_concurrent or remove routes[0].max_queue",
+            "routes[0].max_queue: applies only with routes[0].max_concurrent or \
+             routes[0].upstream_rate_limit; set one of them or remove routes[0].max_queue",
         ]
     );
 }
@@ -1268,6 +1268,44 @@ fn max_concurrent_alone_gets_the_default_queue() {
     assert_eq!(route.max_queue, Some(DEFAULT_MAX_QUEUE));
     assert_eq!(route.queue_timeout, Some(DEFAULT_QUEUE_TIMEOUT));
     assert!(!route.rewrite_links && route.retry_on_429.is_none());
+}
+
+#[test]
+fn upstream_rate_limit_alone_gets_the_default_queue_bounds() {
+    let config = load(&one_route(
+        "https://example.com/",
+        "    upstream_rate_limit: 6000/5m\n    queue_timeout: 2m\n",
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let route = &config.routes[0];
+    assert_eq!(
+        route.upstream_rate_limit,
+        Some(RateLimit {
+            requests: 6000,
+            per: Duration::from_secs(300)
+        })
+    );
+    assert_eq!(route.max_concurrent, None);
+    assert_eq!(route.max_queue, Some(DEFAULT_MAX_QUEUE));
+    assert_eq!(route.queue_timeout, Some(Duration::from_secs(120)));
+
+    // No preset sets it: Microsoft documents the budget per app registration, which the
+    // proxy cannot know it has to itself.
+    let bc = load(&one_route(
+        "{ businesscentral: { tenant: 72f988bf-86f1-41af-91ab-2d7cd011db47, environment: Production } }",
+        "",
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(bc.routes[0].upstream_rate_limit, None);
+
+    assert_eq!(
+        problem(&one_route(
+            "https://example.com/",
+            "    upstream_rate_limit: 10/0s\n"
+        )),
+        "routes[0].upstream_rate_limit: `10/0s` has an invalid period; write requests per \
+         period, such as `100/s`, `20/m` or `6000/5m`"
+    );
 }
 
 #[test]

@@ -11,6 +11,7 @@ use http::{HeaderValue, Response, StatusCode, header};
 use super::batch::BatchError;
 use super::body::{BodyIdle, BodyTooLarge, ProxyBody, ProxyBodyError};
 use super::queue::QueueError;
+use super::rate::RateError;
 use crate::inbound::AuthError;
 use crate::routing::PathError;
 use crate::token::TokenError;
@@ -57,6 +58,8 @@ pub(crate) enum ProxyError {
     QueueFull(QueueError),
     #[error("{0}")]
     QueueTimeout(QueueError),
+    #[error("{0}")]
+    UpstreamRate(#[from] RateError),
 }
 
 impl From<AuthError> for ProxyError {
@@ -185,7 +188,8 @@ impl ProxyError {
             Self::TokenUnavailable(_)
             | Self::ShuttingDown
             | Self::QueueFull(_)
-            | Self::QueueTimeout(_) => StatusCode::SERVICE_UNAVAILABLE,
+            | Self::QueueTimeout(_)
+            | Self::UpstreamRate(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamFailed(_)
             | Self::UpstreamRejectedToken
             | Self::UpstreamSwitchedProtocols => StatusCode::BAD_GATEWAY,
@@ -207,6 +211,7 @@ impl ProxyError {
             | Self::ShuttingDown
             | Self::QueueFull(_)
             | Self::QueueTimeout(_)
+            | Self::UpstreamRate(_)
             | Self::BadRequest(_)
             | Self::BadPath(_)
             | Self::Batch(_)
@@ -243,8 +248,12 @@ impl ProxyError {
             Self::UpstreamSwitchedProtocols => "upstream_switched_protocols",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::ShuttingDown => "shutting_down",
-            Self::QueueFull(_) => "queue_full",
-            Self::QueueTimeout(_) => "queue_timeout",
+            // The same answers as the route's concurrency queue: the caller waited in the
+            // same queue, for the upstream's rate instead of a slot.
+            Self::QueueFull(_) | Self::UpstreamRate(RateError::Full(_)) => "queue_full",
+            Self::QueueTimeout(_) | Self::UpstreamRate(RateError::TooLong { .. }) => {
+                "queue_timeout"
+            }
         }
     }
 
@@ -289,6 +298,14 @@ impl ProxyError {
             Self::QueueTimeout(_) => {
                 "this route's upstream stayed busy for too long; retry later".to_owned()
             }
+            Self::UpstreamRate(RateError::Full(_)) => {
+                "too many requests are waiting for this route's upstream; retry later".to_owned()
+            }
+            Self::UpstreamRate(RateError::TooLong { .. }) => {
+                "this route's upstream request rate is used up for longer than the request \
+                 may wait; retry after the time in Retry-After"
+                    .to_owned()
+            }
         }
     }
 
@@ -299,7 +316,11 @@ impl ProxyError {
             }
             Self::ShuttingDown => Some(Duration::from_secs(1)),
             Self::TooManyRequests(retry_after) => Some(*retry_after),
-            Self::QueueFull(_) | Self::QueueTimeout(_) => Some(QUEUE_RETRY_AFTER),
+            Self::QueueFull(_) | Self::QueueTimeout(_) | Self::UpstreamRate(RateError::Full(_)) => {
+                Some(QUEUE_RETRY_AFTER)
+            }
+            // When the window will admit a request again, at least a second.
+            Self::UpstreamRate(RateError::TooLong { retry_after, .. }) => Some(*retry_after),
             Self::BadRequest(_)
             | Self::BadPath(_)
             | Self::Batch(_)
@@ -375,7 +396,8 @@ impl ProxyError {
             | Self::UpstreamSwitchedProtocols
             | Self::UpstreamTimeout
             | Self::QueueFull(_)
-            | Self::QueueTimeout(_) => {}
+            | Self::QueueTimeout(_)
+            | Self::UpstreamRate(_) => {}
         }
         response
     }
@@ -394,6 +416,7 @@ mod tests {
             ProxyError::ShuttingDown,
             ProxyError::QueueFull(QueueError::Full(0)),
             ProxyError::QueueTimeout(QueueError::TimedOut(Duration::ZERO)),
+            ProxyError::UpstreamRate(RateError::Full(0)),
             ProxyError::BadRequest("x"),
             ProxyError::NotFound,
             ProxyError::PayloadTooLarge,

@@ -11,7 +11,9 @@
 //! 4. **token**: the route's cached bearer token — 503 when none is valid, or none comes
 //!    before the route's `timeout`;
 //! 5. **forward**: wait for a slot in the route's queue (`max_concurrent`, for the whole
-//!    fleet with `cluster`: see `queue`) — 503 when full or too slow — then send with the token injected, streaming both bodies. An
+//!    fleet with `cluster`: see `queue`) — 503 when full or too slow — and before each
+//!    send for a turn under the route's `upstream_rate_limit` (`rate`, the same 503s);
+//!    send with the token injected, streaming both bodies. An
 //!    upstream 401 to the token we sent renews it and replays the request once, a 429
 //!    (`retry_on_429`) waits out `Retry-After` and replays it, both only when the body was
 //!    small enough to keep — 502 / 504 on upstream failure. On `rewrite_links` routes the
@@ -27,6 +29,7 @@ mod checks;
 mod error;
 pub(crate) mod headers;
 pub(crate) mod queue;
+pub(crate) mod rate;
 mod retry;
 mod scrub;
 
@@ -44,6 +47,7 @@ pub(crate) use self::checks::Framing;
 use self::error::ProxyError;
 use self::headers::{Forwarding, Peer, RequestPolicy, X_REQUEST_ID};
 use self::queue::{Permit, QueueLimits, Queues, RouteQueue};
+use self::rate::{RateLimits, UpstreamRate, UpstreamRates};
 use crate::cluster::Cluster;
 use crate::config::{Config, Limits, Route};
 use crate::inbound::tls::TlsSession;
@@ -74,18 +78,21 @@ struct RouteState {
     /// `max_concurrent` and its queue, when set (shared with the other configurations
     /// that have the route).
     queue: Option<Arc<RouteQueue>>,
+    /// `upstream_rate_limit` and its window, when set (shared like the queue).
+    rate: Option<Arc<UpstreamRate>>,
     /// The upstream URL as links in responses start with it (`rewrite_links`).
     upstream_url: String,
     metrics: Arc<RouteMetrics>,
 }
 
 /// Limiter state that outlives a configuration, owned by the runtime and handed to every
-/// new pipeline: route queues by prefix, the failed-authentication table, the clients'
-/// rate-limit buckets by name. So a reload neither multiplies `max_concurrent` nor lifts
-/// lockouts or refills rate limits.
+/// new pipeline: route queues and upstream rate windows by prefix, the
+/// failed-authentication table, the clients' rate-limit buckets by name. So a reload
+/// neither multiplies `max_concurrent` nor lifts lockouts or refills rate limits.
 #[derive(Debug, Default)]
 pub(crate) struct Limiters {
     pub(crate) queues: Queues,
+    pub(crate) rates: UpstreamRates,
     pub(crate) throttles: Throttles,
     /// Fleet mode (`cluster:`): the Redis handle the limiters share, when configured.
     pub(crate) cluster: Option<Cluster>,
@@ -96,6 +103,7 @@ impl Limiters {
     pub(crate) fn new(cluster: Option<Cluster>) -> Self {
         Self {
             queues: Queues::new(cluster.clone()),
+            rates: UpstreamRates::default(),
             throttles: Throttles::default(),
             cluster,
         }
@@ -145,6 +153,8 @@ impl Pipeline {
                 tokens: tokens.slot(route),
                 queue: QueueLimits::of(route)
                     .map(|limits| limiters.queues.route(&route.prefix, limits)),
+                rate: RateLimits::of(route)
+                    .map(|limits| limiters.rates.route(&route.prefix, limits)),
                 upstream_url: route.upstream.url.to_string(),
                 metrics: Arc::new(metrics.route(Some(&route.prefix))),
                 config: route.clone(),
@@ -163,12 +173,17 @@ impl Pipeline {
         }
     }
 
-    /// Requests waiting in each queued route's queue, by route prefix.
-    /// Read by the metrics at scrape time (`s2s_proxy_queued{route}`).
+    /// Requests waiting in each queued route's queue (for a slot or for the upstream
+    /// rate), by route prefix. Read by the metrics at scrape time
+    /// (`s2s_proxy_queued{route}`).
     pub(crate) fn queue_depths(&self) -> impl Iterator<Item = (&str, usize)> {
         self.routes.iter().filter_map(|route| {
-            let queue = route.queue.as_ref()?;
-            Some((&*route.prefix, queue.queued()))
+            if route.queue.is_none() && route.rate.is_none() {
+                return None;
+            }
+            let slots = route.queue.as_ref().map_or(0, |queue| queue.queued());
+            let rate = route.rate.as_ref().map_or(0, |rate| rate.queued());
+            Some((&*route.prefix, slots + rate))
         })
     }
 
@@ -322,6 +337,7 @@ impl Pipeline {
         let stats = Arc::new(InboundStats::default());
         let body = self.read_body(inbound, &stats, deadline).await?;
         let body = translate_body(body, &mut headers, batch, addressing, deadline).await?;
+        let queued_at = Instant::now();
         let slot = acquire_slot(route, deadline).await?;
         let outgoing = Outgoing {
             method: &parts.method,
@@ -329,6 +345,7 @@ impl Pipeline {
             headers,
             body,
             deadline,
+            queued_at,
             stats: &stats,
         };
         let (response, sent) = self.send_with_retries(route, outgoing, log).await?;
@@ -354,8 +371,9 @@ impl Pipeline {
 
     /// Sends the request with the route's token. An upstream 401 renews the token and
     /// replays the request once; a 429 (`retry_on_429`) waits out `Retry-After` and
-    /// replays it; both only when the body was small enough to keep. Returns the answer
-    /// and every token sent (the response is scrubbed of each).
+    /// replays it; both only when the body was small enough to keep. Every send, the
+    /// replays included, first waits for its turn under `upstream_rate_limit`. Returns the
+    /// answer and every token sent (the response is scrubbed of each).
     async fn send_with_retries(
         &self,
         route: &RouteState,
@@ -368,6 +386,7 @@ impl Pipeline {
             headers,
             body,
             deadline,
+            queued_at,
             stats,
         } = outgoing;
         // Taken only now, after waiting for a small body and a slot, so that the token is
@@ -385,8 +404,18 @@ impl Pipeline {
         let mut renewed = false;
         let mut throttled = 0;
         let upstream_started = Instant::now();
+        // The first send's turn counts its wait for a slot against `queue_timeout`.
+        let mut waiting_since = queued_at;
         loop {
             let (body, headers) = next;
+            if pace(route, waiting_since, deadline).await? {
+                // Waited for the rate: the token taken before may have been renewed since.
+                let current = route.tokens.get_before(deadline).await?;
+                if !Arc::ptr_eq(&current, &token) {
+                    token = current;
+                    sent.push(token.clone());
+                }
+            }
             let request = upstream_request(method, uri, headers, body, &token);
             let result = self.send_once(request, deadline).await;
             log.bytes_in = stats.received();
@@ -411,6 +440,7 @@ impl Pipeline {
                 sent.push(token.clone());
                 next = again;
                 renewed = true;
+                waiting_since = Instant::now();
                 continue;
             }
             let wait = retry::throttled_wait(
@@ -436,6 +466,7 @@ impl Pipeline {
                 sent.push(token.clone());
                 next = again;
                 throttled += 1;
+                waiting_since = Instant::now();
                 continue;
             }
             log.upstream_ms = Some(upstream_started.elapsed().as_millis() as u64);
@@ -491,6 +522,8 @@ struct Outgoing<'a> {
     headers: HeaderMap,
     body: UpstreamBody,
     deadline: Instant,
+    /// When the request started waiting in the route's queue.
+    queued_at: Instant,
     stats: &'a Arc<InboundStats>,
 }
 
@@ -556,6 +589,28 @@ async fn acquire_slot(route: &RouteState, deadline: Instant) -> Result<Option<Pe
         Some(queue) => Ok(Some(queue.acquire(deadline).await?)),
         None => Ok(None),
     }
+}
+
+/// The request's turn under the route's `upstream_rate_limit`, when it has one: 503 when
+/// the queue is full or the turn would come after `queue_timeout` (counted from
+/// `waiting_since`) or the deadline. Returns whether the request had to wait.
+async fn pace(
+    route: &RouteState,
+    waiting_since: Instant,
+    deadline: Instant,
+) -> Result<bool, ProxyError> {
+    let Some(rate) = &route.rate else {
+        return Ok(false);
+    };
+    let waited = rate.admit(waiting_since, deadline).await?;
+    if !waited.is_zero() {
+        tracing::debug!(
+            route = %route.prefix,
+            waited_ms = waited.as_millis() as u64,
+            "Waited for the upstream rate limit."
+        );
+    }
+    Ok(!waited.is_zero())
 }
 
 /// A renewed token after the upstream answered 401 to `rejected`.

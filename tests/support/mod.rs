@@ -587,6 +587,7 @@ pub fn raw_status(response: &str) -> u16 {
 }
 
 pub mod dynamics;
+pub mod windowed;
 
 // ---------------------------------------------------------------------------------------
 // Operations: admin listener, reload

@@ -344,6 +344,10 @@ mod tests {
         assert_eq!(parse_rate_limit("20/m"), Ok(rate(20, 60)));
         assert_eq!(parse_rate_limit("6000/5m"), Ok(rate(6000, 300)));
         assert_eq!(parse_rate_limit("10/h"), Ok(rate(10, 3600)));
+        assert_eq!(parse_rate_limit("6000/300s"), Ok(rate(6000, 300)));
+        assert_eq!(parse_rate_limit("4/2s"), Ok(rate(4, 2)));
+        assert_eq!(parse_rate_limit("100/1h"), Ok(rate(100, 3600)));
+        assert_eq!(parse_rate_limit(" 5 / 10s "), Ok(rate(5, 10)));
         for bad in ["0/s", "100", "100/", "100/x", "/s", "-1/s", "100/0s"] {
             assert!(parse_rate_limit(bad).is_err(), "{bad}");
         }

@@ -1,5 +1,5 @@
 //! One entry of `routes:`: prefix (unique), upstream, credential and client references,
-//! per-route overrides and `retry_on_429`.
+//! per-route overrides, `retry_on_429` and `upstream_rate_limit`.
 
 use super::{Names, Validator};
 use crate::config::raw::{RawRetryOn429, RawRoute, RawUpstream};
@@ -90,9 +90,16 @@ impl Validator<'_> {
             Some(n) => self.count(&path("max_concurrent"), n, 1, 100_000),
             None => defaults.and_then(|d| d.max_concurrent),
         };
+        let upstream_rate_limit = raw
+            .upstream_rate_limit
+            .as_ref()
+            .and_then(|text| self.rate_limit(&path("upstream_rate_limit"), text));
+        // Callers wait in the route's queue for a concurrency slot or for the upstream
+        // rate, so the queue's bounds apply with either.
+        let queued = max_concurrent.is_some() || upstream_rate_limit.is_some();
         let max_queue = match raw.max_queue {
             Some(n) => self.count(&path("max_queue"), n, 0, 1_000_000),
-            None => max_concurrent.map(|_| {
+            None => queued.then(|| {
                 defaults
                     .and_then(|d| d.max_queue)
                     .unwrap_or(DEFAULT_MAX_QUEUE)
@@ -100,9 +107,12 @@ impl Validator<'_> {
         };
         let queue_timeout = match &raw.queue_timeout {
             Some(text) => self.duration(&path("queue_timeout"), text),
-            None => max_concurrent.map(|_| DEFAULT_QUEUE_TIMEOUT),
+            None => queued.then_some(DEFAULT_QUEUE_TIMEOUT),
         };
-        if raw.max_concurrent.is_none() && defaults.is_none_or(|d| d.max_concurrent.is_none()) {
+        if raw.max_concurrent.is_none()
+            && raw.upstream_rate_limit.is_none()
+            && defaults.is_none_or(|d| d.max_concurrent.is_none())
+        {
             for (field, set) in [
                 ("max_queue", raw.max_queue.is_some()),
                 ("queue_timeout", raw.queue_timeout.is_some()),
@@ -111,8 +121,8 @@ impl Validator<'_> {
                     self.problem(
                         &path(field),
                         format!(
-                            "applies only with {at}.max_concurrent; set {at}.max_concurrent \
-                             or remove {at}.{field}"
+                            "applies only with {at}.max_concurrent or {at}.upstream_rate_limit; \
+                             set one of them or remove {at}.{field}"
                         ),
                     );
                 }
@@ -158,6 +168,7 @@ impl Validator<'_> {
             max_queue,
             queue_timeout,
             retry_on_429,
+            upstream_rate_limit,
             allow_plain_http,
             strip_request_headers,
             doctor_path: doctor_path?,

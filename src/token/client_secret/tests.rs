@@ -302,6 +302,7 @@ fn route(prefix: &str, credential: &str) -> Route {
         max_queue: None,
         queue_timeout: None,
         retry_on_429: None,
+        upstream_rate_limit: None,
         allow_plain_http: false,
         strip_request_headers: Vec::new(),
         doctor_path: None,
