@@ -27,6 +27,7 @@
 //!
 //! The distributed semaphore behind a route's `max_concurrent` is [`semaphore`].
 
+pub(crate) mod rates;
 pub(crate) mod semaphore;
 
 use std::collections::HashMap;

@@ -213,10 +213,11 @@ impl Authenticator {
         result
     }
 
-    /// Takes one request from the client's `rate_limit`, or `Err(retry_after)`.
-    pub(crate) fn admit(&self, id: ClientId) -> Result<(), std::time::Duration> {
+    /// Takes one request from the client's `rate_limit` (the fleet's, with `cluster`),
+    /// or `Err(retry_after)`.
+    pub(crate) async fn admit(&self, id: ClientId) -> Result<(), std::time::Duration> {
         match &self.rate_limits[id.0] {
-            Some(limiter) => limiter.acquire(),
+            Some(limiter) => limiter.admit().await,
             None => Ok(()),
         }
     }

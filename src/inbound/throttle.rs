@@ -13,6 +13,12 @@
 //! lockout nor refills a bucket: buckets are kept by client name, a client whose
 //! `rate_limit` changed keeps the share of its allowance it had used, and the bucket of a
 //! client that is gone (or no longer limited) is dropped.
+//!
+//! With `cluster`, a client's `rate_limit` holds for the whole fleet: [`RateLimiter::admit`]
+//! asks Redis first (`cluster::rates`, the same GCRA as here, one round trip, Redis's
+//! clock) and uses the local bucket only when Redis cannot answer, until it can again.
+//! The local bucket is charged for every request the fleet admits, so it is current when
+//! it has to decide. The failed-authentication lockout stays per replica.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -23,6 +29,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::cluster::Cluster;
+use crate::cluster::rates::{FleetBucket, Turn};
 use crate::config::{Client, RateLimit};
 
 /// Failed authentications from one source within [`WINDOW`] before it is locked out.
@@ -38,9 +46,18 @@ pub(crate) struct Throttles {
     failures: Arc<FailedAuthLimiter>,
     /// The running buckets, by client name.
     rate_limits: Mutex<HashMap<String, Arc<RateLimiter>>>,
+    /// Fleet mode: the buckets are the fleet's.
+    cluster: Option<Cluster>,
 }
 
 impl Throttles {
+    pub(crate) fn new(cluster: Option<Cluster>) -> Self {
+        Self {
+            cluster,
+            ..Self::default()
+        }
+    }
+
     /// The failed-authentication table: one for the proxy's whole life.
     pub(crate) fn failures(&self) -> Arc<FailedAuthLimiter> {
         Arc::clone(&self.failures)
@@ -64,7 +81,13 @@ impl Throttles {
                         limiter.reconfigure(limit);
                         limiter
                     }
-                    None => Arc::new(RateLimiter::new(limit)),
+                    None => Arc::new(RateLimiter {
+                        fleet: self
+                            .cluster
+                            .as_ref()
+                            .map(|cluster| FleetBucket::new(cluster, &client.name)),
+                        ..RateLimiter::new(limit)
+                    }),
                 };
                 kept.insert(client.name.clone(), Arc::clone(&limiter));
                 Some(limiter)
@@ -248,6 +271,8 @@ impl FailedAuthLimiter {
 #[derive(Debug)]
 pub(crate) struct RateLimiter {
     state: Mutex<Gcra>,
+    /// Fleet mode: the client's bucket in Redis.
+    fleet: Option<FleetBucket>,
 }
 
 #[derive(Debug)]
@@ -277,10 +302,33 @@ impl RateLimiter {
     pub(crate) fn new(limit: RateLimit) -> Self {
         Self {
             state: Mutex::new(Gcra::new(limit, None)),
+            fleet: None,
         }
     }
 
-    /// Takes one request from the allowance, or `Err(retry_after)`.
+    /// Takes one request from the client's allowance, or `Err(retry_after)`: the
+    /// fleet's when Redis answers, else this replica's.
+    pub(crate) async fn admit(&self) -> Result<(), Duration> {
+        if let Some(fleet) = &self.fleet {
+            let limit = self
+                .state
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .limit;
+            match fleet.try_admit(limit).await {
+                Some(Turn::Now) => {
+                    // Kept current for when Redis is gone; the fleet decided.
+                    let _ = self.acquire();
+                    return Ok(());
+                }
+                Some(Turn::After(retry_after)) => return Err(retry_after),
+                None => {}
+            }
+        }
+        self.acquire()
+    }
+
+    /// Takes one request from the local allowance, or `Err(retry_after)`.
     pub(crate) fn acquire(&self) -> Result<(), Duration> {
         let now = Instant::now();
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);

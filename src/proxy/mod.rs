@@ -103,8 +103,8 @@ impl Limiters {
     pub(crate) fn new(cluster: Option<Cluster>) -> Self {
         Self {
             queues: Queues::new(cluster.clone()),
-            rates: UpstreamRates::default(),
-            throttles: Throttles::default(),
+            rates: UpstreamRates::new(cluster.clone()),
+            throttles: Throttles::new(cluster.clone()),
             cluster,
         }
     }
@@ -264,6 +264,7 @@ impl Pipeline {
         log.client = Some(self.authenticator.log_name(client));
         self.authenticator
             .admit(client)
+            .await
             .map_err(ProxyError::TooManyRequests)?;
 
         let (index, rest) = self

@@ -23,8 +23,12 @@
 //! the sends in the window (and lets another N through) nor reorders the waiters. A changed
 //! limit applies at once to the instants already recorded; a lower N keeps the latest N.
 //!
-//! Per replica, this window is exact. For a fleet it is what each replica falls back to
-//! when the shared store cannot be reached; the fleet-wide log lives there.
+//! With `cluster`, the window is the fleet's: the head of each replica's line asks Redis
+//! (`cluster::rates`, a sliding log of the fleet's sends, one round trip) and sleeps
+//! exactly as long as Redis says the fleet's window is full; the other waiters of the
+//! replica stay in line behind it. When Redis cannot answer, the replica decides by its
+//! own window (which records every send of the replica, so it is current when needed):
+//! N per P per replica until Redis is back.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -33,6 +37,8 @@ use std::time::Duration;
 
 use tokio::time::{Instant, sleep_until, timeout_at};
 
+use crate::cluster::Cluster;
+use crate::cluster::rates::{SendLog, Turn};
 use crate::config::{RateLimit, Route};
 
 /// Why a request was not sent upstream.
@@ -75,9 +81,18 @@ impl RateLimits {
 #[derive(Debug, Default)]
 pub(crate) struct UpstreamRates {
     by_prefix: Mutex<HashMap<String, Weak<UpstreamRate>>>,
+    /// Fleet mode: the windows are the fleet's.
+    cluster: Option<Cluster>,
 }
 
 impl UpstreamRates {
+    pub(crate) fn new(cluster: Option<Cluster>) -> Self {
+        Self {
+            by_prefix: Mutex::default(),
+            cluster,
+        }
+    }
+
     /// The window of the route `prefix`: the running one with `limits`, or a new one.
     pub(crate) fn route(&self, prefix: &str, limits: RateLimits) -> Arc<UpstreamRate> {
         let mut by_prefix = self
@@ -89,7 +104,9 @@ impl UpstreamRates {
             rate.reconfigure(limits);
             return rate;
         }
-        let rate = Arc::new(UpstreamRate::new(limits));
+        let mut rate = UpstreamRate::new(limits);
+        rate.fleet = self.cluster.as_ref().map(|c| SendLog::new(c, prefix));
+        let rate = Arc::new(rate);
         by_prefix.insert(prefix.to_owned(), Arc::downgrade(&rate));
         rate
     }
@@ -135,6 +152,8 @@ pub(crate) struct UpstreamRate {
     line: tokio::sync::Mutex<()>,
     window: Mutex<Window>,
     queued: AtomicUsize,
+    /// Fleet mode: the fleet's log of sends on this route.
+    fleet: Option<SendLog>,
 }
 
 impl UpstreamRate {
@@ -146,6 +165,7 @@ impl UpstreamRate {
                 sent: VecDeque::new(),
             }),
             queued: AtomicUsize::new(0),
+            fleet: None,
         }
     }
 
@@ -199,15 +219,8 @@ impl UpstreamRate {
         };
         // The head of the line.
         loop {
+            let next = self.try_send().await;
             let now = Instant::now();
-            let next = {
-                let mut window = self.window();
-                let next = window.next_send(now);
-                if next.is_none() {
-                    window.record(now);
-                }
-                next
-            };
             let Some(at) = next else {
                 return Ok(now - started);
             };
@@ -222,6 +235,30 @@ impl UpstreamRate {
             }
             sleep_until(at).await;
         }
+    }
+
+    /// Sends now (recording it) or says when the window will have room: the fleet's
+    /// window when Redis answers, else this replica's.
+    async fn try_send(&self) -> Option<Instant> {
+        if let Some(fleet) = &self.fleet {
+            let limit = self.window().limits.rate;
+            match fleet.try_send(limit).await {
+                Some(Turn::Now) => {
+                    self.window().record(Instant::now());
+                    return None;
+                }
+                Some(Turn::After(wait)) => return Some(Instant::now() + wait),
+                // Redis cannot say: this replica's window decides.
+                None => {}
+            }
+        }
+        let now = Instant::now();
+        let mut window = self.window();
+        let next = window.next_send(now);
+        if next.is_none() {
+            window.record(now);
+        }
+        next
     }
 
     /// Counts the request as waiting, unless `max_queue` already are.
