@@ -112,6 +112,7 @@ struct Inner {
     requests: Family<RequestLabels, Counter>,
     request_duration: HistogramFamily,
     upstream_duration: HistogramFamily,
+    upstream_rate_wait: HistogramFamily,
     /// The route credentials of every configuration so far: their token fetch outcomes
     /// are shown from the start, at 0 until counted.
     token_credentials: Mutex<BTreeSet<String>>,
@@ -151,6 +152,7 @@ impl Metrics {
         let requests = Family::default();
         let request_duration = HistogramFamily::new_with_constructor(duration_histogram);
         let upstream_duration = HistogramFamily::new_with_constructor(duration_histogram);
+        let upstream_rate_wait = HistogramFamily::new_with_constructor(duration_histogram);
         let in_flight = Family::default();
         let queued = Family::default();
         let reloads = Family::default();
@@ -169,6 +171,11 @@ impl Metrics {
             "s2s_proxy_upstream_duration_seconds",
             "Time from sending to the upstream to its response headers",
             upstream_duration.clone(),
+        );
+        registry.register(
+            "s2s_proxy_upstream_rate_wait_seconds",
+            "Time each send waited for its route's upstream_rate_limit",
+            upstream_rate_wait.clone(),
         );
         registry.register(
             "s2s_proxy_in_flight",
@@ -206,6 +213,7 @@ impl Metrics {
                 requests,
                 request_duration,
                 upstream_duration,
+                upstream_rate_wait,
                 token_credentials: Mutex::default(),
                 in_flight,
                 queued,
@@ -244,6 +252,9 @@ impl Metrics {
             let _ = self.inner.queued.get_or_create(&labels);
             let _ = self.inner.request_duration.get_or_create(&labels);
             let _ = self.inner.upstream_duration.get_or_create(&labels);
+            if route.upstream_rate_limit.is_some() {
+                let _ = self.inner.upstream_rate_wait.get_or_create(&labels);
+            }
             token_credentials.insert(route.credential.clone());
         }
         drop(token_credentials);
@@ -262,6 +273,7 @@ impl Metrics {
             in_flight: OnceLock::new(),
             request_duration: OnceLock::new(),
             upstream_duration: OnceLock::new(),
+            upstream_rate_wait: OnceLock::new(),
             counters: RwLock::default(),
             window: self.window(&route_labels(route).route),
         }
@@ -428,6 +440,7 @@ pub(crate) struct RouteMetrics {
     in_flight: OnceLock<Gauge>,
     request_duration: OnceLock<Histogram>,
     upstream_duration: OnceLock<Histogram>,
+    upstream_rate_wait: OnceLock<Histogram>,
     /// `s2s_proxy_requests_total` by (method, status label) as seen so far: a handful each.
     counters: RwLock<Vec<(&'static str, u16, Counter)>>,
     /// Requests and errors of the last five minutes, for the status page.
@@ -435,6 +448,17 @@ pub(crate) struct RouteMetrics {
 }
 
 impl RouteMetrics {
+    /// Observes how long one send waited for the route's `upstream_rate_limit`.
+    pub(crate) fn record_rate_wait(&self, waited: Duration) {
+        self.upstream_rate_wait
+            .get_or_init(|| {
+                self.families
+                    .upstream_rate_wait
+                    .get_or_create_owned(&self.labels())
+            })
+            .observe(waited.as_secs_f64());
+    }
+
     /// Counts one finished request.
     pub(crate) fn record(
         &self,

@@ -211,6 +211,18 @@ async fn the_upstream_rate_limit_spaces_the_fleets_requests_without_a_429() {
         started.elapsed()
     );
     assert_no_fallback(&replicas).await;
+    // Every send observed its wait; together they waited at least the three periods
+    // that the last group of sends had to wait out.
+    let (mut sends, mut waited) = (0.0, 0.0);
+    for replica in &replicas {
+        let text = get(replica.admin, "/metrics").await.text();
+        let series =
+            |name: &str| metric(&text, &format!("{name}{{route=\"/bc/\"}}")).unwrap_or_default();
+        sends += series("s2s_proxy_upstream_rate_wait_seconds_count");
+        waited += series("s2s_proxy_upstream_rate_wait_seconds_sum");
+    }
+    assert_eq!(sends, (4 * N) as f64);
+    assert!(waited >= 3.0 * PER.as_secs_f64(), "{waited} s waited");
 }
 
 /// The test above can fail: without `cluster` each replica sends its own N per P.

@@ -604,6 +604,7 @@ async fn pace(
         return Ok(false);
     };
     let waited = rate.admit(waiting_since, deadline).await?;
+    route.metrics.record_rate_wait(waited);
     if !waited.is_zero() {
         tracing::debug!(
             route = %route.prefix,
