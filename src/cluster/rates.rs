@@ -18,6 +18,9 @@
 //! client (`{key_prefix}:client_rate:{client}`), O(1) memory, the same arithmetic as the
 //! local limiter in `inbound::throttle`.
 //!
+//! Both read `TIME` before writing, which Redis allows since 5.0 (scripts replicate their
+//! effects, not themselves), so any 6.x/7.x or Valkey runs them.
+//!
 //! Both answer `None` when Redis cannot be asked ([`Cluster::call`]): the caller uses its
 //! local limiter, and the fleet limits resume with Redis. Keys expire once they no longer
 //! hold anything that counts. A Redis that restarts empty forgets the fleet's log and
