@@ -1,7 +1,8 @@
 //! `upstream_rate_limit` on one proxy, over real sockets: the upstream (which counts like
 //! Business Central's sliding window and answers 429 beyond it) never sees more than N
 //! requests in any window of length P, the callers wait instead of getting its 429, and a
-//! caller whose turn would come too late gets 503 at once. Resends count.
+//! caller whose turn would come too late gets 503 at once. Resends (after a 429, after a
+//! 401 with a renewed token) count: the upstream receives them.
 
 mod support;
 
@@ -166,6 +167,46 @@ async fn a_replay_after_429_counts_against_the_rate() {
         "replayed after the 429"
     );
     assert_eq!(upstream.count(), 2);
+    assert_eq!(burst(proxy.addr, 1).await[0].0, 200);
+    assert_eq!(upstream.count(), 3);
+    assert!(
+        started.elapsed() >= Duration::from_secs(3) - TRANSIT_JITTER,
+        "the third send waited for the first to leave the window: {:?}",
+        started.elapsed()
+    );
+    proxy.shutdown().await;
+}
+
+/// The resend with a renewed token after an upstream 401 is a request the upstream
+/// receives too.
+#[tokio::test]
+async fn a_resend_after_401_counts_against_the_rate() {
+    let idp = FakeIdp::start().await;
+    let upstream = FakeUpstream::start().await;
+    let first = std::sync::atomic::AtomicBool::new(true);
+    upstream.respond(move |_| {
+        let status = if first.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            401
+        } else {
+            200
+        };
+        support::dynamics::json(status, "{}")
+    });
+    let proxy = spawn_with(
+        &idp,
+        &upstream.base(),
+        "",
+        "    upstream_rate_limit: 2/3s\n    timeout: 30s\n",
+    )
+    .await;
+    let started = Instant::now();
+    assert_eq!(
+        burst(proxy.addr, 1).await[0].0,
+        200,
+        "resent with a new token"
+    );
+    assert_eq!(upstream.count(), 2);
+    assert_eq!(idp.calls(), 2, "renewed once");
     assert_eq!(burst(proxy.addr, 1).await[0].0, 200);
     assert_eq!(upstream.count(), 3);
     assert!(
