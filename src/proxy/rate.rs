@@ -188,7 +188,7 @@ impl UpstreamRate {
     /// Waits for the request's turn to be sent, in arrival order, and records the send.
     /// `waiting_since` is when the request started waiting in the route's queue (for a
     /// concurrency slot, or for this); `queue_timeout` counts from then. Returns how long
-    /// this wait took.
+    /// the request waited for its turn (zero when it had not to).
     pub(crate) async fn admit(
         &self,
         waiting_since: Instant,
@@ -222,7 +222,8 @@ impl UpstreamRate {
             let next = self.try_send().await;
             let now = Instant::now();
             let Some(at) = next else {
-                return Ok(now - started);
+                // Zero unless it waited: the round trip to Redis is not a wait.
+                return Ok(waiting.map_or(Duration::ZERO, |_| now - started));
             };
             if at > until {
                 return Err(RateError::TooLong {
@@ -479,5 +480,84 @@ mod tests {
         let fresh = rates.route("/bc/", limits(1, 30, 100, 600));
         assert_eq!(fresh.admit(Instant::now(), far()).await, Ok(Duration::ZERO));
         assert_eq!(rates.by_prefix.lock().unwrap().len(), 1);
+    }
+
+    /// Handles on one fleet's Redis, as replicas have (real time: Redis keeps its own).
+    fn fleet(url: &str, replicas: usize) -> Vec<Cluster> {
+        use crate::config::{Cluster as ClusterConfig, RedisUrl};
+        let key_prefix = format!("test{:x}", fastrand::u32(..));
+        (0..replicas)
+            .map(|_| {
+                let config = ClusterConfig {
+                    redis: RedisUrl::new(crate::secret::Secret::new(url), url.to_owned()),
+                    key_prefix: key_prefix.clone(),
+                    timeout: Duration::from_secs(2),
+                };
+                let cluster = Cluster::new(&config, crate::metrics::ClusterSeries::default());
+                cluster.start();
+                cluster
+            })
+            .collect()
+    }
+
+    async fn available(clusters: &[Cluster]) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !clusters.iter().all(Cluster::is_available) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "Redis is not available"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_fleets_window_decides_and_the_replicas_own_while_redis_is_gone() {
+        let mut redis = crate::test_support::RedisServer::start();
+        let clusters = fleet(&redis.url(), 2);
+        available(&clusters).await;
+        let replicas: Vec<Arc<UpstreamRate>> = clusters
+            .iter()
+            .map(|c| UpstreamRates::new(Some(c.clone())).route("/bc/", limits(2, 60, 10, 600)))
+            .collect();
+        let soon = || Instant::now() + Duration::from_secs(5);
+        for replica in &replicas {
+            assert_eq!(
+                replica.admit(Instant::now(), far()).await,
+                Ok(Duration::ZERO)
+            );
+        }
+        // Each replica sent one: its own window has room, the fleet's does not.
+        let refused = replicas[0].admit(Instant::now(), soon()).await;
+        assert!(
+            matches!(refused, Err(RateError::TooLong { retry_after, .. })
+                if retry_after > Duration::from_secs(55)),
+            "{refused:?}"
+        );
+
+        // Redis gone: the replica's own window decides, N per P for this replica.
+        redis.kill();
+        assert_eq!(
+            replicas[0].admit(Instant::now(), soon()).await,
+            Ok(Duration::ZERO)
+        );
+        assert!(matches!(
+            replicas[0].admit(Instant::now(), soon()).await,
+            Err(RateError::TooLong { .. })
+        ));
+
+        // Back (empty): the fleet's log decides again, though this replica's own window
+        // is full.
+        assert!(!clusters[0].is_available());
+        redis.restart();
+        available(&clusters[..1]).await;
+        assert_eq!(
+            replicas[0].admit(Instant::now(), soon()).await,
+            Ok(Duration::ZERO)
+        );
+        assert_eq!(
+            redis.integer(&["ZCARD", &clusters[0].key(&["upstream_rate", "/bc/"])]),
+            Some(1)
+        );
     }
 }
