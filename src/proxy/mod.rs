@@ -13,10 +13,10 @@
 //! 5. **forward**: wait for a slot in the route's queue (`max_concurrent`, for the whole
 //!    fleet with `cluster`: see `queue`) — 503 when full or too slow — and before each
 //!    send for a turn under the route's `upstream_rate_limit` (`rate`, the same 503s);
-//!    send with the token injected, streaming both bodies. An
-//!    upstream 401 to the token we sent renews it and replays the request once, a 429
-//!    (`retry_on_429`) waits out `Retry-After` and replays it, both only when the body was
-//!    small enough to keep — 502 / 504 on upstream failure. On `rewrite_links` routes the
+//!    send with the token injected, streaming both bodies. An upstream 401 to the token
+//!    we sent renews it and replays the request once, a 429 (`retry_on_429`) waits out
+//!    `Retry-After` and replays it, both only when the body was small enough to keep —
+//!    502 / 504 on upstream failure. On `rewrite_links` routes the
 //!    response's upstream links are rewritten to proxy links as it streams back; on every
 //!    route the tokens of the exchange are scrubbed from the response (`scrub`). A
 //!    `$batch` body's inner requests are checked and translated on the way (`batch`); a
@@ -404,7 +404,8 @@ impl Pipeline {
         let mut next = (body, headers);
         let mut renewed = false;
         let mut throttled = 0;
-        let upstream_started = Instant::now();
+        // From the first send on: a wait for the rate is not the upstream's time.
+        let mut upstream_started = None;
         // The first send's turn counts its wait for a slot against `queue_timeout`.
         let mut waiting_since = queued_at;
         loop {
@@ -418,6 +419,7 @@ impl Pipeline {
                 }
             }
             let request = upstream_request(method, uri, headers, body, &token);
+            upstream_started.get_or_insert_with(Instant::now);
             let result = self.send_once(request, deadline).await;
             log.bytes_in = stats.received();
             let response = result?;
@@ -470,7 +472,7 @@ impl Pipeline {
                 waiting_since = Instant::now();
                 continue;
             }
-            log.upstream_ms = Some(upstream_started.elapsed().as_millis() as u64);
+            log.upstream_ms = upstream_started.map(|started| started.elapsed().as_millis() as u64);
             return Ok((response, sent));
         }
     }
