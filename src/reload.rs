@@ -15,6 +15,8 @@
 //! `server.limits`, `server.tls`, `server.upstream_ca_file`, `admin`) keep their
 //! running values until a restart; a reload that changes them says so in a warning.
 //!
+//! A new version of a secret in a secret store is applied the same way (`secrets`).
+//!
 //! Triggers: SIGHUP, and a change of the file's modification time or length, polled
 //! every [`POLL_INTERVAL`] (no file-system notification crate: ConfigMap volumes swap a
 //! symlink, which polling sees as well).
@@ -33,6 +35,9 @@ use crate::proxy::body::UpstreamBody;
 use crate::proxy::{Limiters, Pipeline};
 use crate::token::{FetchCount, SlotStatus, TokenCache};
 use crate::upstream::{self, UpstreamClient};
+
+mod secrets;
+pub(crate) use secrets::refresh as refresh_secrets;
 
 /// How often the configuration file is checked for changes.
 pub(crate) const POLL_INTERVAL: Duration = Duration::from_secs(2);
@@ -104,7 +109,7 @@ pub(crate) struct Runtime {
     current: ArcSwap<Generation>,
     pub(crate) metrics: Metrics,
     upstream: UpstreamClient<UpstreamBody>,
-    tls: Arc<rustls::ClientConfig>,
+    pub(crate) tls: Arc<rustls::ClientConfig>,
     config_path: Option<PathBuf>,
     /// The file's stamp when the proxy was built: later changes are changes.
     initial_stamp: Option<Stamp>,

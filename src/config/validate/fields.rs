@@ -51,6 +51,48 @@ impl Validator<'_> {
         }
     }
 
+    /// Expansion in a secret field: `${secret:STORE/NAME}` is allowed and recorded.
+    pub(super) fn expand_secret(&mut self, path: &str, text: &str) -> Option<Expanded> {
+        let (stores, values) = (&self.store_names, self.values);
+        let mut found = Vec::new();
+        let mut resolve = |reference: &str| -> Result<String, String> {
+            let (store, name) = super::stores::split_reference(reference)?;
+            if !stores.iter().any(|s| s == store) {
+                return Err(format!(
+                    "`${{secret:{reference}}}`: secret store `{store}` is not defined in \
+                     `secret_stores`"
+                ));
+            }
+            found.push((store.to_owned(), name.to_owned()));
+            Ok(match values.get(store, name) {
+                Some(stored) => stored.value.expose().to_owned(),
+                None => super::stores::placeholder(store, name),
+            })
+        };
+        let result = expand::expand_with(
+            text,
+            &self.source.variables,
+            &self.source.base_dir,
+            Some(&mut resolve),
+        );
+        for (store, name) in found {
+            self.references.push(crate::config::SecretReference {
+                path: path.to_owned(),
+                store,
+                name,
+            });
+        }
+        match result {
+            Ok(expanded) => Some(expanded),
+            Err(messages) => {
+                for message in messages {
+                    self.problem(path, message);
+                }
+                None
+            }
+        }
+    }
+
     pub(super) fn string(&mut self, path: &str, text: &str) -> Option<String> {
         self.expand(path, text).map(|e| e.value)
     }
@@ -68,7 +110,7 @@ impl Validator<'_> {
     /// A secret sent to an identity provider. A literal is allowed (the operator chose to
     /// write it into the file); empty is not: an empty secret must never reach the wire.
     pub(super) fn secret(&mut self, path: &str, text: &str) -> Option<Secret> {
-        let expanded = self.expand(path, text)?;
+        let expanded = self.expand_secret(path, text)?;
         if expanded.value.trim().is_empty() {
             self.problem(path, empty_message(text, &expanded));
             return None;
@@ -84,7 +126,7 @@ impl Validator<'_> {
         text: &str,
         header_value: bool,
     ) -> Option<SecretDigest> {
-        let expanded = self.expand(path, text)?;
+        let expanded = self.expand_secret(path, text)?;
         if expanded.whole_reference {
             if expanded.value.trim().is_empty() {
                 self.problem(path, empty_message(text, &expanded));

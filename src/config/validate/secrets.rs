@@ -44,7 +44,10 @@ impl Validator<'_> {
                     Some(date) => Some(date?),
                     None => None,
                 };
-                Some(vec![ConfiguredSecret { expires, ..secret? }])
+                let secret = secret?;
+                // An `expires:` date wins over the vault's `exp` attribute.
+                let expires = expires.or(secret.expires);
+                Some(vec![ConfiguredSecret { expires, ..secret }])
             }
             (None, Some(list)) => {
                 if raw.expires.is_some() {
@@ -74,9 +77,10 @@ impl Validator<'_> {
                                 Some(e) => this.date(&format!("{path}.expires"), e).map(Some),
                                 None => Some(None),
                             };
-                            value
-                                .zip(expires)
-                                .map(|(value, expires)| ConfiguredSecret { expires, ..value })
+                            value.zip(expires).map(|(value, expires)| ConfiguredSecret {
+                                expires: expires.or(value.expires),
+                                ..value
+                            })
                         }
                     },
                 )
@@ -111,9 +115,16 @@ impl Validator<'_> {
         valid
     }
 
-    /// A secret, remembering its file when written wholly as `${file:PATH}`.
+    /// A secret, remembering its file when written wholly as `${file:PATH}`; one written
+    /// wholly as `${secret:STORE/NAME}` takes the stored secret's `exp` as its expiry.
     pub(super) fn configured_secret(&mut self, path: &str, text: &str) -> Option<ConfiguredSecret> {
         let value = self.secret(path, text)?;
+        let expires = text
+            .strip_prefix("${secret:")
+            .and_then(|t| t.strip_suffix('}'))
+            .and_then(|t| t.split_once('/'))
+            .and_then(|(store, name)| self.values.get(store, name))
+            .and_then(|stored| stored.expires);
         let file = text
             .strip_prefix("${file:")
             .and_then(|t| t.strip_suffix('}'))
@@ -122,7 +133,7 @@ impl Validator<'_> {
         Some(ConfiguredSecret {
             value,
             file,
-            expires: None,
+            expires,
         })
     }
 

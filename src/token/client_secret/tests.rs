@@ -350,6 +350,7 @@ fn config(token_url: &str) -> Config {
             route("/bc2/", "bc"),
             route("/mi/", "pod"),
         ],
+        secret_stores: Default::default(),
         prepared: Default::default(),
     }
 }
