@@ -184,13 +184,27 @@ impl FakeVault {
                 }
                 match secret {
                     Some((name, (value, version, exp))) => {
-                        let exp = exp.map(|e| format!(r#","exp":{e}"#)).unwrap_or_default();
-                        json(
-                            StatusCode::OK,
-                            format!(
-                                r#"{{"value":"{value}","id":"http://{host}/secrets/{name}/{version}","attributes":{{"enabled":true{exp},"created":1764892800,"updated":1764892800,"recoveryLevel":"Recoverable+Purgeable"}},"tags":{{}}}}"#
-                            ),
-                        )
+                        let mut attributes = serde_json::json!({
+                            "enabled": true, "created": 1_764_892_800, "updated": 1_764_892_800,
+                            "recoveryLevel": "Recoverable+Purgeable",
+                        });
+                        if let Some(exp) = exp {
+                            attributes["exp"] = exp.into();
+                        }
+                        let mut bundle = serde_json::json!({
+                            "value": value,
+                            "id": format!("http://{host}/secrets/{name}/{version}"),
+                            "attributes": attributes,
+                            "tags": {},
+                        });
+                        // A certificate's secret says what it holds (Key Vault sets it).
+                        if value.contains("-----BEGIN ") {
+                            bundle["contentType"] = "application/x-pem-file".into();
+                            bundle["kid"] =
+                                format!("http://{host}/keys/{name}/{version}").into();
+                            bundle["managed"] = true.into();
+                        }
+                        json(StatusCode::OK, bundle.to_string())
                     }
                     None => json(
                         StatusCode::NOT_FOUND,
@@ -571,6 +585,55 @@ async fn a_new_version_is_used_at_once_and_no_request_fails() {
     proxy.handle.shutdown().await;
 }
 
+/// An inbound API key from the vault: a new version admits the new key and refuses the
+/// old one within `refresh`, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_key_from_the_vault_rotates_too() {
+    let setup = Setup::start(&[OLD]).await;
+    setup.vault.put("bc-secret", OLD, "v1", None);
+    setup.vault.put("scanner-key", "key_CANARY_one", "k1", None);
+    let yaml = setup
+        .yaml("client_secret: ${secret:kv/bc-secret}")
+        .replace(
+            "clients:\n  erp:",
+            "clients:\n  scanner:\n    api_key: ${secret:kv/scanner-key}\n  erp:",
+        )
+        .replace("clients: [erp]", "clients: [erp, scanner]");
+    let config = load(yaml).await.expect("loads");
+    let proxy = spawn_ops_proxy(config, None).await;
+    let with_key = |key: &'static str| {
+        let addr = proxy.handle.addr;
+        async move {
+            send(addr, "GET", "/bc/companies", &[("x-api-key", key)], "")
+                .await
+                .status
+        }
+    };
+    assert_eq!(with_key("key_CANARY_one").await, 200);
+    assert_eq!(with_key("key_CANARY_two").await, 401);
+    setup.vault.put("scanner-key", "key_CANARY_two", "k2", None);
+    // Waiting on the metric, not on refused attempts (which count towards the lockout).
+    eventually(Duration::from_secs(20), "the new version read", || {
+        let admin = proxy.admin;
+        async move {
+            let text = get(admin, "/metrics").await.text();
+            metric(
+                &text,
+                r#"s2s_proxy_secret_refreshes_total{store="kv",outcome="updated"}"#,
+            )
+            .filter(|n| *n >= 1.0)
+        }
+    })
+    .await;
+    // Applied right after the read, off the serving threads.
+    eventually(Duration::from_secs(10), "the new key admitted", || async {
+        (with_key("key_CANARY_two").await == 200).then_some(())
+    })
+    .await;
+    assert_eq!(with_key("key_CANARY_one").await, 401);
+    proxy.handle.shutdown().await;
+}
+
 /// `client_secrets: [${secret:kv/new}, ${secret:kv/old}]` works through the overlap
 /// window like file-based rotation: the new secret first, the old one while Entra does
 /// not take the new one yet.
@@ -586,6 +649,66 @@ async fn a_rotation_list_from_the_vault_falls_back_to_the_old_secret() {
     let answer = bc_get(proxy.handle.addr).await;
     assert_eq!(answer.status, 200, "{}", answer.text());
     assert_eq!(setup.bc.seen(), [NEW, OLD]);
+    proxy.handle.shutdown().await;
+}
+
+/// `certificate_file: ${secret:kv/NAME}`: a Key Vault certificate's secret (PEM: the
+/// certificate and its key) signs the client assertion; no file is read.
+#[tokio::test]
+async fn a_certificate_from_the_vault_signs_the_client_assertion() {
+    use base64::Engine as _;
+    let setup = Setup::start(&[OLD]).await;
+    setup.vault.put("bc-secret", OLD, "v1", None);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["fo-app".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let pem = format!("{}{}", key.serialize_pem(), cert.pem());
+    setup.vault.put("fo-cert", &pem, "c1", None);
+    let yaml = setup
+        .yaml("client_secret: ${secret:kv/bc-secret}")
+        .replacen(
+            "clients:\n",
+            &format!(
+                "  fo:\n    type: client_certificate\n    token_url: {}/fo/token\n    \
+                 client_id: fo-app\n    certificate_file: ${{secret:kv/fo-cert}}\n    \
+                 assertion_alg: ES256\nclients:\n",
+                setup.identity.authority()
+            ),
+            1,
+        )
+        + &format!(
+            "  - prefix: /fo/\n    upstream: {}/fo/\n    credential: fo\n    \
+             scope: api://fo/.default\n    clients: [erp]\n",
+            setup.upstream.base()
+        );
+    let config = load(yaml).await.expect("loads");
+    let proxy = spawn_ops_proxy(config, None).await;
+    let (name, value) = erp();
+    let answer = send(proxy.handle.addr, "GET", "/fo/x", &[(name, &value)], "").await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+
+    let request = setup
+        .identity
+        .requests()
+        .into_iter()
+        .find(|r| r.path == "/fo/token")
+        .expect("a token request for fo");
+    let assertion = request
+        .form
+        .iter()
+        .find(|(k, _)| k == "client_assertion")
+        .map(|(_, v)| v.clone())
+        .expect("a client assertion");
+    let header = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(assertion.split('.').next().unwrap())
+        .unwrap();
+    let header: serde_json::Value = serde_json::from_slice(&header).unwrap();
+    use sha2::Digest as _;
+    let thumbprint =
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(cert.der()));
+    assert_eq!(header["x5t#S256"], thumbprint.as_str(), "{header}");
     proxy.handle.shutdown().await;
 }
 

@@ -262,9 +262,14 @@ pub struct ClientCertificate {
 /// A PEM file (certificate and key) or a PKCS#12 / .pfx file with its password.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertificateFile {
+    /// The file; for a certificate from a secret store, `STORE/NAME (secret store)`, shown
+    /// in messages.
     pub path: PathBuf,
     /// PKCS#12 only; PEM keys must be unencrypted.
     pub password: Option<Secret>,
+    /// The file's contents when they come from a secret store (`${secret:STORE/NAME}`, a
+    /// Key Vault certificate's secret: PEM, or PKCS#12 in base64); `None`: read `path`.
+    pub content: Option<Secret>,
 }
 
 /// The client assertion's signature algorithm and thumbprint header.

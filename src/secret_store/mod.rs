@@ -503,6 +503,46 @@ mod tests {
     }
 
     #[test]
+    fn without_a_challenge_the_scope_follows_the_credentials_cloud() {
+        let kind = |authority: &str| {
+            CredentialKind::WorkloadIdentity(crate::config::WorkloadIdentity {
+                endpoint: TokenEndpoint::Entra {
+                    authority: authority.to_owned(),
+                    tenant_id: "t1".to_owned(),
+                    url: format!("{authority}/t1/oauth2/v2.0/token").parse().unwrap(),
+                },
+                client_id: "c".to_owned(),
+                token_file: "/t".into(),
+            })
+        };
+        for (authority, scope) in [
+            (
+                "https://login.microsoftonline.com",
+                "https://vault.azure.net/.default",
+            ),
+            (
+                "https://login.chinacloudapi.cn",
+                "https://vault.azure.cn/.default",
+            ),
+            (
+                "https://login.partner.microsoftonline.cn",
+                "https://vault.azure.cn/.default",
+            ),
+            (
+                "https://login.microsoftonline.us",
+                "https://vault.usgovcloudapi.net/.default",
+            ),
+        ] {
+            assert_eq!(default_scope(&kind(authority)), scope, "{authority}");
+        }
+        let imds = CredentialKind::ManagedIdentity(crate::config::ManagedIdentity {
+            selector: None,
+            endpoint: crate::config::ManagedIdentityEndpoint::Imds,
+        });
+        assert_eq!(default_scope(&imds), "https://vault.azure.net/.default");
+    }
+
+    #[test]
     fn bundles_give_value_version_and_expiry() {
         let body = br#"{"value":"s3cr3t","id":"https://kv.vault.azure.net/secrets/bc/0123abcd","attributes":{"enabled":true,"exp":1893456000}}"#;
         let stored = parse_secret(body).unwrap();

@@ -137,6 +137,29 @@ impl Validator<'_> {
         })
     }
 
+    /// A certificate file, or wholly `${secret:STORE/NAME}`: a Key Vault certificate's
+    /// secret (PEM, or PKCS#12 in base64), whose contents stand in for the file.
+    fn certificate_source(
+        &mut self,
+        path: &str,
+        text: &str,
+    ) -> Option<(std::path::PathBuf, Option<crate::secret::Secret>)> {
+        let reference = text
+            .strip_prefix("${secret:")
+            .and_then(|t| t.strip_suffix('}'))
+            .filter(|t| !t.contains('}'));
+        match reference {
+            Some(reference) => {
+                let content = self.secret(path, text)?;
+                Some((
+                    std::path::PathBuf::from(format!("{reference} (secret store)")),
+                    Some(content),
+                ))
+            }
+            None => self.existing_file(path, text).map(|file| (file, None)),
+        }
+    }
+
     /// A calendar date `YYYY-MM-DD`, as the start of that day in UTC.
     pub(super) fn date(&mut self, path: &str, text: &str) -> Option<SystemTime> {
         let value = self.string(path, text)?;
@@ -230,14 +253,16 @@ impl Validator<'_> {
                 None
             }
             (Some(file), None) => {
-                let file = self.existing_file(&format!("{at}.certificate_file"), file);
+                let file = self.certificate_source(&format!("{at}.certificate_file"), file);
                 let password = match &raw.certificate_password {
                     Some(text) => Some(self.secret(&format!("{at}.certificate_password"), text)?),
                     None => None,
                 };
+                let (path, content) = file?;
                 Some(vec![CertificateFile {
-                    path: file?,
+                    path,
                     password,
+                    content,
                 }])
             }
             (None, Some(list)) => {
@@ -256,9 +281,12 @@ impl Validator<'_> {
                     "certificate file",
                     |this, path, entry| match entry {
                         StringOr::String(text) => {
-                            this.existing_file(path, text).map(|path| CertificateFile {
-                                path,
-                                password: None,
+                            this.certificate_source(path, text).map(|(path, content)| {
+                                CertificateFile {
+                                    path,
+                                    password: None,
+                                    content,
+                                }
                             })
                         }
                         StringOr::Map(entry) => {
@@ -268,13 +296,17 @@ impl Validator<'_> {
                                     entry.file.as_ref(),
                                     "a PEM or PKCS#12 (.pfx) file",
                                 )
-                                .and_then(|t| this.existing_file(&format!("{path}.file"), t));
+                                .and_then(|t| this.certificate_source(&format!("{path}.file"), t));
                             let password = match &entry.password {
                                 Some(t) => this.secret(&format!("{path}.password"), t).map(Some),
                                 None => Some(None),
                             };
                             file.zip(password)
-                                .map(|(path, password)| CertificateFile { path, password })
+                                .map(|((path, content), password)| CertificateFile {
+                                    path,
+                                    password,
+                                    content,
+                                })
                         }
                     },
                 )

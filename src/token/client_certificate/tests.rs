@@ -30,6 +30,7 @@ fn file(name: &str, password: Option<&str>) -> CertificateFile {
     CertificateFile {
         path: fixture(name),
         password: password.map(Secret::new),
+        content: None,
     }
 }
 
