@@ -447,6 +447,15 @@ async fn startup_follows_the_challenge_then_reads_the_secret_with_a_vault_token(
     assert_eq!(secrets[0]["secret"], "bc-secret");
     assert_eq!(secrets[0]["version"], "v1");
     assert_eq!(secrets[0]["expires"], "2030-01-01T00:00:00Z");
+    // The vault's `exp` is the client secret's expiry date, with the usual warnings.
+    let credentials = &status.json()["credentials"];
+    assert_eq!(credentials[0]["credential"], "bc", "{text}");
+    assert_eq!(credentials[0]["entry"], "client_secret");
+    assert_eq!(credentials[0]["expires"], "2030-01-01T00:00:00Z");
+    // The page itself shows the version.
+    let page = get(proxy.admin, "/").await.text();
+    assert!(page.contains("<code>v1</code>"), "{page}");
+    assert!(!page.contains(OLD));
     proxy.handle.shutdown().await;
 }
 
@@ -491,9 +500,9 @@ async fn a_missing_secret_is_a_startup_error_naming_store_and_secret() {
 }
 
 /// `check` reads the vault as start-up does: a missing secret fails it, a present one
-/// passes, and the value is printed in neither case.
+/// passes, and the value is printed in neither case; `doctor` shows version and expiry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn check_reads_the_vault_and_never_prints_the_secret() {
+async fn check_and_doctor_read_the_vault_and_never_print_the_secret() {
     let setup = Setup::start(&[OLD]).await;
     let path = setup.dir.write(
         "proxy.yaml",
@@ -517,6 +526,20 @@ async fn check_reads_the_vault_and_never_prints_the_secret() {
     assert_eq!(ok.code, Some(0), "{ok:?}");
     assert!(!ok.all().contains(OLD), "{ok:?}");
     assert!(!missing.all().contains(OLD));
+
+    // `doctor` names the version and expiry it read, not the value.
+    setup.vault.put("bc-secret", OLD, "v7", Some(1_893_456_000));
+    let mut command = cli::command(["doctor", "--config"]);
+    command.arg(&path).envs(vars());
+    let doctor = cli::run_to_end(command, None).await;
+    assert_eq!(doctor.code, Some(0), "{doctor:?}");
+    assert!(
+        doctor
+            .stdout
+            .contains("secret kv/bc-secret: version v7, expires 2030-01-01T00:00:00Z"),
+        "{doctor:?}"
+    );
+    assert!(!doctor.all().contains(OLD), "{doctor:?}");
 }
 
 // ---------------------------------------------------------------------------------------
