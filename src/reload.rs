@@ -209,11 +209,33 @@ impl Runtime {
 
     /// Switches to `config`: keeps the tokens of unchanged credentials and the running
     /// values of settings that need a restart, then swaps the pipeline.
-    pub(crate) fn apply(&self, mut config: Config) -> ReloadReport {
+    pub(crate) fn apply(&self, config: Config) -> ReloadReport {
         let _one_at_a_time = self
             .reloading
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        let report = self.swap(config, "Configuration reloaded.");
+        self.metrics.record_reload("ok");
+        report
+    }
+
+    /// Switches to `config`, the configuration of `expected` with new secret-store values
+    /// (`secrets`), unless a reload replaced `expected` meanwhile: that reload read the
+    /// stores itself, and its file must not be undone. Whether it was applied.
+    pub(crate) fn apply_secrets(&self, expected: &Arc<Generation>, config: Config) -> bool {
+        let _one_at_a_time = self
+            .reloading
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if !Arc::ptr_eq(&self.current.load_full(), expected) {
+            return false;
+        }
+        self.swap(config, "New secret version applied.");
+        true
+    }
+
+    /// The swap itself; the caller holds `reloading`.
+    fn swap(&self, mut config: Config, message: &'static str) -> ReloadReport {
         let old = self.current.load_full();
         let restart_required = keep_restart_settings(&old.config, &mut config);
         for field in &restart_required {
@@ -246,12 +268,11 @@ impl Runtime {
             routes = config.routes.len(),
             credentials = config.credentials.len(),
             kept_tokens = ?kept_credentials,
-            "Configuration reloaded."
+            "{message}"
         );
         self.current
             .store(Arc::new(Generation::new(config, tokens)));
         self.pipelines.store(Arc::new(pipeline));
-        self.metrics.record_reload("ok");
         ReloadReport {
             restart_required,
             kept_credentials,

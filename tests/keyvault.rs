@@ -604,8 +604,51 @@ async fn a_new_version_is_used_at_once_and_no_request_fails() {
         r#"s2s_proxy_secret_refreshes_total{store="kv",outcome="updated"}"#,
     );
     assert_eq!(updated, Some(1.0), "{metrics}");
+    // Not a configuration reload.
+    assert_eq!(
+        metric(&metrics, r#"s2s_proxy_config_reloads_total{outcome="ok"}"#),
+        Some(0.0)
+    );
     assert!(!metrics.contains(OLD) && !metrics.contains(NEW));
     proxy.handle.shutdown().await;
+}
+
+/// A configuration reload (SIGHUP, a changed file) reads the vault again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_reads_the_vault_again() {
+    use sha2::Digest as _;
+    let setup = Setup::start(&[OLD, NEW]).await;
+    setup.vault.put("bc-secret", OLD, "v1", None);
+    // Read from the file with the process environment: the password as its digest.
+    let digest = hex(&sha2::Sha256::digest(PASSWORD.as_bytes()));
+    let yaml = setup
+        .yaml("client_secret: ${secret:kv/bc-secret}")
+        .replace("${ERP_PASSWORD}", &format!("sha256:{digest}"))
+        .replace("refresh: 1s", "refresh: 1h");
+    let path = setup.dir.write("proxy.yaml", &yaml);
+    let config = tokio::task::spawn_blocking({
+        let path = path.clone();
+        move || Config::load(&path)
+    })
+    .await
+    .unwrap()
+    .expect("loads");
+    let proxy = spawn_ops_proxy(config, Some(&path)).await;
+    assert_eq!(bc_get(proxy.handle.addr).await.status, 200);
+
+    setup.vault.put("bc-secret", NEW, "v2", None);
+    let reload = proxy.reload.clone();
+    tokio::task::spawn_blocking(move || reload.reload())
+        .await
+        .unwrap()
+        .expect("reloads");
+    assert_eq!(bc_get(proxy.handle.addr).await.status, 200);
+    assert_eq!(setup.bc.seen(), [OLD, NEW]);
+    proxy.handle.shutdown().await;
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// An inbound API key from the vault: a new version admits the new key and refuses the

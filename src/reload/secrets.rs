@@ -16,8 +16,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use super::Runtime;
-use crate::config::{Config, SecretStore, SecretValues};
+use super::{Generation, Runtime};
+use crate::config::{Config, Credential, SecretStore, SecretValues};
 use crate::secret_store::Vault;
 
 /// How often a configuration without secret stores is looked at again (a reload may add
@@ -26,7 +26,8 @@ const IDLE_CHECK: Duration = Duration::from_secs(30);
 
 /// Reads the secret stores of the running configuration every `refresh` until aborted.
 pub(crate) async fn refresh(runtime: Arc<Runtime>) {
-    let mut vaults: HashMap<String, (SecretStore, Arc<Vault>)> = HashMap::new();
+    // Each store's client, with the settings it was built from (store and credential).
+    let mut vaults: HashMap<String, (VaultKey, Arc<Vault>)> = HashMap::new();
     let mut due: HashMap<String, Instant> = HashMap::new();
     let mut failing: HashSet<String> = HashSet::new();
     loop {
@@ -44,9 +45,10 @@ pub(crate) async fn refresh(runtime: Arc<Runtime>) {
         tokio::time::sleep_until(next).await;
 
         // The configuration as it is now: a reload may have happened while sleeping.
-        let config = runtime.current().config.clone();
+        let generation = runtime.current();
+        let config = &generation.config;
         let stores = &config.secret_stores.stores;
-        vaults.retain(|name, (store, _)| config.secret_stores.store(name) == Some(store));
+        vaults.retain(|name, (key, _)| vault_key(config, name).as_ref() == Some(key));
         let now = Instant::now();
         let mut values = config.secret_stores.values.clone();
         let mut updated = false;
@@ -57,28 +59,38 @@ pub(crate) async fn refresh(runtime: Arc<Runtime>) {
             due.insert(store.name.clone(), now + store.refresh);
             let vault = match vaults.get(&store.name) {
                 Some((_, vault)) => Arc::clone(vault),
-                None => match Vault::new(
-                    &config,
-                    &store.name,
-                    &runtime.tls,
-                    crate::secret_store::refresh_timeout(store.refresh),
-                ) {
-                    Some(vault) => {
-                        let vault = Arc::new(vault);
-                        vaults.insert(store.name.clone(), (store.clone(), Arc::clone(&vault)));
-                        vault
-                    }
-                    None => continue,
-                },
+                None => {
+                    let built = Vault::new(
+                        config,
+                        &store.name,
+                        &runtime.tls,
+                        crate::secret_store::refresh_timeout(store.refresh),
+                    );
+                    let (Some(vault), Some(key)) = (built, vault_key(config, &store.name)) else {
+                        continue;
+                    };
+                    let vault = Arc::new(vault);
+                    vaults.insert(store.name.clone(), (key, Arc::clone(&vault)));
+                    vault
+                }
             };
-            let outcome = refresh_store(&config, &vault, &mut values, &mut failing).await;
+            let outcome = refresh_store(config, &vault, &mut values, &mut failing).await;
             updated |= outcome == "updated";
             runtime.metrics.record_secret_refresh(&store.name, outcome);
         }
         if updated {
-            apply(&runtime, &config, values).await;
+            apply(&runtime, &generation, values).await;
         }
     }
+}
+
+/// What a store's client is built from: the store's settings and its credential's.
+type VaultKey = (SecretStore, Credential);
+
+fn vault_key(config: &Config, store: &str) -> Option<VaultKey> {
+    let store = config.secret_stores.store(store)?;
+    let credential = config.credential(&store.credential)?;
+    Some((store.clone(), credential.clone()))
 }
 
 /// Reads one store's secrets into `values`; the metric outcome.
@@ -133,17 +145,16 @@ async fn refresh_store(
 
 /// Validates the running configuration again with `values` and applies it, off the
 /// serving threads (the second stage reads files).
-async fn apply(runtime: &Arc<Runtime>, config: &Config, values: SecretValues) {
-    let config = config.clone();
-    let applying = Arc::clone(runtime);
+async fn apply(runtime: &Arc<Runtime>, generation: &Arc<Generation>, values: SecretValues) {
+    let (applying, expected) = (Arc::clone(runtime), Arc::clone(generation));
     let result = tokio::task::spawn_blocking(move || {
-        let next = config
+        let next = expected
+            .config
             .with_secret_values(values)
             .and_then(|next| crate::preflight::preflight_files(next, "secret_stores"))?;
-        if applying.is_draining() {
-            return Ok(());
+        if !applying.is_draining() && !applying.apply_secrets(&expected, next) {
+            info!("The configuration was reloaded meanwhile; its own secret values stay.");
         }
-        applying.apply(next);
         Ok::<(), crate::config::ConfigError>(())
     })
     .await;
