@@ -706,11 +706,9 @@ impl Config {
             message: error.message,
         })?;
         let mut config =
-            validate::validate(&raw, source, &SecretValues::default()).map_err(|problems| {
-                ConfigError::Invalid {
-                    file: source.name.clone(),
-                    problems,
-                }
+            validate::validate(&raw, source, None).map_err(|problems| ConfigError::Invalid {
+                file: source.name.clone(),
+                problems,
             })?;
         if !config.secret_stores.stores.is_empty() {
             config.secret_stores.origin = Some(std::sync::Arc::new(Origin {
@@ -735,12 +733,13 @@ impl Config {
             base_dir: origin.base_dir.clone(),
             variables: origin.variables.clone(),
         };
-        let mut config = validate::validate(&origin.raw, &source, &values).map_err(|problems| {
-            ConfigError::Invalid {
-                file: origin.name.clone(),
-                problems,
-            }
-        })?;
+        let mut config =
+            validate::validate(&origin.raw, &source, Some(&values)).map_err(|problems| {
+                ConfigError::Invalid {
+                    file: origin.name.clone(),
+                    problems,
+                }
+            })?;
         config.secret_stores.origin = Some(std::sync::Arc::clone(origin));
         config.secret_stores.values = values;
         Ok(config)

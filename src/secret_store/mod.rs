@@ -422,7 +422,14 @@ async fn read_all(
         if !vaults.iter().any(|v| v.store.name == store) {
             match Vault::new(config, &store, tls, TOTAL_TIMEOUT) {
                 Some(vault) => vaults.push(vault),
-                None => continue,
+                None => {
+                    // Validation makes this unreachable; never leave a reference unread.
+                    problems.push(Problem {
+                        path: format!("secret_stores.{store}"),
+                        message: "cannot set up this store's client".to_owned(),
+                    });
+                    continue;
+                }
             }
         }
         let Some(vault) = vaults.iter().find(|v| v.store.name == store) else {

@@ -64,10 +64,13 @@ impl Validator<'_> {
                 ));
             }
             found.push((store.to_owned(), name.to_owned()));
-            Ok(match values.get(store, name) {
-                Some(stored) => stored.value.expose().to_owned(),
-                None => super::stores::placeholder(store, name),
-            })
+            match values.map(|v| v.get(store, name)) {
+                None => Ok(super::stores::placeholder(store, name)),
+                Some(Some(stored)) => Ok(stored.value.expose().to_owned()),
+                Some(None) => Err(format!(
+                    "`${{secret:{reference}}}`: secret `{name}` was not read from store `{store}`"
+                )),
+            }
         };
         let result = expand::expand_with(
             text,

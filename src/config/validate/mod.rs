@@ -18,7 +18,7 @@ use super::{Client, Config, Credential, Prepared, Problem, Route, SecretValues, 
 pub(super) fn validate(
     raw: &RawConfig,
     source: &Source,
-    values: &SecretValues,
+    values: Option<&SecretValues>,
 ) -> Result<Config, Vec<Problem>> {
     let raw_stores = raw.secret_stores.as_ref().map_or(&[][..], |s| &s.0[..]);
     let mut v = Validator {
@@ -95,8 +95,9 @@ struct Validator<'s> {
     store_names: Vec<String>,
     /// The `${secret:…}` references met so far.
     references: Vec<super::SecretReference>,
-    /// Values for those references (second pass); placeholders when absent.
-    values: &'s SecretValues,
+    /// Values for those references: `None` in stage one (placeholders stand for them),
+    /// then every referenced secret must be there.
+    values: Option<&'s SecretValues>,
 }
 
 mod clients;

@@ -123,7 +123,7 @@ impl Validator<'_> {
             .strip_prefix("${secret:")
             .and_then(|t| t.strip_suffix('}'))
             .and_then(|t| t.split_once('/'))
-            .and_then(|(store, name)| self.values.get(store, name))
+            .and_then(|(store, name)| self.values?.get(store, name))
             .and_then(|stored| stored.expires);
         let file = text
             .strip_prefix("${file:")
