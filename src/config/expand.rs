@@ -288,6 +288,28 @@ mod tests {
     }
 
     #[test]
+    fn secret_references_need_a_resolver() {
+        let v = vars(&[]);
+        let problems = expand("${secret:kv/a}", &v, Path::new(".")).unwrap_err();
+        assert!(
+            problems[0].starts_with("`${secret:kv/a}` may stand only where a secret does"),
+            "{problems:?}"
+        );
+        let mut seen = Vec::new();
+        let mut resolve = |r: &str| {
+            seen.push(r.to_owned());
+            Ok("VALUE".to_owned())
+        };
+        let e = expand_with("${secret:kv/a}", &v, Path::new("."), Some(&mut resolve)).unwrap();
+        assert_eq!(e.value, "VALUE");
+        assert!(e.whole_reference);
+        let e = expand_with("x${secret:kv/b}", &v, Path::new("."), Some(&mut resolve)).unwrap();
+        assert_eq!(e.value, "xVALUE");
+        assert!(!e.whole_reference);
+        assert_eq!(seen, ["kv/a", "kv/b"]);
+    }
+
+    #[test]
     fn empty_variable_is_a_value() {
         let e = ok("${E}", &vars(&[("E", "")]));
         assert_eq!(e.value, "");
