@@ -15,10 +15,12 @@
 //! - `admin`: the admin listener (`/healthz`, `/readyz`, `/metrics`, the status page) and
 //!   `healthcheck`.
 //! - `metrics`: the Prometheus registry and metric names.
-//! - `reload`: the running configuration, swapped whole on SIGHUP or a changed file.
+//! - `reload`: the running configuration, swapped whole on SIGHUP, a changed file or a new
+//!   secret version in a secret store.
 //! - `pem`: reading PEM certificate files.
 //! - `preflight`: the second configuration stage, reading the files a [`Config`] names.
 //! - [`secret`]: redacting wrappers for secrets.
+//! - `secret_store`: reading `${secret:STORE/NAME}` values from Azure Key Vault.
 //! - `hardening`: no core dumps, not dumpable.
 //! - `header_names`: which request header names the proxy owns (for config and `proxy`).
 //! - [`dev`]: the self-contained demo behind `s2s-proxy dev`.
@@ -52,6 +54,7 @@ pub mod report;
 mod rewrite;
 mod routing;
 pub mod secret;
+mod secret_store;
 mod server;
 #[cfg(test)]
 mod test_support;
@@ -233,12 +236,14 @@ impl Proxy {
         }
         let certificates = self.inbound_tls.as_ref().map(|tls| tls.reloader.clone());
         let watcher = tokio::spawn(reload::watch(runtime.clone(), hangups, certificates));
+        let secrets = tokio::spawn(reload::refresh_secrets(runtime.clone()));
         let admin = self
             .admin
             .map(|listener| tokio::spawn(admin::serve(listener, runtime.clone())));
         shutdown.await;
         // No reload may swap the pipeline once draining starts; readiness fails now.
         watcher.abort();
+        secrets.abort();
         runtime.set_draining();
         serving.drain().await;
         for worker in workers {

@@ -361,6 +361,7 @@ mod tests {
             credentials: vec![],
             clients,
             routes: vec![],
+            secret_stores: Default::default(),
             prepared: Default::default(),
         }
     }
