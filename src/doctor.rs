@@ -7,6 +7,7 @@
 //! docs/troubleshooting.md "By upstream status": in BC a 401
 //! `Authentication_InvalidCredentials` means the app is not enabled on the "Microsoft Entra
 //! Applications" page or the URL names another tenant; a 403 means missing permission sets.
+//! It also lists the secrets read from secret stores with their version and `exp`.
 //! Never prints a token or a secret. The status page's Test button runs the same steps
 //! for one route ([`test_route`]).
 
@@ -148,6 +149,23 @@ pub async fn run(config: &Config) -> (String, bool) {
         );
     }
     let now = SystemTime::now();
+    // The secret-store values this configuration was loaded with: version and `exp`.
+    for ((store, name), stored) in &config.secret_stores.values.0 {
+        let expires = stored.expires.map_or_else(
+            || "no expiry date".to_owned(),
+            |at| {
+                let epoch = at
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                format!("expires {}", crate::civil_date::utc(epoch))
+            },
+        );
+        let _ = writeln!(
+            out,
+            "secret {store}/{name}: version {}, {expires}",
+            stored.version
+        );
+    }
     for expiry in token::credential_expiries(config) {
         let epoch = expiry
             .expires

@@ -17,10 +17,12 @@
 //! - `cluster`: fleet mode, the Redis handle (fail-open calls, availability probe, release
 //!   notifications) and the fleet-wide semaphore behind `max_concurrent`.
 //! - `metrics`: the Prometheus registry and metric names.
-//! - `reload`: the running configuration, swapped whole on SIGHUP or a changed file.
+//! - `reload`: the running configuration, swapped whole on SIGHUP, a changed file or a new
+//!   secret version in a secret store.
 //! - `pem`: reading PEM certificate files.
 //! - `preflight`: the second configuration stage, reading the files a [`Config`] names.
 //! - [`secret`]: redacting wrappers for secrets.
+//! - `secret_store`: reading `${secret:STORE/NAME}` values from Azure Key Vault.
 //! - `hardening`: no core dumps, not dumpable.
 //! - `header_names`: which request header names the proxy owns (for config and `proxy`).
 //! - [`dev`]: the self-contained demo behind `s2s-proxy dev`.
@@ -55,6 +57,7 @@ pub mod report;
 mod rewrite;
 mod routing;
 pub mod secret;
+mod secret_store;
 mod server;
 #[cfg(test)]
 mod test_support;
@@ -236,12 +239,14 @@ impl Proxy {
         }
         let certificates = self.inbound_tls.as_ref().map(|tls| tls.reloader.clone());
         let watcher = tokio::spawn(reload::watch(runtime.clone(), hangups, certificates));
+        let secrets = tokio::spawn(reload::refresh_secrets(runtime.clone()));
         let admin = self
             .admin
             .map(|listener| tokio::spawn(admin::serve(listener, runtime.clone())));
         shutdown.await;
         // No reload may swap the pipeline once draining starts; readiness fails now.
         watcher.abort();
+        secrets.abort();
         runtime.set_draining();
         serving.drain().await;
         for worker in workers {

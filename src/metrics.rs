@@ -52,6 +52,8 @@ const TOKEN_OUTCOMES: [&str; 7] = [
 ];
 /// Every `outcome` of `s2s_proxy_config_reloads_total`.
 const RELOAD_OUTCOMES: [&str; 2] = ["ok", "error"];
+/// Every `outcome` of `s2s_proxy_secret_refreshes_total`, per store.
+pub(crate) const SECRET_REFRESH_OUTCOMES: [&str; 3] = ["unchanged", "updated", "failed"];
 
 /// Seconds; from a quick metadata read to Business Central's 10-minute ceiling.
 const DURATION_BUCKETS: [f64; 16] = [
@@ -90,6 +92,12 @@ struct CredentialLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StoreLabels {
+    store: String,
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {
     outcome: &'static str,
 }
@@ -119,6 +127,7 @@ struct Inner {
     in_flight: Family<RouteLabels, Gauge>,
     queued: Family<RouteLabels, Gauge>,
     reloads: Family<OutcomeLabels, Counter>,
+    secret_refreshes: Family<StoreLabels, Counter>,
     /// The status page's view: traffic windows by route, recent errors, last reload.
     windows: Mutex<HashMap<String, Arc<Window>>>,
     errors: RecentErrors,
@@ -156,6 +165,7 @@ impl Metrics {
         let in_flight = Family::default();
         let queued = Family::default();
         let reloads = Family::default();
+        let secret_refreshes = Family::default();
         // Counters are registered without `_total`: the encoder appends it.
         registry.register(
             "s2s_proxy_requests",
@@ -204,6 +214,11 @@ impl Metrics {
             "Limiter decisions taken with local limits because Redis did not answer in time",
             cluster.fallbacks.clone(),
         );
+        registry.register(
+            "s2s_proxy_secret_refreshes",
+            "Background reads of a secret store, by store and outcome",
+            secret_refreshes.clone(),
+        );
         Self {
             inner: Arc::new(Inner {
                 cluster,
@@ -218,6 +233,7 @@ impl Metrics {
                 in_flight,
                 queued,
                 reloads,
+                secret_refreshes,
                 windows: Mutex::default(),
                 errors: RecentErrors::default(),
                 last_reload: Mutex::default(),
@@ -260,6 +276,14 @@ impl Metrics {
         drop(token_credentials);
         for outcome in RELOAD_OUTCOMES {
             let _ = self.inner.reloads.get_or_create(&OutcomeLabels { outcome });
+        }
+        for store in &config.secret_stores.stores {
+            for outcome in SECRET_REFRESH_OUTCOMES {
+                let _ = self.inner.secret_refreshes.get_or_create(&StoreLabels {
+                    store: store.name.clone(),
+                    outcome,
+                });
+            }
         }
     }
 
@@ -326,6 +350,17 @@ impl Metrics {
         self.inner
             .queued
             .get_or_create_owned(&route_labels(Some(route)))
+    }
+
+    /// Counts one background read of a secret store (`unchanged`, `updated`, `failed`).
+    pub(crate) fn record_secret_refresh(&self, store: &str, outcome: &'static str) {
+        self.inner
+            .secret_refreshes
+            .get_or_create(&StoreLabels {
+                store: store.to_owned(),
+                outcome,
+            })
+            .inc();
     }
 
     /// Counts one reload attempt (`ok` or `error`).

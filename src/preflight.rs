@@ -4,7 +4,10 @@
 //! pure and imports nothing above `config`; this stage knows the token, inbound TLS and
 //! upstream TLS loaders.
 //!
-//! It reads `server.upstream_ca_file` (the upstream CA roots), `server.tls.*` (inbound
+//! First it reads the `${secret:STORE/NAME}` values from their secret stores
+//! (`crate::secret_store`; a secret that cannot be read is a problem at the field that
+//! references it) and validates the document again with them. Then it reads
+//! `server.upstream_ca_file` (the upstream CA roots), `server.tls.*` (inbound
 //! certificate, key and client CA) and every `credentials.*.certificate_file(s)` with its
 //! key. [`Config::load`] and [`Config::from_yaml_str`] run both stages, so `check`,
 //! start-up and reload refuse the same files; reload calls it off the serving threads.
@@ -36,7 +39,24 @@ impl Config {
 /// parsed client certificates and upstream roots travel in the returned configuration, so
 /// that the token sources, expiry reports and the upstream client use them without reading
 /// the files again.
-pub(crate) fn preflight(mut config: Config, file: &str) -> Result<Config, ConfigError> {
+pub(crate) fn preflight(config: Config, file: &str) -> Result<Config, ConfigError> {
+    let config = if config.secret_stores.references.is_empty() {
+        config
+    } else {
+        let values = crate::secret_store::read_at_start(&config).map_err(|problems| {
+            ConfigError::Invalid {
+                file: file.to_owned(),
+                problems,
+            }
+        })?;
+        config.with_secret_values(values)?
+    };
+    preflight_files(config, file)
+}
+
+/// The file part of stage two, for a configuration whose secret-store values are already
+/// in place (a refresh that found a new version: `crate::reload`).
+pub(crate) fn preflight_files(mut config: Config, file: &str) -> Result<Config, ConfigError> {
     let problems = problems(&mut config);
     if problems.is_empty() {
         Ok(config)

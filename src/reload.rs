@@ -17,6 +17,8 @@
 //! Redis connection and the key namespace the limiters share) keep their
 //! running values until a restart; a reload that changes them says so in a warning.
 //!
+//! A new version of a secret in a secret store is applied the same way (`secrets`).
+//!
 //! Triggers: SIGHUP, and a change of the file's modification time or length, polled
 //! every [`POLL_INTERVAL`] (no file-system notification crate: ConfigMap volumes swap a
 //! symlink, which polling sees as well).
@@ -36,6 +38,9 @@ use crate::proxy::body::UpstreamBody;
 use crate::proxy::{Limiters, Pipeline};
 use crate::token::{FetchCount, SlotStatus, TokenCache};
 use crate::upstream::{self, UpstreamClient};
+
+mod secrets;
+pub(crate) use secrets::refresh as refresh_secrets;
 
 /// How often the configuration file is checked for changes.
 pub(crate) const POLL_INTERVAL: Duration = Duration::from_secs(2);
@@ -129,7 +134,7 @@ pub(crate) struct Runtime {
     /// One client (and connection pool) per worker: a worker's upstream connections are
     /// driven by its own runtime.
     upstreams: Vec<UpstreamClient<UpstreamBody>>,
-    tls: Arc<rustls::ClientConfig>,
+    pub(crate) tls: Arc<rustls::ClientConfig>,
     config_path: Option<PathBuf>,
     /// The file's stamp when the proxy was built: later changes are changes.
     initial_stamp: Option<Stamp>,
@@ -254,11 +259,33 @@ impl Runtime {
 
     /// Switches to `config`: keeps the tokens of unchanged credentials and the running
     /// values of settings that need a restart, then swaps the pipeline.
-    pub(crate) fn apply(&self, mut config: Config) -> ReloadReport {
+    pub(crate) fn apply(&self, config: Config) -> ReloadReport {
         let _one_at_a_time = self
             .reloading
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        let report = self.swap(config, "Configuration reloaded.");
+        self.metrics.record_reload("ok");
+        report
+    }
+
+    /// Switches to `config`, the configuration of `expected` with new secret-store values
+    /// (`secrets`), unless a reload replaced `expected` meanwhile: that reload read the
+    /// stores itself, and its file must not be undone. Whether it was applied.
+    pub(crate) fn apply_secrets(&self, expected: &Arc<Generation>, config: Config) -> bool {
+        let _one_at_a_time = self
+            .reloading
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if !Arc::ptr_eq(&self.current.load_full(), expected) {
+            return false;
+        }
+        self.swap(config, "New secret version applied.");
+        true
+    }
+
+    /// The swap itself; the caller holds `reloading`.
+    fn swap(&self, mut config: Config, message: &'static str) -> ReloadReport {
         let old = self.current.load_full();
         let restart_required = keep_restart_settings(&old.config, &mut config);
         for field in &restart_required {
@@ -297,14 +324,13 @@ impl Runtime {
             routes = config.routes.len(),
             credentials = config.credentials.len(),
             kept_tokens = ?kept_credentials,
-            "Configuration reloaded."
+            "{message}"
         );
         self.current
             .store(Arc::new(Generation::new(config, tokens)));
         for (worker, pipeline) in self.pipelines.workers.iter().zip(pipelines) {
             worker.store(Arc::new(pipeline));
         }
-        self.metrics.record_reload("ok");
         ReloadReport {
             restart_required,
             kept_credentials,

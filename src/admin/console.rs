@@ -148,6 +148,21 @@ pub(super) fn status(runtime: &Runtime) -> Value {
             })
         })
         .collect();
+    // Version and `exp` of each secret-store value in use; never the value.
+    let secret_stores: Vec<Value> = config
+        .secret_stores
+        .values
+        .0
+        .iter()
+        .map(|((store, name), stored)| {
+            json!({
+                "store": store,
+                "secret": name,
+                "version": stored.version,
+                "expires": stored.expires.map(|at| crate::civil_date::utc(epoch(at))),
+            })
+        })
+        .collect();
     let recent_errors: Vec<Value> = runtime
         .metrics
         .recent_errors()
@@ -179,6 +194,7 @@ pub(super) fn status(runtime: &Runtime) -> Value {
         },
         "routes": routes,
         "credentials": credentials,
+        "secret_stores": secret_stores,
         "recent_errors": recent_errors,
     })
 }
@@ -351,6 +367,25 @@ pub(super) fn page(status: &Value) -> String {
             text(&credential["credential"]),
             text(&credential["entry"]),
             text(&credential["expires"]),
+        );
+    }
+    let stored = status["secret_stores"]
+        .as_array()
+        .map_or(&[][..], Vec::as_slice);
+    if !stored.is_empty() {
+        html.push_str(
+            "</table></div><h2>Secret stores</h2><div class=\"wrap\"><table>\
+             <tr><th>secret</th><th>version</th><th>expires</th></tr>",
+        );
+    }
+    for secret in stored {
+        let _ = write!(
+            html,
+            "<tr><td>{}/{}</td><td><code>{}</code></td><td>{}</td></tr>",
+            text(&secret["store"]),
+            text(&secret["secret"]),
+            text(&secret["version"]),
+            text(&secret["expires"]),
         );
     }
     html.push_str(

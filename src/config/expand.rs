@@ -4,6 +4,8 @@
 //! - `${NAME}` is the variable `NAME` (`[A-Za-z_][A-Za-z0-9_]*`); unset is a problem.
 //! - `${file:PATH}` is the file's contents with trailing `\n` / `\r\n` removed; a relative
 //!   `PATH` resolves against the configuration file's directory.
+//! - `${secret:STORE/NAME}` is a secret from a secret store, allowed only where the caller
+//!   passes a resolver (secret fields); elsewhere it is a problem.
 //! - `$${` is a literal `${`. Any other `$` is literal (`pa$$word` stays as written).
 //! - An unterminated `${`, an empty `${}` or an invalid name is a problem.
 //!
@@ -16,6 +18,7 @@ use std::io::Read;
 use std::path::Path;
 
 /// Where `${NAME}` values come from.
+#[derive(Clone)]
 pub struct Variables(Option<HashMap<String, String>>);
 
 impl std::fmt::Debug for Variables {
@@ -68,11 +71,25 @@ pub(super) fn expand(
     variables: &Variables,
     base_dir: &Path,
 ) -> Result<Expanded, Vec<String>> {
+    expand_with(text, variables, base_dir, None)
+}
+
+/// Resolves the `STORE/NAME` of a `${secret:STORE/NAME}` to its value.
+pub(super) type SecretResolver<'a> = &'a mut dyn FnMut(&str) -> Result<String, String>;
+
+/// [`expand`], with `secrets` resolving `${secret:…}` (a secret field); `None` makes such a
+/// reference a problem.
+pub(super) fn expand_with(
+    text: &str,
+    variables: &Variables,
+    base_dir: &Path,
+    mut secrets: Option<SecretResolver<'_>>,
+) -> Result<Expanded, Vec<String>> {
     // Wholly one reference, the usual form of a secret: hand the value over without a copy.
     if let Some(inner) = text.strip_prefix("${").and_then(|t| t.strip_suffix('}'))
         && !inner.contains('}')
     {
-        return match resolve(inner, variables, base_dir) {
+        return match resolve(inner, variables, base_dir, &mut secrets) {
             Ok(value) => Ok(Expanded {
                 value,
                 whole_reference: true,
@@ -103,7 +120,7 @@ pub(super) fn expand(
                 break;
             };
             references += 1;
-            match resolve(&after[..end], variables, base_dir) {
+            match resolve(&after[..end], variables, base_dir, &mut secrets) {
                 Ok(resolved) => value.push_str(&resolved),
                 Err(problem) => problems.push(problem),
             }
@@ -129,14 +146,28 @@ pub(super) fn expand(
 }
 
 /// Resolves the inside of one `${…}`.
-fn resolve(reference: &str, variables: &Variables, base_dir: &Path) -> Result<String, String> {
+fn resolve(
+    reference: &str,
+    variables: &Variables,
+    base_dir: &Path,
+    secrets: &mut Option<SecretResolver<'_>>,
+) -> Result<String, String> {
     if let Some(path) = reference.strip_prefix("file:") {
         return read_file(path, base_dir);
+    }
+    if let Some(name) = reference.strip_prefix("secret:") {
+        return match secrets {
+            Some(resolve) => resolve(name),
+            None => Err(format!(
+                "`${{secret:{name}}}` may stand only where a secret does (client secrets, \
+                 certificate passwords, Basic passwords, API keys)"
+            )),
+        };
     }
     if !is_variable_name(reference) {
         return Err(format!(
             "`${{{reference}}}` is not a valid reference; write `${{NAME}}` (letters, digits \
-             and `_`) or `${{file:PATH}}`"
+             and `_`), `${{file:PATH}}` or `${{secret:STORE/NAME}}`"
         ));
     }
     variables.get(reference).ok_or_else(|| {
@@ -254,6 +285,28 @@ mod tests {
         let problems = expand("${}${1X}${a-b}", &v, Path::new(".")).unwrap_err();
         assert_eq!(problems.len(), 3);
         assert!(problems[1].contains("`${1X}` is not a valid reference"));
+    }
+
+    #[test]
+    fn secret_references_need_a_resolver() {
+        let v = vars(&[]);
+        let problems = expand("${secret:kv/a}", &v, Path::new(".")).unwrap_err();
+        assert!(
+            problems[0].starts_with("`${secret:kv/a}` may stand only where a secret does"),
+            "{problems:?}"
+        );
+        let mut seen = Vec::new();
+        let mut resolve = |r: &str| {
+            seen.push(r.to_owned());
+            Ok("VALUE".to_owned())
+        };
+        let e = expand_with("${secret:kv/a}", &v, Path::new("."), Some(&mut resolve)).unwrap();
+        assert_eq!(e.value, "VALUE");
+        assert!(e.whole_reference);
+        let e = expand_with("x${secret:kv/b}", &v, Path::new("."), Some(&mut resolve)).unwrap();
+        assert_eq!(e.value, "xVALUE");
+        assert!(!e.whole_reference);
+        assert_eq!(seen, ["kv/a", "kv/b"]);
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! fields rejected); [`validate`] turns it into the typed [`Config`] below, reporting every
 //! problem at once with its YAML path (`routes[2].upstream`). Nothing downstream parses a
 //! string again: URLs are `http::Uri`, durations `Duration`, secrets [`Secret`] or digests.
-//! The YAML parser sits behind [`Config::from_yaml_str`] alone.
+//! The YAML parser sits behind [`Config::from_yaml_str`] alone. `${secret:STORE/NAME}`
+//! references are recorded here with their paths; the values come from the second stage.
 
 mod expand;
 mod permissions;
@@ -47,6 +48,8 @@ pub struct Config {
     pub clients: Vec<Client>,
     /// In file order.
     pub routes: Vec<Route>,
+    /// `secret_stores`, the `${secret:STORE/NAME}` references and the values read.
+    pub secret_stores: SecretStores,
     /// What the second stage parsed from the files named above; empty after stage one.
     pub(crate) prepared: Prepared,
 }
@@ -318,9 +321,14 @@ pub struct ClientCertificate {
 /// A PEM file (certificate and key) or a PKCS#12 / .pfx file with its password.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertificateFile {
+    /// The file; for a certificate from a secret store, `STORE/NAME (secret store)`, shown
+    /// in messages.
     pub path: PathBuf,
     /// PKCS#12 only; PEM keys must be unencrypted.
     pub password: Option<Secret>,
+    /// The file's contents when they come from a secret store (`${secret:STORE/NAME}`, a
+    /// Key Vault certificate's secret: PEM, or PKCS#12 in base64); `None`: read `path`.
+    pub content: Option<Secret>,
 }
 
 /// The client assertion's signature algorithm and thumbprint header.
@@ -379,6 +387,102 @@ pub struct WorkloadIdentity {
     pub client_id: String,
     /// Read for every token request: the kubelet rotates it.
     pub token_file: PathBuf,
+}
+
+/// `secret_stores` and what the configuration takes from them. Data only: the second stage
+/// (`crate::preflight`) reads the values with `crate::secret_store` and validates the
+/// document again with them ([`Config::with_secret_values`]).
+#[derive(Debug, Clone, Default)]
+pub struct SecretStores {
+    /// Sorted by name.
+    pub stores: Vec<SecretStore>,
+    /// Every `${secret:STORE/NAME}`, in document order, with the YAML path it stands at.
+    pub references: Vec<SecretReference>,
+    /// The values the second stage read; empty after stage one, when every reference
+    /// stands for a placeholder.
+    pub values: SecretValues,
+    /// The parsed document, to validate again with new values (start-up, refresh).
+    origin: Option<std::sync::Arc<Origin>>,
+}
+
+impl SecretStores {
+    pub fn store(&self, name: &str) -> Option<&SecretStore> {
+        self.stores.iter().find(|s| s.name == name)
+    }
+
+    /// The distinct (store, secret) pairs referenced, in first-use order.
+    pub fn wanted(&self) -> Vec<(String, String)> {
+        let mut wanted: Vec<(String, String)> = Vec::new();
+        for r in &self.references {
+            let key = (r.store.clone(), r.name.clone());
+            if !wanted.contains(&key) {
+                wanted.push(key);
+            }
+        }
+        wanted
+    }
+}
+
+/// `secret_stores.NAME` of `type: azure_key_vault`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretStore {
+    pub name: String,
+    /// The vault's base URL without a trailing `/` (`https://contoso-kv.vault.azure.net`).
+    pub url: String,
+    /// A `managed_identity`, `workload_identity` or `client_certificate` credential.
+    pub credential: String,
+    /// How often the referenced secrets are read again.
+    pub refresh: Duration,
+}
+
+/// Default `secret_stores.*.refresh`.
+pub const DEFAULT_SECRET_REFRESH: Duration = Duration::from_secs(10 * 60);
+
+/// One `${secret:STORE/NAME}` in the document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretReference {
+    /// YAML path of the field, e.g. `credentials.bc.client_secret`.
+    pub path: String,
+    pub store: String,
+    pub name: String,
+}
+
+/// A secret as read from a store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredSecret {
+    pub value: Secret,
+    /// The version (last segment of Key Vault's `id`).
+    pub version: String,
+    /// The secret's `exp` attribute, if set.
+    pub expires: Option<SystemTime>,
+}
+
+/// Values read from the stores, by (store, secret name).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SecretValues(pub std::collections::BTreeMap<(String, String), StoredSecret>);
+
+impl SecretValues {
+    pub fn get(&self, store: &str, name: &str) -> Option<&StoredSecret> {
+        self.0.get(&(store.to_owned(), name.to_owned()))
+    }
+}
+
+/// The parsed document and where it came from: what [`Config::with_secret_values`]
+/// validates again.
+struct Origin {
+    raw: raw::RawConfig,
+    name: String,
+    base_dir: PathBuf,
+    variables: Variables,
+}
+
+impl fmt::Debug for Origin {
+    // The raw document may hold literal secrets.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Origin")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A caller of the proxy.
@@ -663,10 +767,44 @@ impl Config {
             location: error.location,
             message: error.message,
         })?;
-        validate::validate(&raw, source).map_err(|problems| ConfigError::Invalid {
-            file: source.name.clone(),
-            problems,
-        })
+        let mut config =
+            validate::validate(&raw, source, None).map_err(|problems| ConfigError::Invalid {
+                file: source.name.clone(),
+                problems,
+            })?;
+        if !config.secret_stores.stores.is_empty() {
+            config.secret_stores.origin = Some(std::sync::Arc::new(Origin {
+                raw,
+                name: source.name.clone(),
+                base_dir: source.base_dir.clone(),
+                variables: source.variables.clone(),
+            }));
+        }
+        Ok(config)
+    }
+
+    /// Stage one again, with `values` standing for the `${secret:STORE/NAME}` references
+    /// instead of placeholders. The result carries `values` and has an empty `prepared`:
+    /// run the second stage on it. `self` unchanged when it has no secret stores.
+    pub fn with_secret_values(&self, values: SecretValues) -> Result<Config, ConfigError> {
+        let Some(origin) = &self.secret_stores.origin else {
+            return Ok(self.clone());
+        };
+        let source = Source {
+            name: origin.name.clone(),
+            base_dir: origin.base_dir.clone(),
+            variables: origin.variables.clone(),
+        };
+        let mut config =
+            validate::validate(&origin.raw, &source, Some(&values)).map_err(|problems| {
+                ConfigError::Invalid {
+                    file: origin.name.clone(),
+                    problems,
+                }
+            })?;
+        config.secret_stores.origin = Some(std::sync::Arc::clone(origin));
+        config.secret_stores.values = values;
+        Ok(config)
     }
 
     pub fn credential(&self, name: &str) -> Option<&Credential> {

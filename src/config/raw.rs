@@ -127,6 +127,40 @@ pub(super) struct RawConfig {
     pub(super) clients: Option<Named<RawClient>>,
     /// Path prefixes, each with its upstream, credential and allowed clients.
     pub(super) routes: Option<Vec<RawRoute>>,
+    /// Secret stores by name (Azure Key Vault); `${secret:STORE/NAME}` reads from one.
+    pub(super) secret_stores: Option<Named<RawSecretStore>>,
+}
+
+/// A secret store. Internally tagged by `type`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(
+    tag = "type",
+    rename_all = "snake_case",
+    expecting = "a secret store mapping with a `type`"
+)]
+#[schemars(
+    rename = "SecretStore",
+    description = "Where `${secret:STORE/NAME}` values come from; `type` chooses which."
+)]
+pub(super) enum RawSecretStore {
+    AzureKeyVault(RawKeyVault),
+}
+
+/// An Azure Key Vault, read with one of the proxy's credentials.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(rename = "KeyVault")]
+pub(super) struct RawKeyVault {
+    /// The vault URL, e.g. `https://contoso-kv.vault.azure.net`.
+    #[serde(default, deserialize_with = "opt_string")]
+    pub(super) url: Option<String>,
+    /// A `managed_identity`, `workload_identity` or `client_certificate` credential.
+    #[serde(default, deserialize_with = "opt_string")]
+    pub(super) credential: Option<String>,
+    /// How often the secrets are read again (default `10m`).
+    #[serde(default)]
+    #[schemars(schema_with = "super::schema::duration")]
+    pub(super) refresh: Option<String>,
 }
 
 /// The `server` section.

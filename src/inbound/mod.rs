@@ -363,6 +363,7 @@ mod tests {
             credentials: vec![],
             clients,
             routes: vec![],
+            secret_stores: Default::default(),
             prepared: Default::default(),
         }
     }

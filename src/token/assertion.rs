@@ -70,7 +70,21 @@ impl SigningCertificate {
         #[cfg(test)]
         LOADS.with(|loads| loads.set(loads.get() + 1));
         let shown = file.path.display();
-        let bytes = read_bounded(&file.path).map_err(|e| format!("cannot read {shown}: {e}"))?;
+        let bytes = match &file.content {
+            // A Key Vault certificate's secret: PEM text, or a PKCS#12 file in base64
+            // (its `contentType` `application/x-pkcs12`).
+            Some(content) if content.expose().contains("-----BEGIN ") => {
+                zeroize::Zeroizing::new(content.expose().as_bytes().to_vec())
+            }
+            Some(content) => zeroize::Zeroizing::new(
+                STANDARD
+                    .decode(content.expose().trim())
+                    .map_err(|_| format!("{shown} is neither PEM nor a base64 PKCS#12 file"))?,
+            ),
+            None => zeroize::Zeroizing::new(
+                read_bounded(&file.path).map_err(|e| format!("cannot read {shown}: {e}"))?,
+            ),
+        };
         let (key, certs) = if bytes.windows(11).any(|w| w == b"-----BEGIN ") {
             if file.password.is_some() {
                 return Err(format!(

@@ -52,7 +52,7 @@ pub use expiry::{CredentialExpiry, EXPIRY_WARNING, credential_expiries, warn_exp
 pub(crate) use provider_error::retry_after;
 pub use provider_error::{ProviderError, aadsts_hint};
 
-pub(crate) use transport::TokenHttp;
+pub(crate) use transport::{RawResponse, TokenHttp};
 
 /// What [`TokenSource::fetch`] returns: one token request in flight.
 pub type TokenFuture<'a> =

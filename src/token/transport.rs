@@ -149,6 +149,16 @@ impl TokenHttp {
         self.exchange(request, url, "<upstream>").await
     }
 
+    /// [`Self::send`] for a request to a secret store (Key Vault): transport errors name
+    /// `<vault>` where they would name the host.
+    pub(crate) async fn send_vault(
+        &self,
+        request: reqwest::RequestBuilder,
+        url: &reqwest::Url,
+    ) -> Result<RawResponse, TokenError> {
+        self.exchange(request, url, "<vault>").await
+    }
+
     async fn exchange(
         &self,
         request: reqwest::RequestBuilder,

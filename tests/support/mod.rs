@@ -215,7 +215,7 @@ pub fn invalid_client_body() -> String {
     r#"{"error":"invalid_client","error_description":"AADSTS7000215: Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID, for a secret added to app 'app-1'. Trace ID: 0c1a Correlation ID: 9d2b Timestamp: 2026-11-28 05:00:00Z","error_codes":[7000215],"timestamp":"2026-11-28 05:00:00Z","trace_id":"0c1a","correlation_id":"9d2b","error_uri":"https://login.microsoftonline.com/error?code=7000215"}"#.to_owned()
 }
 
-fn url_decode_form(body: &[u8]) -> Vec<(String, String)> {
+pub fn url_decode_form(body: &[u8]) -> Vec<(String, String)> {
     fn decode(s: &str) -> String {
         let bytes = s.as_bytes();
         let mut out = Vec::with_capacity(bytes.len());

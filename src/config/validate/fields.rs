@@ -51,6 +51,51 @@ impl Validator<'_> {
         }
     }
 
+    /// Expansion in a secret field: `${secret:STORE/NAME}` is allowed and recorded.
+    pub(super) fn expand_secret(&mut self, path: &str, text: &str) -> Option<Expanded> {
+        let (stores, values) = (&self.store_names, self.values);
+        let mut found = Vec::new();
+        let mut resolve = |reference: &str| -> Result<String, String> {
+            let (store, name) = super::stores::split_reference(reference)?;
+            if !stores.iter().any(|s| s == store) {
+                return Err(format!(
+                    "`${{secret:{reference}}}`: secret store `{store}` is not defined in \
+                     `secret_stores`"
+                ));
+            }
+            found.push((store.to_owned(), name.to_owned()));
+            match values.map(|v| v.get(store, name)) {
+                None => Ok(super::stores::placeholder(store, name)),
+                Some(Some(stored)) => Ok(stored.value.expose().to_owned()),
+                Some(None) => Err(format!(
+                    "`${{secret:{reference}}}`: secret `{name}` was not read from store `{store}`"
+                )),
+            }
+        };
+        let result = expand::expand_with(
+            text,
+            &self.source.variables,
+            &self.source.base_dir,
+            Some(&mut resolve),
+        );
+        for (store, name) in found {
+            self.references.push(crate::config::SecretReference {
+                path: path.to_owned(),
+                store,
+                name,
+            });
+        }
+        match result {
+            Ok(expanded) => Some(expanded),
+            Err(messages) => {
+                for message in messages {
+                    self.problem(path, message);
+                }
+                None
+            }
+        }
+    }
+
     pub(super) fn string(&mut self, path: &str, text: &str) -> Option<String> {
         self.expand(path, text).map(|e| e.value)
     }
@@ -68,7 +113,7 @@ impl Validator<'_> {
     /// A secret sent to an identity provider. A literal is allowed (the operator chose to
     /// write it into the file); empty is not: an empty secret must never reach the wire.
     pub(super) fn secret(&mut self, path: &str, text: &str) -> Option<Secret> {
-        let expanded = self.expand(path, text)?;
+        let expanded = self.expand_secret(path, text)?;
         if expanded.value.trim().is_empty() {
             self.problem(path, empty_message(text, &expanded));
             return None;
@@ -84,7 +129,7 @@ impl Validator<'_> {
         text: &str,
         header_value: bool,
     ) -> Option<SecretDigest> {
-        let expanded = self.expand(path, text)?;
+        let expanded = self.expand_secret(path, text)?;
         if expanded.whole_reference {
             if expanded.value.trim().is_empty() {
                 self.problem(path, empty_message(text, &expanded));

@@ -5,19 +5,28 @@
 //! and says how to fix it. Messages never contain a secret value: they name variables,
 //! files and fields instead.
 //!
-//! One file per YAML section (`server`, `credentials` with `secrets`, `clients`, `routes`);
+//! One file per YAML section (`server`, `credentials` with `secrets`, `clients`, `routes`,
+//! `secret_stores` in `stores`);
 //! the field types they share are in `fields`, the pure parsers behind them in `parse`.
 
 use super::raw::RawConfig;
 use super::raw::RawServer;
-use super::{Client, Config, Credential, Prepared, Problem, Route, Source};
+use super::{Client, Config, Credential, Prepared, Problem, Route, SecretValues, Source};
 
 /// Validates a parsed document. `Err` holds every problem found, in document order, with
 /// the refusals of not-yet-supported settings last.
-pub(super) fn validate(raw: &RawConfig, source: &Source) -> Result<Config, Vec<Problem>> {
+pub(super) fn validate(
+    raw: &RawConfig,
+    source: &Source,
+    values: Option<&SecretValues>,
+) -> Result<Config, Vec<Problem>> {
+    let raw_stores = raw.secret_stores.as_ref().map_or(&[][..], |s| &s.0[..]);
     let mut v = Validator {
         source,
         problems: Vec::new(),
+        store_names: raw_stores.iter().map(|(name, _)| name.clone()).collect(),
+        references: Vec::new(),
+        values,
     };
     let default_server = RawServer::default();
     let server = v.server(raw.server.as_ref().unwrap_or(&default_server));
@@ -56,6 +65,8 @@ pub(super) fn validate(raw: &RawConfig, source: &Source) -> Result<Config, Vec<P
         routes.push(v.route(index, route, prefix, &server, &names, &credentials));
     }
 
+    let secret_stores = v.secret_stores(raw_stores, &names, &credentials);
+
     if v.problems.is_empty() {
         Ok(Config {
             server,
@@ -64,6 +75,7 @@ pub(super) fn validate(raw: &RawConfig, source: &Source) -> Result<Config, Vec<P
             credentials,
             clients,
             routes: routes.into_iter().flatten().collect(),
+            secret_stores,
             prepared: Prepared::default(),
         })
     } else {
@@ -81,6 +93,13 @@ struct Names<'a> {
 struct Validator<'s> {
     source: &'s Source,
     problems: Vec<Problem>,
+    /// Names under `secret_stores`, valid or not.
+    store_names: Vec<String>,
+    /// The `${secret:…}` references met so far.
+    references: Vec<super::SecretReference>,
+    /// Values for those references: `None` in stage one (placeholders stand for them),
+    /// then every referenced secret must be there.
+    values: Option<&'s SecretValues>,
 }
 
 mod clients;
@@ -93,3 +112,4 @@ pub(crate) use parse::{is_guid, is_loopback_host};
 mod routes;
 mod secrets;
 mod server;
+mod stores;

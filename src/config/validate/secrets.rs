@@ -44,7 +44,10 @@ impl Validator<'_> {
                     Some(date) => Some(date?),
                     None => None,
                 };
-                Some(vec![ConfiguredSecret { expires, ..secret? }])
+                let secret = secret?;
+                // An `expires:` date wins over the vault's `exp` attribute.
+                let expires = expires.or(secret.expires);
+                Some(vec![ConfiguredSecret { expires, ..secret }])
             }
             (None, Some(list)) => {
                 if raw.expires.is_some() {
@@ -74,9 +77,10 @@ impl Validator<'_> {
                                 Some(e) => this.date(&format!("{path}.expires"), e).map(Some),
                                 None => Some(None),
                             };
-                            value
-                                .zip(expires)
-                                .map(|(value, expires)| ConfiguredSecret { expires, ..value })
+                            value.zip(expires).map(|(value, expires)| ConfiguredSecret {
+                                expires: expires.or(value.expires),
+                                ..value
+                            })
                         }
                     },
                 )
@@ -111,9 +115,16 @@ impl Validator<'_> {
         valid
     }
 
-    /// A secret, remembering its file when written wholly as `${file:PATH}`.
+    /// A secret, remembering its file when written wholly as `${file:PATH}`; one written
+    /// wholly as `${secret:STORE/NAME}` takes the stored secret's `exp` as its expiry.
     pub(super) fn configured_secret(&mut self, path: &str, text: &str) -> Option<ConfiguredSecret> {
         let value = self.secret(path, text)?;
+        let expires = text
+            .strip_prefix("${secret:")
+            .and_then(|t| t.strip_suffix('}'))
+            .and_then(|t| t.split_once('/'))
+            .and_then(|(store, name)| self.values?.get(store, name))
+            .and_then(|stored| stored.expires);
         let file = text
             .strip_prefix("${file:")
             .and_then(|t| t.strip_suffix('}'))
@@ -122,8 +133,31 @@ impl Validator<'_> {
         Some(ConfiguredSecret {
             value,
             file,
-            expires: None,
+            expires,
         })
+    }
+
+    /// A certificate file, or wholly `${secret:STORE/NAME}`: a Key Vault certificate's
+    /// secret (PEM, or PKCS#12 in base64), whose contents stand in for the file.
+    fn certificate_source(
+        &mut self,
+        path: &str,
+        text: &str,
+    ) -> Option<(std::path::PathBuf, Option<crate::secret::Secret>)> {
+        let reference = text
+            .strip_prefix("${secret:")
+            .and_then(|t| t.strip_suffix('}'))
+            .filter(|t| !t.contains('}'));
+        match reference {
+            Some(reference) => {
+                let content = self.secret(path, text)?;
+                Some((
+                    std::path::PathBuf::from(format!("{reference} (secret store)")),
+                    Some(content),
+                ))
+            }
+            None => self.existing_file(path, text).map(|file| (file, None)),
+        }
     }
 
     /// A calendar date `YYYY-MM-DD`, as the start of that day in UTC.
@@ -219,14 +253,16 @@ impl Validator<'_> {
                 None
             }
             (Some(file), None) => {
-                let file = self.existing_file(&format!("{at}.certificate_file"), file);
+                let file = self.certificate_source(&format!("{at}.certificate_file"), file);
                 let password = match &raw.certificate_password {
                     Some(text) => Some(self.secret(&format!("{at}.certificate_password"), text)?),
                     None => None,
                 };
+                let (path, content) = file?;
                 Some(vec![CertificateFile {
-                    path: file?,
+                    path,
                     password,
+                    content,
                 }])
             }
             (None, Some(list)) => {
@@ -245,9 +281,12 @@ impl Validator<'_> {
                     "certificate file",
                     |this, path, entry| match entry {
                         StringOr::String(text) => {
-                            this.existing_file(path, text).map(|path| CertificateFile {
-                                path,
-                                password: None,
+                            this.certificate_source(path, text).map(|(path, content)| {
+                                CertificateFile {
+                                    path,
+                                    password: None,
+                                    content,
+                                }
                             })
                         }
                         StringOr::Map(entry) => {
@@ -257,13 +296,17 @@ impl Validator<'_> {
                                     entry.file.as_ref(),
                                     "a PEM or PKCS#12 (.pfx) file",
                                 )
-                                .and_then(|t| this.existing_file(&format!("{path}.file"), t));
+                                .and_then(|t| this.certificate_source(&format!("{path}.file"), t));
                             let password = match &entry.password {
                                 Some(t) => this.secret(&format!("{path}.password"), t).map(Some),
                                 None => Some(None),
                             };
                             file.zip(password)
-                                .map(|(path, password)| CertificateFile { path, password })
+                                .map(|((path, content), password)| CertificateFile {
+                                    path,
+                                    password,
+                                    content,
+                                })
                         }
                     },
                 )

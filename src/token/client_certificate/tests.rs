@@ -30,6 +30,7 @@ fn file(name: &str, password: Option<&str>) -> CertificateFile {
     CertificateFile {
         path: fixture(name),
         password: password.map(Secret::new),
+        content: None,
     }
 }
 
@@ -219,6 +220,39 @@ async fn pkcs12_with_password_including_legacy_encryption() {
         SigningCertificate::load(&file("a.pfx", Some("nope")), AssertionAlg::Ps256).unwrap_err();
     assert!(wrong.contains("wrong certificate_password"), "{wrong}");
     assert!(!wrong.contains("nope"));
+}
+
+/// A Key Vault certificate's secret (`${secret:STORE/NAME}` as `certificate_file`): PEM
+/// text, or a PKCS#12 file in base64; nothing is read from disk.
+#[tokio::test]
+async fn a_certificate_from_a_secret_store_is_pem_text_or_base64_pkcs12() {
+    let entra = FakeEntra::spawn(vec![leaf("a.pem", None)]).await;
+    let pfx = std::fs::read(fixture("a.pfx")).unwrap();
+    let pem = std::fs::read_to_string(fixture("a.pem")).unwrap();
+    let stored = |content: String, password: Option<&str>| CertificateFile {
+        path: PathBuf::from("kv/fo-cert (secret store)"),
+        password: password.map(Secret::new),
+        content: Some(Secret::new(content)),
+    };
+    for file in [
+        stored(STANDARD.encode(&pfx), Some("test-pass")),
+        stored(pem, None),
+    ] {
+        source_for(&entra, vec![file])
+            .fetch(Some(SCOPE))
+            .await
+            .unwrap();
+    }
+    assert_eq!(entra.seen().len(), 2);
+    let error = SigningCertificate::load(
+        &stored("not base64 !".to_owned(), None),
+        AssertionAlg::Ps256,
+    )
+    .unwrap_err();
+    assert_eq!(
+        error,
+        "kv/fo-cert (secret store) is neither PEM nor a base64 PKCS#12 file"
+    );
 }
 
 #[tokio::test]

@@ -340,6 +340,7 @@ fn config(token_url: &str) -> Config {
                     certificates: vec![crate::config::CertificateFile {
                         path: PathBuf::from("/nonexistent/s2s-proxy-test.pem"),
                         password: None,
+                        content: None,
                     }],
                     assertion_alg: crate::config::AssertionAlg::Ps256,
                     send_certificate_chain: false,
@@ -352,6 +353,7 @@ fn config(token_url: &str) -> Config {
             route("/bc2/", "bc"),
             route("/mi/", "pod"),
         ],
+        secret_stores: Default::default(),
         prepared: Default::default(),
     }
 }
