@@ -278,7 +278,8 @@ fn error_kind(error: &redis::RedisError) -> &'static str {
 }
 
 /// Marks Redis available whenever it answers a PING, and probes again after each outage,
-/// with a pause that doubles from [`PROBE_MIN`] to [`PROBE_MAX`]. Ends with the handle.
+/// with a pause that doubles from [`PROBE_MIN`] to [`PROBE_MAX`]. Runs as long as the
+/// runtime it was started on (the handle lives as long as the proxy).
 async fn probe(inner: Weak<Inner>) {
     let mut first = true;
     loop {
