@@ -232,6 +232,108 @@ fn workload_identity_variant_uses_the_federated_service_account() {
     );
 }
 
+/// The fleet overlay: its proxy.yaml is valid with `cluster` pointing at the overlay's own
+/// Redis Service (through the Secret both pods read), Business Central's limits are written
+/// once, and only the proxy's pods may reach Redis.
+#[test]
+fn fleet_variant_points_every_replica_at_its_redis() {
+    let docs = manifests();
+    let config_map = named(&docs, "ConfigMap", "fleet")[0];
+    let yaml = str_at(config_map, &["data", "proxy.yaml"]).unwrap();
+    let secret = named(&docs, "Secret", "fleet")[0];
+    let redis_url = str_at(secret, &["stringData", "S2S_REDIS_URL"]).unwrap();
+    let password = str_at(secret, &["stringData", "REDIS_PASSWORD"]).unwrap();
+    assert!(
+        redis_url.starts_with(&format!("redis://:{password}@")),
+        "{redis_url}"
+    );
+    let mut vars: HashMap<String, String> = [
+        "BC_TENANT_ID",
+        "BC_CLIENT_ID",
+        "BC_CLIENT_SECRET",
+        "ERP_SYNC_PASSWORD",
+        "ADMIN_API_KEY",
+    ]
+    .map(|name| (name.to_owned(), "value-1".to_owned()))
+    .into();
+    vars.insert("S2S_REDIS_URL".to_owned(), redis_url.to_owned());
+    let config = Config::from_yaml_str(yaml, &Source::inline("fleet/configmap.yaml", vars))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let cluster = config.cluster.as_ref().expect("cluster");
+    assert!(!format!("{cluster:?}").contains(password), "{cluster:?}");
+
+    // The URL names the overlay's Redis Service and port.
+    let service = docs
+        .iter()
+        .find(|(file, doc)| {
+            file.parent().unwrap().ends_with("fleet") && str_at(doc, &["kind"]) == Some("Service")
+        })
+        .map(|(_, doc)| doc)
+        .expect("Redis Service");
+    let name = str_at(service, &["metadata", "name"]).unwrap();
+    let port = at(service, &["spec", "ports"]).unwrap()[0]["port"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        cluster.redis.redacted().contains(&format!("@{name}:{port}/")),
+        "{}",
+        cluster.redis.redacted()
+    );
+
+    // Business Central's per-app limits, once for the fleet.
+    let route = &config.routes[0];
+    assert_eq!(route.max_concurrent, Some(5));
+    assert_eq!(route.max_queue, Some(95));
+    let rate = route.upstream_rate_limit.as_ref().expect("upstream_rate_limit");
+    assert_eq!((rate.requests, rate.per.as_secs()), (6000, 300));
+
+    // The proxy reads the URL from the Secret; Redis its password from the same Secret.
+    let patch = named(&docs, "Deployment", "fleet")[0];
+    let env = &at(patch, &["spec", "template", "spec", "containers"]).unwrap()[0]["env"][0];
+    assert_eq!(str_at(env, &["name"]), Some("S2S_REDIS_URL"));
+    let secret_name = str_at(secret, &["metadata", "name"]).unwrap();
+    assert_eq!(
+        str_at(env, &["valueFrom", "secretKeyRef", "name"]),
+        Some(secret_name)
+    );
+    let redis = named(&docs, "StatefulSet", "fleet")[0];
+    let pod = at(redis, &["spec", "template", "spec"]).unwrap();
+    let container = &at(pod, &["containers"]).unwrap()[0];
+    let args: Vec<&str> = at(container, &["args"])
+        .unwrap()
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert!(
+        args.windows(2)
+            .any(|w| w == ["--requirepass", "$(REDIS_PASSWORD)"]),
+        "{args:?}"
+    );
+    assert_eq!(
+        at(container, &["securityContext", "readOnlyRootFilesystem"]),
+        Some(&Value::Bool(true))
+    );
+    assert_eq!(
+        at(pod, &["securityContext", "runAsNonRoot"]),
+        Some(&Value::Bool(true))
+    );
+
+    // Only the proxy's pods reach Redis.
+    let policy = named(&docs, "NetworkPolicy", "fleet")[0];
+    let proxy_label = at(
+        named(&docs, "Deployment", "kubernetes")[0],
+        &["spec", "template", "metadata", "labels"],
+    )
+    .unwrap();
+    let from = &at(policy, &["spec", "ingress"]).unwrap()[0]["from"][0];
+    assert_eq!(
+        at(from, &["podSelector", "matchLabels"]),
+        Some(proxy_label)
+    );
+}
+
 #[test]
 fn systemd_unit_is_sandboxed_and_reloads_with_sighup() {
     let unit =
