@@ -31,6 +31,10 @@ use crate::rewrite::{AddressingRewriter, BodyRewriter};
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// The upstream's response body (its HTTP/1.1 connection goes back to the pool when it
+/// has been read to the end).
+pub(crate) type UpstreamResponse = crate::upstream::ResponseBody<UpstreamBody>;
+
 /// Bodies up to this size are kept in memory so a request can be replayed once after the
 /// upstream rejected its token.
 pub(crate) const REPLAY_LIMIT: usize = 64 * 1024;
@@ -323,7 +327,7 @@ enum Kind {
 /// the next caller gets it). Both `None` once the deadline passed.
 #[derive(Debug, Default)]
 struct Held {
-    body: Option<Incoming>,
+    body: Option<UpstreamResponse>,
     /// The route's queue slot, held until the upstream's body has been read.
     slot: Option<Permit>,
 }
@@ -359,7 +363,7 @@ impl ProxyBody {
     /// The upstream's body, rewritten (or decoded) on the way when `rewriter` is set, then
     /// scrubbed of tokens when `scrubber` is.
     pub(crate) fn upstream(
-        body: Incoming,
+        body: UpstreamResponse,
         deadline: Instant,
         rewriter: Option<BodyRewriter>,
         scrubber: Option<Scrubber>,
@@ -474,7 +478,7 @@ impl Body for ProxyBody {
             } => lock(body)
                 .body
                 .as_ref()
-                .is_some_and(Incoming::is_end_stream),
+                .is_some_and(UpstreamResponse::is_end_stream),
             Kind::Upstream {
                 rewriter: Some(rewriter),
                 scrubber: None,
@@ -494,7 +498,7 @@ impl Body for ProxyBody {
             } => lock(body)
                 .body
                 .as_ref()
-                .map_or_else(SizeHint::default, Incoming::size_hint),
+                .map_or_else(SizeHint::default, UpstreamResponse::size_hint),
             // Rewriting and scrubbing change the length.
             Kind::Upstream { .. } => SizeHint::default(),
         }
@@ -504,7 +508,7 @@ impl Body for ProxyBody {
 /// The next rewritten frame: output the rewriter has ready, else the upstream's next
 /// chunk fed to it. Empty output is skipped rather than sent as an empty frame.
 fn poll_rewritten(
-    body: &mut Incoming,
+    body: &mut UpstreamResponse,
     rewriter: &mut BodyRewriter,
     cx: &mut Context<'_>,
 ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {

@@ -42,7 +42,7 @@ use tokio::time::{Instant, timeout_at};
 
 use self::access_log::AccessLog;
 use self::batch::Batch;
-use self::body::{BodyLimits, InboundStats, ProxyBody, UpstreamBody};
+use self::body::{BodyLimits, InboundStats, ProxyBody, UpstreamBody, UpstreamResponse};
 pub(crate) use self::checks::Framing;
 use self::error::ProxyError;
 use self::headers::{Forwarding, Peer, RequestPolicy, X_REQUEST_ID};
@@ -380,7 +380,7 @@ impl Pipeline {
         route: &RouteState,
         outgoing: Outgoing<'_>,
         log: &mut AccessLog,
-    ) -> Result<(Response<Incoming>, Vec<Arc<Token>>), ProxyError> {
+    ) -> Result<(Response<UpstreamResponse>, Vec<Arc<Token>>), ProxyError> {
         let Outgoing {
             method,
             uri,
@@ -482,7 +482,7 @@ impl Pipeline {
         &self,
         request: Request<UpstreamBody>,
         deadline: Instant,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<UpstreamResponse>, ProxyError> {
         let response = timeout_at(deadline, self.upstream.request(request))
             .await?
             .map_err(|error| ProxyError::from_upstream(&error))?;
@@ -640,7 +640,7 @@ async fn renew_rejected(
 fn shape_response(
     route: &RouteState,
     method: &Method,
-    response: Response<Incoming>,
+    response: Response<UpstreamResponse>,
     sent: &[Arc<Token>],
     links: Option<LinkMap>,
     deadline: Instant,

@@ -2,10 +2,10 @@
 //!
 //! One TLS configuration serves both the upstream client and the token client: the
 //! webpki roots plus, optionally, `server.upstream_ca_file` for private CAs. Certificates
-//! are always verified; there is no switch to turn that off. The upstream client is
-//! hyper-util's pooled client; HTTP/2 is used when the upstream offers it through ALPN,
-//! HTTP/1.1 otherwise. Plain `http://` is only reachable because the configuration allows
-//! it for loopback hosts or an explicit `allow_plain_http` route.
+//! are always verified; there is no switch to turn that off. The upstream client is the
+//! connection pool in [`pool`] on hyper's connection API; HTTP/2 is used when the upstream
+//! offers it through ALPN, HTTP/1.1 otherwise. Plain `http://` is only reachable because
+//! the configuration allows it for loopback hosts or an explicit `allow_plain_http` route.
 //!
 //! Names are resolved through [`GuardedResolver`]: an upstream name that resolves to a
 //! link-local address (cloud metadata services) is refused, and so is one that resolves
@@ -21,15 +21,17 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
-use hyper_util::client::legacy::Client;
+use hyper_rustls::HttpsConnectorBuilder;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::connect::dns::{GaiResolver, Name};
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::RootCertStore;
 use tower_service::Service;
 
 use crate::pem::{CertificateFileError, read_certificates};
+
+mod pool;
+
+pub(crate) use self::pool::{PoolSettings, ResponseBody, UpstreamClient};
 
 /// How long establishing a TCP connection to an upstream may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -102,9 +104,6 @@ pub(crate) fn client_tls_for(
     }
 }
 
-pub(crate) type UpstreamClient<B> =
-    Client<HttpsConnector<HttpConnector<GuardedResolver<GaiResolver>>>, B>;
-
 /// Whether an address an upstream name resolved to may be connected to.
 fn allowed(ip: IpAddr, loopback_ok: bool) -> bool {
     match ip.to_canonical() {
@@ -159,10 +158,26 @@ where
     }
 }
 
+/// How long idle pooled connections are kept, and how many per upstream (no cap: as many
+/// as were busy at once).
+pub(crate) const POOL: PoolSettings = PoolSettings {
+    idle_timeout: POOL_IDLE_TIMEOUT,
+    max_idle_per_upstream: usize::MAX,
+};
+
 /// The pooled upstream client.
 pub(crate) fn client<B>(tls: rustls::ClientConfig) -> UpstreamClient<B>
 where
-    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    client_with(tls, POOL)
+}
+
+/// The pooled upstream client with `settings`.
+pub(crate) fn client_with<B>(tls: rustls::ClientConfig, settings: PoolSettings) -> UpstreamClient<B>
+where
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let mut http = HttpConnector::new_with_resolver(GuardedResolver {
@@ -177,13 +192,7 @@ where
         .https_or_http()
         .enable_all_versions()
         .wrap_connector(http);
-    Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .http2_keep_alive_while_idle(false)
-        .build(connector)
+    UpstreamClient::new(connector, settings)
 }
 
 #[cfg(test)]
