@@ -29,7 +29,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::uri::{Authority, Scheme};
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, Uri, header};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -105,6 +105,8 @@ struct Shared<B> {
 
 /// The connections to one upstream (scheme and authority).
 struct Endpoint<B> {
+    /// The `Host` header of its HTTP/1.1 requests.
+    host: Option<HeaderValue>,
     scheme: Scheme,
     authority: Authority,
     settings: PoolSettings,
@@ -172,17 +174,17 @@ where
         mut request: Request<B>,
     ) -> Result<Response<ResponseBody<B>>, UpstreamError> {
         let endpoint = self.endpoint(request.uri())?;
-        let uri = request.uri().clone();
         let mut fresh = false;
         loop {
             let pooled = if fresh { None } else { endpoint.checkout() };
             let conn = match pooled {
                 Some(conn) => conn,
-                None => self.connect(&endpoint, &uri).await?,
+                // Rare: boxed, so that the request's future stays small.
+                None => Box::pin(self.connect(&endpoint)).await?,
             };
             let (returned, error) = match conn {
                 Conn::Http1 { mut sender, reused } => {
-                    http1_form(&mut request, &uri);
+                    endpoint.http1_form(&mut request);
                     match sender.try_send_request(request).await {
                         Ok(response) => return Ok(ResponseBody::http1(response, sender, endpoint)),
                         Err(mut error) => (error.take_message().filter(|_| reused), error),
@@ -197,15 +199,15 @@ where
             };
             match returned {
                 // Never written: the pooled connection was found closed. Once, fresh.
-                Some(back) if !fresh => {
+                Some(mut back) if !fresh => {
                     tracing::debug!(
                         upstream = %endpoint.authority,
                         error = %error.error(),
                         "Pooled upstream connection closed before the request was sent; \
                          sending it on a new connection."
                     );
+                    endpoint.absolute_form(&mut back);
                     request = back;
-                    *request.uri_mut() = uri.clone();
                     fresh = true;
                 }
                 _ => return Err(UpstreamError::Exchange(error.into_error())),
@@ -226,6 +228,7 @@ where
             return Ok(Arc::clone(endpoint));
         }
         let endpoint = Arc::new(Endpoint {
+            host: host_header(scheme, authority),
             scheme: scheme.clone(),
             authority: authority.clone(),
             settings: self.shared.settings,
@@ -241,10 +244,16 @@ where
 
     /// A new connection to `endpoint`: HTTP/2 when ALPN chose `h2`, else HTTP/1.1. Its
     /// driver runs as a task on the current runtime.
-    async fn connect(&self, endpoint: &Endpoint<B>, uri: &Uri) -> Result<Conn<B>, UpstreamError> {
+    async fn connect(&self, endpoint: &Endpoint<B>) -> Result<Conn<B>, UpstreamError> {
         let mut connector = self.shared.connector.clone();
+        let destination = Uri::builder()
+            .scheme(endpoint.scheme.clone())
+            .authority(endpoint.authority.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|error| UpstreamError::Connect(error.into()))?;
         let io = connector
-            .call(uri.clone())
+            .call(destination)
             .await
             .map_err(UpstreamError::Connect)?;
         if io.connected().is_negotiated_h2() {
@@ -288,37 +297,51 @@ where
     }
 }
 
-/// HTTP/1.1 wants the origin form (RFC 9112 §3.2.1) and a `Host` header (RFC 9112 §3.2),
-/// derived from the upstream URI (the caller's `Host` is never forwarded). HTTP/2 takes
-/// both from the absolute URI (`:path`, `:authority`, RFC 9113 §8.3.1).
-fn http1_form<B>(request: &mut Request<B>, uri: &Uri) {
-    if !request.headers().contains_key(header::HOST)
-        && let Some(host) = host_header(uri)
-    {
-        request.headers_mut().insert(header::HOST, host);
-    }
-    let path = match uri.path_and_query() {
-        Some(path) if path.as_str() != "/" => {
-            let mut parts = http::uri::Parts::default();
-            parts.path_and_query = Some(path.clone());
-            Uri::from_parts(parts).unwrap_or_default()
-        }
-        _ => Uri::default(),
-    };
-    *request.uri_mut() = path;
-}
-
 /// `host[:port]`, the port only when it is not the scheme's default.
-fn host_header(uri: &Uri) -> Option<HeaderValue> {
-    let host = uri.host()?;
-    let default = if uri.scheme() == Some(&Scheme::HTTPS) {
-        443
-    } else {
-        80
-    };
-    match uri.port_u16() {
+fn host_header(scheme: &Scheme, authority: &Authority) -> Option<HeaderValue> {
+    let default = if *scheme == Scheme::HTTPS { 443 } else { 80 };
+    let host = authority.host();
+    match authority.port_u16() {
         Some(port) if port != default => HeaderValue::try_from(format!("{host}:{port}")).ok(),
         _ => HeaderValue::from_str(host).ok(),
+    }
+}
+
+impl<B> Endpoint<B> {
+    /// HTTP/1.1 wants the origin form (RFC 9112 §3.2.1) and a `Host` header (RFC 9112
+    /// §3.2), derived from the upstream URI (the caller's `Host` is never forwarded).
+    /// HTTP/2 takes both from the absolute URI (`:path`, `:authority`, RFC 9113 §8.3.1).
+    fn http1_form(&self, request: &mut Request<B>) {
+        if let Some(host) = &self.host
+            && !request.headers().contains_key(header::HOST)
+        {
+            request.headers_mut().insert(header::HOST, host.clone());
+        }
+        let path = std::mem::take(request.uri_mut())
+            .into_parts()
+            .path_and_query;
+        *request.uri_mut() = match path {
+            Some(path) if path.as_str() != "/" => {
+                let mut parts = http::uri::Parts::default();
+                parts.path_and_query = Some(path);
+                Uri::from_parts(parts).unwrap_or_default()
+            }
+            _ => Uri::default(),
+        };
+    }
+
+    /// Back to the absolute form, for a request handed back unsent.
+    fn absolute_form(&self, request: &mut Request<B>) {
+        let path = std::mem::take(request.uri_mut())
+            .into_parts()
+            .path_and_query;
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(path.unwrap_or_else(|| PathAndQuery::from_static("/")));
+        if let Ok(uri) = Uri::from_parts(parts) {
+            *request.uri_mut() = uri;
+        }
     }
 }
 
