@@ -199,6 +199,46 @@ async fn sequential_requests_reuse_one_upstream_connection() {
     proxy.shutdown().await;
 }
 
+/// On a multi-thread runtime (the pool is shared by its workers) a response can end
+/// before hyper's connection task is idle again: the connection then goes back to the
+/// pool a moment later. Every request still reaches the upstream exactly once and gets
+/// its own answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_multi_thread_runtime_every_request_reaches_the_upstream_once() {
+    let (upstream, base) = CountingUpstream::start().await;
+    let (_idp, proxy) = proxy_to(&base).await;
+    let clients = (0..8).map(|c| {
+        let addr = proxy.addr;
+        tokio::spawn(async move {
+            for r in 0..10 {
+                let target = format!("/bc/m{c}-{r}");
+                let answer = send(
+                    addr,
+                    "GET",
+                    &target,
+                    &[("authorization", &basic("erp", PASSWORD))],
+                    "",
+                )
+                .await;
+                assert_eq!(answer.status, 200);
+                assert_eq!(answer.json()["target"], format!("/m{c}-{r}"));
+            }
+        })
+    });
+    for client in clients.collect::<Vec<_>>() {
+        client.await.unwrap();
+    }
+    let mut targets: Vec<_> = upstream.seen().into_iter().map(|s| s.target).collect();
+    targets.sort();
+    targets.dedup();
+    assert_eq!(targets.len(), 80);
+    assert_eq!(upstream.seen().len(), 80);
+    // Reused: about one connection per concurrent caller (a few more when a request
+    // came before the previous connection was back), far fewer than requests.
+    assert!(upstream.connections() <= 24, "{}", upstream.connections());
+    proxy.shutdown().await;
+}
+
 /// An HTTP/1.1 upstream on plain threads and blocking sockets, so that a test decides
 /// exactly when a connection closes, whatever the test's runtime is doing.
 #[derive(Clone, Default)]
