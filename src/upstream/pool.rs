@@ -542,3 +542,6 @@ impl<B: Send + 'static> Body for ResponseBody<B> {
         self.inner.size_hint()
     }
 }
+
+#[cfg(test)]
+mod tests;
