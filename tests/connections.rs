@@ -238,7 +238,18 @@ async fn an_http2_connection_gets_a_goaway_after_three_failed_authentications() 
 
 #[tokio::test]
 async fn at_max_connections_idle_and_unauthenticated_connections_make_room() {
-    let (_idp, _upstream, proxy) = proxy_with_limits("max_connections: 2").await;
+    // One worker, so connections are accepted (and take their place) in the order they
+    // were opened: with several, a busy worker could accept `silent` only after `refused`
+    // had its answer, which would make `silent` the more recently active of the two.
+    let idp = FakeIdp::start().await;
+    let upstream = FakeUpstream::start().await;
+    let yaml = with_limits(&standard_yaml(&idp, &upstream), "max_connections: 2").replacen(
+        "  listen: 127.0.0.1:0\n",
+        "  listen: 127.0.0.1:0\n  workers: 1\n",
+        1,
+    );
+    let proxy = spawn_proxy(config(&yaml, standard_vars())).await;
+    idp.wait_for_calls(1).await;
     // Two places taken: one connection that says nothing, one that failed to
     // authenticate and keeps its connection open.
     let mut silent = TcpStream::connect(proxy.addr).await.unwrap();
