@@ -6,6 +6,7 @@
 #   bench/profile.sh syscalls    # system calls per request (strace -c), s2s-proxy and nginx
 #   bench/profile.sh idle        # RSS with IDLE_CONNS (10000) idle keep-alive connections
 #   S2S_BIN=/path/to/other/s2s-proxy bench/profile.sh callgrind   # profile another build
+#   FLOOR=1 bench/profile.sh callgrind   # the same load through bench/floor (the bare hyper proxy)
 #
 # Same set-up as run.sh: nginx upstream returning ~200 bytes, nginx token issuer, one route,
 # Basic client, one worker (WORKERS=N for N; WORKERS= for `workers` unset, one per core).
@@ -57,8 +58,14 @@ export NO_COLOR=1 RUST_LOG=info,s2s_proxy::access=off
 up() { for _ in $(seq 600); do curl -fs -o /dev/null -H "Authorization: $auth" "http://127.0.0.1:$PX/bench/x" && return 0; sleep 0.1; done; exit 1; }
 case $mode in
 callgrind)
+    if [ -n "${FLOOR:-}" ]; then
+        (cd "$here/floor" && CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$repo/target} cargo build --release --locked --quiet)
+        cmd=("$(dirname "$bin")/s2s-floor" "127.0.0.1:$PX" "127.0.0.1:$UP")
+    else
+        cmd=("$bin" run --config "$T/proxy.yaml")
+    fi
     valgrind --tool=callgrind --callgrind-out-file="$T/cg.out" --dump-instr=no \
-        "$bin" run --config "$T/proxy.yaml" 2>"$T/vg.err" & pids+=($!); vg=$!
+        "${cmd[@]}" 2>"$T/vg.err" & pids+=($!); vg=$!
     up
     wrk -t1 -c4 -d3s -H "Authorization: $auth" "http://127.0.0.1:$PX/bench/x" >/dev/null  # warm-up
     callgrind_control -z "$vg" >/dev/null

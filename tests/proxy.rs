@@ -702,6 +702,76 @@ async fn upstream_failures_are_502_and_timeouts_504() {
     proxy.shutdown().await;
 }
 
+/// The route deadline covers the response body too: an upstream that sends its head and
+/// part of its body, then nothing, does not keep the caller (and the route's slot) waiting.
+#[tokio::test]
+async fn an_upstream_body_that_stalls_is_cut_at_the_route_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let idp = FakeIdp::start().await;
+    let upstream = FakeUpstream::start().await;
+    let stalling = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let stalling_addr = stalling.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let (mut socket, _) = stalling.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            assert_eq!(socket.read(&mut byte).await.unwrap(), 1);
+            head.push(byte[0]);
+        }
+        socket
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: 100\r\n\r\n0123456789")
+            .await
+            .unwrap();
+        // Holds the connection open, sending nothing more, until the proxy gives up.
+        let _ = socket.read(&mut byte).await;
+    });
+    let yaml = standard_yaml(&idp, &upstream)
+        .replace(
+            &format!("{}/v2.0/{TENANT}/Sandbox/", upstream.base()),
+            &format!("http://{stalling_addr}/"),
+        )
+        .replace(
+            "    clients: [erp]\n",
+            "    clients: [erp]\n    timeout: 300ms\n",
+        );
+    let proxy = spawn_proxy(config(&yaml, standard_vars())).await;
+    let request = format!(
+        "GET /bc/sandbox/x HTTP/1.1\r\nHost: p\r\nAuthorization: {}\r\n\r\n",
+        basic("erp", PASSWORD)
+    );
+    let mut caller = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    caller.write_all(request.as_bytes()).await.unwrap();
+    let mut received = Vec::new();
+    let started = std::time::Instant::now();
+    // The guard is far beyond the route's 300 ms: reaching it means nobody cut the body.
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n @ 1..) = caller.read(&mut chunk).await {
+            received.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the stalled body was never cut: {}",
+        String::from_utf8_lossy(&received)
+    );
+    // Cut by the route deadline itself, not by the connection's once-a-second check of
+    // an in-flight request, which would also end it, a second after it started.
+    let took = started.elapsed();
+    assert!(took < Duration::from_millis(800), "cut after {took:?}");
+    let received = String::from_utf8_lossy(&received);
+    assert!(received.starts_with("HTTP/1.1 200"), "{received}");
+    assert!(received.ends_with("0123456789"), "{received}");
+    // The proxy let go of the upstream connection too.
+    tokio::time::timeout(Duration::from_secs(10), held)
+        .await
+        .expect("the upstream connection stayed open")
+        .unwrap();
+    proxy.shutdown().await;
+}
+
 #[tokio::test]
 async fn bodies_over_the_limit_are_413() {
     let idp = FakeIdp::start().await;

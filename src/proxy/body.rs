@@ -313,8 +313,8 @@ pub(crate) struct ProxyBody {
 enum Kind {
     Full(Option<Bytes>),
     Upstream {
+        /// Emptied by the watchdog at the route deadline, which then wakes the reader.
         body: Arc<Mutex<Held>>,
-        deadline: Pin<Box<Sleep>>,
         rewriter: Option<Box<BodyRewriter>>,
         scrubber: Option<Box<Scrubber>>,
         /// Takes `body` away at the deadline; stopped when the body is dropped.
@@ -330,6 +330,9 @@ struct Held {
     body: Option<UpstreamResponse>,
     /// The route's queue slot, held until the upstream's body has been read.
     slot: Option<Permit>,
+    /// The reader waiting for the upstream's next frame: the watchdog wakes it when it
+    /// takes the body away, so one timer serves both (no second one polled per frame).
+    reader: Option<std::task::Waker>,
 }
 
 fn lock(held: &Mutex<Held>) -> MutexGuard<'_, Held> {
@@ -342,9 +345,13 @@ fn watchdog(held: &Arc<Mutex<Held>>, deadline: Instant) -> tokio::task::AbortHan
     tokio::spawn(async move {
         tokio::time::sleep_until(deadline).await;
         if let Some(held) = held.upgrade() {
-            // Dropped outside the lock.
-            let expired = std::mem::take(&mut *lock(&held));
+            // Dropped, and the reader woken, outside the lock.
+            let mut expired = std::mem::take(&mut *lock(&held));
+            let reader = expired.reader.take();
             drop(expired);
+            if let Some(reader) = reader {
+                reader.wake();
+            }
         }
     })
     .abort_handle()
@@ -371,12 +378,12 @@ impl ProxyBody {
         let body = Arc::new(Mutex::new(Held {
             body: Some(body),
             slot: None,
+            reader: None,
         }));
         Self {
             kind: Kind::Upstream {
                 watchdog: watchdog(&body, deadline),
                 body,
-                deadline: Box::pin(tokio::time::sleep_until(deadline)),
                 rewriter: rewriter.map(Box::new),
                 scrubber: scrubber.map(Box::new),
             },
@@ -424,17 +431,14 @@ impl Body for ProxyBody {
             Kind::Full(body) => body.take().map(|b| Ok(Frame::data(b))),
             Kind::Upstream {
                 body: held,
-                deadline,
                 rewriter,
                 scrubber,
                 ..
             } => {
-                if deadline.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Some(Err(DeadlineReached.into())));
-                }
                 let mut held = lock(held);
-                let Some(body) = held.body.as_mut() else {
-                    // The watchdog got there first.
+                let Held { body, reader, .. } = &mut *held;
+                let Some(body) = body.as_mut() else {
+                    // The route deadline passed: the watchdog took the body away.
                     return Poll::Ready(Some(Err(DeadlineReached.into())));
                 };
                 let mut inner = |cx: &mut Context<'_>| match rewriter {
@@ -443,9 +447,15 @@ impl Body for ProxyBody {
                         .map(|frame| frame.map(|r| r.map_err(BoxError::from))),
                     Some(rewriter) => poll_rewritten(body, rewriter, cx),
                 };
-                let frame = match scrubber {
-                    None => ready!(inner(cx)),
-                    Some(scrubber) => ready!(scrubber.poll_frame(cx, inner)),
+                let polled = match scrubber {
+                    None => inner(cx),
+                    Some(scrubber) => scrubber.poll_frame(cx, inner),
+                };
+                let Poll::Ready(frame) = polled else {
+                    if !reader.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                        *reader = Some(cx.waker().clone());
+                    }
+                    return Poll::Pending;
                 };
                 if matches!(frame, None | Some(Err(_))) {
                     // The upstream is done with this request: free its slot for the next one.

@@ -19,7 +19,7 @@ use super::error::ProxyError;
 use crate::routing;
 
 /// What the connection's framing audit found in one request head: the server's audit
-/// produces it (one per request, as a request extension), the checks here read it.
+/// produces it (one per request, passed beside the request), the checks here read it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Framing {
     /// Both `Content-Length` and `Transfer-Encoding` were present.
@@ -35,14 +35,11 @@ const MAX_TARGET: usize = 8 * 1024;
 
 pub(crate) fn check<B>(
     request: &Request<B>,
+    framing: Framing,
     api_key_header: &HeaderName,
 ) -> Result<(), ProxyError> {
     // The connection saw a head over `max_header_bytes`: what hyper passed on is a stand-in.
-    if request
-        .extensions()
-        .get::<Framing>()
-        .is_some_and(|framing| framing.head_too_large)
-    {
+    if framing.head_too_large {
         return Err(ProxyError::HeadersTooLarge);
     }
     check_method(request.method())?;
@@ -59,11 +56,7 @@ pub(crate) fn check<B>(
     check_headers(request.headers(), request.version(), api_key_header)?;
     check_authority(uri, request.headers())?;
     // hyper drops Content-Length when Transfer-Encoding is present; the audit saw both.
-    if request
-        .extensions()
-        .get::<Framing>()
-        .is_some_and(|framing| framing.ambiguous_length)
-    {
+    if framing.ambiguous_length {
         return Err(ProxyError::BadRequest(
             "Content-Length and Transfer-Encoding together are ambiguous",
         ));
@@ -219,12 +212,32 @@ mod tests {
     }
 
     fn status(request: &Request<()>) -> Option<u16> {
-        check(request, &HeaderName::from_static("x-api-key"))
+        status_with(request, Framing::default())
+    }
+
+    fn status_with(request: &Request<()>, framing: Framing) -> Option<u16> {
+        check(request, framing, &HeaderName::from_static("x-api-key"))
             .err()
             .map(|e| e.status().as_u16())
     }
 
     const HOST: (&str, &str) = ("host", "proxy");
+
+    #[test]
+    fn what_the_framing_audit_saw_decides_first() {
+        let fine = request("GET", "/bc/x", Version::HTTP_11, &[HOST]);
+        assert_eq!(status_with(&fine, Framing::default()), None);
+        let too_large = Framing {
+            head_too_large: true,
+            ..Framing::default()
+        };
+        assert_eq!(status_with(&fine, too_large), Some(431));
+        let ambiguous = Framing {
+            ambiguous_length: true,
+            ..Framing::default()
+        };
+        assert_eq!(status_with(&fine, ambiguous), Some(400));
+    }
 
     #[test]
     fn methods_outside_the_allow_list_are_405() {

@@ -58,9 +58,21 @@ use crate::routing::{self, RouteTable};
 use crate::token::{Token, TokenCache, TokenSlot};
 use crate::upstream::UpstreamClient;
 
+/// What the connection knows about one request besides the request itself. Passed
+/// alongside it rather than as request extensions, which cost allocations per request.
+#[derive(Debug)]
+pub(crate) struct Arrival {
+    /// The TCP peer.
+    pub(crate) peer: Peer,
+    /// What the framing audit saw in this request's head.
+    pub(crate) framing: Framing,
+    /// The TLS session of an `https` listener's connection.
+    pub(crate) tls: Option<Arc<TlsSession>>,
+}
+
 /// What a request showed about its caller, for the connection it came on (which closes
-/// after repeated refusals and prefers keeping authenticated callers at its cap). Carried
-/// as a response extension; it never reaches the wire.
+/// after repeated refusals and prefers keeping authenticated callers at its cap). Returned
+/// beside the response; it never reaches the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Caller {
     Authenticated,
@@ -191,8 +203,8 @@ impl Pipeline {
     pub(crate) async fn handle(
         &self,
         request: Request<Incoming>,
-        peer: Peer,
-    ) -> Response<ProxyBody> {
+        arrival: Arrival,
+    ) -> (Response<ProxyBody>, Option<Caller>) {
         let request_id = headers::request_id(request.headers());
         let mut log = AccessLog {
             request_id: request_id.clone(),
@@ -212,7 +224,7 @@ impl Pipeline {
             written: false,
         };
         let mut refused = false;
-        let mut response = match self.pipeline(request, &peer, &mut log).await {
+        let mut response = match self.pipeline(request, &arrival, &mut log).await {
             Ok(response) => response,
             Err(error) => {
                 refused = log.client.is_none()
@@ -232,31 +244,37 @@ impl Pipeline {
             }
         };
         response.headers_mut().insert(X_REQUEST_ID, request_id);
-        if log.client.is_some() {
-            response.extensions_mut().insert(Caller::Authenticated);
-        } else if refused {
-            response.extensions_mut().insert(Caller::Refused);
-        }
+        let caller = if log.client.is_some() {
+            Some(Caller::Authenticated)
+        } else {
+            refused.then_some(Caller::Refused)
+        };
         log.status = response.status().as_u16();
         response.body_mut().set_access_log(log);
-        response
+        (response, caller)
     }
 
     async fn pipeline(
         &self,
         request: Request<Incoming>,
-        peer: &Peer,
+        arrival: &Arrival,
         log: &mut AccessLog,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         if self.draining.load(Ordering::Relaxed) {
             return Err(ProxyError::ShuttingDown);
         }
-        checks::check(&request, self.authenticator.api_key_header())?;
+        checks::check(
+            &request,
+            arrival.framing,
+            self.authenticator.api_key_header(),
+        )?;
 
-        let client_ip = self.authenticator.client_ip(request.headers(), peer.ip);
-        let peer_certificate = request
-            .extensions()
-            .get::<Arc<TlsSession>>()
+        let client_ip = self
+            .authenticator
+            .client_ip(request.headers(), arrival.peer.ip);
+        let peer_certificate = arrival
+            .tls
+            .as_ref()
             .and_then(|tls| tls.peer_certificate.as_ref());
         let client =
             self.authenticator
@@ -286,7 +304,7 @@ impl Pipeline {
         let uri = routing::upstream_uri(&route.config.upstream, rest, request.uri().query())
             .map_err(|_| ProxyError::BadRequest("the request target cannot be forwarded"))?;
 
-        self.forward(route, uri, request, peer, log).await
+        self.forward(route, uri, request, arrival, log).await
     }
 
     /// Sends an admitted request upstream and shapes the answer, in named steps: read the
@@ -297,15 +315,15 @@ impl Pipeline {
         route: &RouteState,
         uri: Uri,
         request: Request<Incoming>,
-        peer: &Peer,
+        arrival: &Arrival,
         log: &mut AccessLog,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let deadline = log.started + route.config.timeout;
         let (parts, inbound) = request.into_parts();
         let forwarding = Forwarding {
-            peer,
-            peer_is_trusted_proxy: self.authenticator.is_trusted_proxy(peer.ip),
-            proto: if parts.extensions.get::<Arc<TlsSession>>().is_some() {
+            peer: &arrival.peer,
+            peer_is_trusted_proxy: self.authenticator.is_trusted_proxy(arrival.peer.ip),
+            proto: if arrival.tls.is_some() {
                 "https"
             } else {
                 "http"
@@ -318,19 +336,29 @@ impl Pipeline {
             request_id: &log.request_id,
             authority: parts.uri.authority(),
         };
+        let is_batch = batch::is_batch_request(&parts.method, parts.uri.path());
+        let is_soap = rewrite::is_soap_request(&parts.headers);
         // The proxy's own URL as this caller reached it, for links, `$batch` parts and
-        // WS-Addressing alike.
-        let public_base = rewrite::public_base(
-            self.public_url.as_ref(),
-            &parts.headers,
-            forwarding.authority,
-            forwarding.proto,
-            forwarding.peer_is_trusted_proxy,
-        );
+        // WS-Addressing alike; worked out only for a request that needs it.
+        let public_base = (route.config.rewrite_links || is_batch || is_soap)
+            .then(|| {
+                rewrite::public_base(
+                    self.public_url.as_ref(),
+                    &parts.headers,
+                    forwarding.authority,
+                    forwarding.proto,
+                    forwarding.peer_is_trusted_proxy,
+                )
+            })
+            .flatten();
         let public_base = public_base.as_deref();
         let links = link_map(route, public_base);
-        let batch = self.batch(route, &parts, forwarding.policy, public_base)?;
-        let addressing = addressing(route, &parts.headers, public_base);
+        let batch = if is_batch {
+            self.batch(route, &parts, forwarding.policy, public_base)?
+        } else {
+            None
+        };
+        let addressing = is_soap.then(|| addressing(route, public_base)).flatten();
         let mut headers = headers::to_upstream(parts.headers, &forwarding);
         // Textual answers are searched for the token, links or not: only codings the
         // proxy can decode are asked for.
@@ -544,15 +572,12 @@ fn link_map(route: &RouteState, public_base: Option<&str>) -> Option<LinkMap> {
 }
 
 /// The translator of a SOAP request's WS-Addressing `To` (any route: the upstream checks
-/// `To` whether or not the route rewrites links), when the public base is known.
+/// `To` whether or not the route rewrites links), when the public base is known. Only
+/// for a SOAP request (`rewrite::is_soap_request`).
 fn addressing(
     route: &RouteState,
-    headers: &HeaderMap,
     public_base: Option<&str>,
 ) -> Option<rewrite::AddressingRewriter> {
-    if !rewrite::is_soap_request(headers) {
-        return None;
-    }
     let base = public_base?;
     Some(rewrite::AddressingRewriter::new(
         &format!("{base}{}", route.prefix),

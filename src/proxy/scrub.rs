@@ -130,6 +130,10 @@ impl Tokens {
 
     /// `data` with every token replaced, or `None` when it holds none.
     fn replace_all(&self, data: &[u8]) -> Option<Vec<u8>> {
+        // The common case, no token at all, allocates nothing.
+        if !self.needles.iter().any(|n| n.finder().find(data).is_some()) {
+            return None;
+        }
         let mut next = vec![None; self.needles.len()];
         let (mut start, mut len) = self.find(data, 0, &mut next)?;
         let mut out = Vec::with_capacity(data.len());
@@ -173,11 +177,11 @@ impl Tokens {
         let mut named: Vec<HeaderName> = Vec::new();
         for (name, value) in headers.iter_mut() {
             // Names arrive lowercased: compare without regard to case.
-            if name.as_str().len() >= self.shortest()
-                && self.needles.iter().any(|n| {
-                    let lower = n.bytes().to_ascii_lowercase();
-                    memchr::memmem::find(name.as_str().as_bytes(), &lower).is_some()
-                })
+            let name_bytes = name.as_str().as_bytes();
+            if self
+                .needles
+                .iter()
+                .any(|n| contains_ignoring_case(name_bytes, n.bytes()))
             {
                 named.push(name.clone());
                 continue;
@@ -193,14 +197,15 @@ impl Tokens {
             headers.remove(name);
         }
     }
+}
 
-    fn shortest(&self) -> usize {
-        self.needles
-            .iter()
-            .map(|n| n.bytes().len())
-            .min()
-            .unwrap_or(0)
-    }
+/// Whether `haystack` contains `needle`, ASCII letters compared without regard to case.
+fn contains_ignoring_case(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty()
+        && haystack.len() >= needle.len()
+        && haystack
+            .windows(needle.len())
+            .any(|window| window.eq_ignore_ascii_case(needle))
 }
 
 /// Spellings of `token` besides the bare one that a reflecting page may use. None for a
@@ -315,6 +320,8 @@ pub(crate) struct Scrubber {
     tokens: Tokens,
     /// The end of the last chunk that may be the start of a token.
     held: BytesMut,
+    /// [`Tokens::find`]'s per-needle positions, kept to spare an allocation per chunk.
+    next: Vec<Option<Option<usize>>>,
     trailers: Option<HeaderMap>,
     done: bool,
 }
@@ -334,6 +341,7 @@ impl Scrubber {
         Self {
             tokens,
             held: BytesMut::new(),
+            next: Vec::new(),
             trailers: None,
             done: false,
         }
@@ -357,10 +365,12 @@ impl Scrubber {
             self.held.extend_from_slice(&chunk);
             self.held.split().freeze()
         };
-        let mut next = vec![None; self.tokens.needles.len()];
+        let next = &mut self.next;
+        next.clear();
+        next.resize(self.tokens.needles.len(), None);
         let mut out: Option<BytesMut> = None;
         let mut copied = 0;
-        while let Some((start, len)) = self.tokens.find(&data, copied, &mut next) {
+        while let Some((start, len)) = self.tokens.find(&data, copied, next) {
             let out = out.get_or_insert_with(|| BytesMut::with_capacity(data.len()));
             out.extend_from_slice(&data[copied..start]);
             out.extend_from_slice(REDACTED);

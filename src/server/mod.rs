@@ -34,7 +34,7 @@ use self::framing::{AuditedStream, Protocol};
 use crate::config::Limits;
 use crate::inbound::tls::TlsSession;
 use crate::proxy::headers::Peer;
-use crate::proxy::{Caller, Pipeline};
+use crate::proxy::{Arrival, Caller, Pipeline};
 
 pub(crate) mod connections;
 pub(crate) mod framing;
@@ -311,33 +311,33 @@ impl Connection {
         };
         let forwarded_peer = Peer::new(peer.ip());
         let requests = conn.clone();
-        let service = service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+        let service = service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
             let mut head = framing.next();
             // HTTP/2 heads bypass the audit: the header list is measured here instead.
             head.head_too_large |= request.version() == http::Version::HTTP_2
                 && header_list_size(&request) > max_header_bytes;
-            request.extensions_mut().insert(head);
-            if let Some(tls) = &tls {
-                request.extensions_mut().insert(tls.clone());
-            }
+            let arrival = Arrival {
+                peer: forwarded_peer.clone(),
+                framing: head,
+                tls: tls.clone(),
+            };
             let pipeline = pipelines.load_full();
             let in_flight = requests.request_started();
             let conn = requests.clone();
-            let forwarded_peer = forwarded_peer.clone();
             // Boxed: hyper keeps room for one in-flight handler per connection for the
             // connection's whole life; boxed, an idle connection holds a pointer, not the
             // whole pipeline's state.
             Box::pin(async move {
                 // A bug must cost one request a 500, not the connection (and with HTTP/2
                 // every other stream on it) an abrupt close (SECURITY.md catalogue H5).
-                let mut response = AssertUnwindSafe(pipeline.handle(request, forwarded_peer))
+                let (mut response, caller) = AssertUnwindSafe(pipeline.handle(request, arrival))
                     .catch_unwind()
                     .await
                     .unwrap_or_else(|_| {
                         tracing::error!(peer = %peer, "Request handler panicked; answered 500.");
-                        crate::proxy::panic_response()
+                        (crate::proxy::panic_response(), None)
                     });
-                match response.extensions().get::<Caller>() {
+                match caller {
                     Some(Caller::Authenticated) => conn.authenticated(),
                     Some(Caller::Refused) if conn.refused() >= MAX_REFUSALS => {
                         // A caller that keeps failing to authenticate gets no more tries

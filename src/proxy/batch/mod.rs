@@ -147,6 +147,11 @@ fn is_batch_path(path: &str) -> bool {
     last.eq_ignore_ascii_case("$batch") || last.eq_ignore_ascii_case("%24batch")
 }
 
+/// Whether a request is a `POST …/$batch`, the only kind [`Batch::for_request`] reads.
+pub(crate) fn is_batch_request(method: &Method, path: &str) -> bool {
+    method == Method::POST && is_batch_path(path)
+}
+
 impl Batch {
     /// The translator for a `POST …/$batch` request, `None` for any other request, an
     /// error for a batch the proxy will not read.
@@ -155,7 +160,7 @@ impl Batch {
         headers: &HeaderMap,
         context: &RequestContext<'_>,
     ) -> Result<Option<Self>, BatchError> {
-        if method != Method::POST || !is_batch_path(context.path) {
+        if !is_batch_request(method, context.path) {
             return Ok(None);
         }
         let encoded = headers
