@@ -371,7 +371,12 @@ load_end=$(cut -d' ' -f1-3 /proc/loadavg)
 # --- token requests -------------------------------------------------------------------
 tok_issuer=$(wc -l < "$T/token.log")
 tok_logged=""
-for n in s2s-1w s2s-default s2s-fresh; do tok_logged+="$n=$(grep -c 'Token fetched' "$T/$n.log") "; done
+tok_procs=0
+for n in s2s-1w s2s-alt s2s-fleet s2s-default s2s-fresh; do
+    [ -f "$T/$n.log" ] || continue
+    tok_logged+="$n=$(grep -c 'Token fetched' "$T/$n.log") "
+    tok_procs=$((tok_procs + 1))
+done
 
 # --- report ---------------------------------------------------------------------------
 echo "## Throughput and latency (wrk -t1 -c$CONNS -d$DURATION, $ROUNDS rounds, medians)"
@@ -408,7 +413,7 @@ print(f"- warm request (median of 21 curls, each a new client connection): {floa
 print(f"- direct to upstream (median of 21 curls): {float('$direct_one')*1000:.2f} ms")
 print()
 print("## Token requests\n")
-print(f"- token issuer access log: **$tok_issuer** requests for 3 proxy processes, one (credential, scope) each")
+print(f"- token issuer access log: **$tok_issuer** requests for $tok_procs proxy processes, one (credential, scope) each")
 print(f"- 'Token fetched.' per process: $tok_logged")
 print()
 print(f"Load average (1, 5, 15 min): start $load_start, end $load_end; cores: $ncpu; "
