@@ -172,8 +172,15 @@ pub(crate) struct Conn {
     closing: AtomicBool,
     close_now: Notify,
     shutdown: Notify,
-    /// A request started (the connection's timers change).
+    /// A request started and the connection's driver must look at its timers sooner
+    /// than it planned to.
     started: Notify,
+    /// When the driver next looks at its timers (ms since `opened`; `u64::MAX`: not
+    /// known yet), and how soon it must look once a request is in flight. A request
+    /// that starts within that tick of the planned look wakes nobody: on a busy
+    /// keep-alive connection, the driver is woken about once a tick, not once a request.
+    check_at_ms: AtomicU64,
+    in_flight_tick_ms: AtomicU64,
 }
 
 impl Conn {
@@ -193,6 +200,8 @@ impl Conn {
             close_now: Notify::new(),
             shutdown: Notify::new(),
             started: Notify::new(),
+            check_at_ms: AtomicU64::new(u64::MAX),
+            in_flight_tick_ms: AtomicU64::new(0),
         }
     }
 
@@ -210,18 +219,32 @@ impl Conn {
 
     /// Counts a request in flight until the returned guard is dropped.
     pub(crate) fn request_started(self: &Arc<Self>) -> InFlight {
-        self.last_activity_ms
-            .store(self.now_ms(), Ordering::Relaxed);
+        let now = self.now_ms();
+        self.last_activity_ms.store(now, Ordering::Relaxed);
         self.requested.store(true, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.totals.in_flight.fetch_add(1, Ordering::AcqRel);
-        self.started.notify_one();
+        let tick = self.in_flight_tick_ms.load(Ordering::Relaxed);
+        if self.check_at_ms.load(Ordering::Relaxed) > now.saturating_add(tick) {
+            self.started.notify_one();
+        }
         InFlight(self.clone())
     }
 
-    /// Resolves when a request has started since the last call.
+    /// Resolves when a request has started that needs the timers looked at sooner than
+    /// the driver last planned ([`Conn::plan_check`]).
     pub(crate) async fn request_seen(&self) {
         self.started.notified().await;
+    }
+
+    /// The driver's plan: it looks at its timers at `at`, and every `tick` while a
+    /// request is in flight.
+    pub(crate) fn plan_check(&self, at: Instant, tick: Duration) {
+        let at = at.saturating_duration_since(self.opened).as_millis();
+        self.check_at_ms
+            .store(u64::try_from(at).unwrap_or(u64::MAX), Ordering::Relaxed);
+        self.in_flight_tick_ms
+            .store(tick.as_millis() as u64, Ordering::Relaxed);
     }
 
     pub(crate) fn has_requested(&self) -> bool {
@@ -468,6 +491,36 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Whether `request_seen` has resolved, i.e. the driver was woken.
+    async fn woken(conn: &Conn) -> bool {
+        tokio::time::timeout(Duration::ZERO, conn.request_seen())
+            .await
+            .is_ok()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_wakes_the_driver_only_when_its_next_look_is_more_than_a_tick_away() {
+        let registry = Arc::new(Registry::default());
+        let handle = registry.register();
+        let conn = handle.conn();
+        let tick = Duration::from_secs(1);
+        // Nothing planned yet: the first request wakes the driver.
+        let first = conn.request_started();
+        assert!(woken(conn).await);
+        // The driver looks again within the tick (a request is in flight): the next
+        // requests on the connection wake nobody.
+        conn.plan_check(Instant::now() + tick, tick);
+        drop(first);
+        drop(conn.request_started());
+        tokio::time::advance(Duration::from_millis(600)).await;
+        drop(conn.request_started());
+        assert!(!woken(conn).await);
+        // Idle, the driver plans its next look at the idle timeout: a request must wake it.
+        conn.plan_check(Instant::now() + Duration::from_secs(60), tick);
+        let _late = conn.request_started();
+        assert!(woken(conn).await);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn at_the_cap_the_unauthenticated_then_the_longest_idle_connection_goes() {

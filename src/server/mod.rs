@@ -434,6 +434,7 @@ impl Served {
                 shut_down,
                 drop_at,
             );
+            conn.plan_check(wake, in_flight_tick(limits));
             tokio::select! {
                 // The connection first: bytes already read (the replayed first ones) start
                 // their request before a drain that arrived at the same time is seen.
@@ -561,15 +562,18 @@ fn next_check(
     earliest(drop_at);
     earliest(stalled_since(conn, protocol).map(|since| since + limits.write_stall_timeout));
     if conn.in_flight() > 0 {
-        let tick = (limits.write_stall_timeout / 4)
-            .clamp(Duration::from_millis(10), Duration::from_secs(1));
-        earliest(Some(now + tick));
+        earliest(Some(now + in_flight_tick(limits)));
     }
     if !shut_down {
         earliest(first_request_by.filter(|_| !conn.has_requested()));
         earliest(conn.idle_at(limits.idle_timeout));
     }
     wake
+}
+
+/// How often a connection's driver looks at its timers while a request is in flight.
+fn in_flight_tick(limits: ConnectionLimits) -> Duration {
+    (limits.write_stall_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1))
 }
 
 /// The address a listener is bound to, for messages.
