@@ -14,25 +14,19 @@ mod support;
 mod cli;
 
 use std::collections::{HashMap, HashSet};
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http::{Request, StatusCode};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use tokio::net::TcpListener;
 
 use s2s_proxy::{Config, ConfigError, Source};
 use support::{
-    FakeIdp, FakeUpstream, PASSWORD, TENANT, capture_logs, erp, eventually, get, metric, send,
-    spawn_ops_proxy,
+    FakeIdp, FakeUpstream, PASSWORD, TENANT, capture_logs, erp, eventually, get, json_response,
+    metric, send, serve, spawn_ops_proxy,
 };
 
 /// Secret values planted in the fake vault: none may appear in logs, metrics, `check`
@@ -42,41 +36,6 @@ const NEW: &str = "kv_CANARY_new_4be7";
 
 // ---------------------------------------------------------------------------------------
 // Fakes
-
-async fn serve<F, Fut>(handler: F) -> SocketAddr
-where
-    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
-{
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let handler = handler.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |request| {
-                    let handler = handler.clone();
-                    async move { Ok::<_, Infallible>(handler(request).await) }
-                });
-                let _ = auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    addr
-}
-
-fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    Response::builder()
-        .status(status)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body)))
-        .unwrap()
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum VaultMode {
@@ -155,7 +114,7 @@ impl FakeVault {
                 };
                 match mode {
                     VaultMode::Fail(status) => {
-                        return json(
+                        return json_response(
                             StatusCode::from_u16(status).unwrap(),
                             r#"{"error":{"code":"InternalError","message":"boom"}}"#.to_owned(),
                         );
@@ -165,7 +124,7 @@ impl FakeVault {
                 }
                 if !authorization.is_some_and(|a| a.starts_with("Bearer tok-")) {
                     let resource = challenge.unwrap_or_else(|| format!("http://{host}"));
-                    let mut response = json(
+                    let mut response = json_response(
                         StatusCode::UNAUTHORIZED,
                         r#"{"error":{"code":"Unauthorized","message":"AKV10000: Request is missing a Bearer or PoP token."}}"#.to_owned(),
                     );
@@ -180,7 +139,7 @@ impl FakeVault {
                     return response;
                 }
                 if !path_and_query.ends_with("?api-version=7.4") {
-                    return json(StatusCode::BAD_REQUEST, "{}".to_owned());
+                    return json_response(StatusCode::BAD_REQUEST, "{}".to_owned());
                 }
                 match secret {
                     Some((name, (value, version, exp))) => {
@@ -204,9 +163,9 @@ impl FakeVault {
                                 format!("http://{host}/keys/{name}/{version}").into();
                             bundle["managed"] = true.into();
                         }
-                        json(StatusCode::OK, bundle.to_string())
+                        json_response(StatusCode::OK, bundle.to_string())
                     }
-                    None => json(
+                    None => json_response(
                         StatusCode::NOT_FOUND,
                         r#"{"error":{"code":"SecretNotFound","message":"A secret with (name/id) was not found in this key vault."}}"#.to_owned(),
                     ),
@@ -274,14 +233,14 @@ impl SecretIdp {
                 seen.lock().unwrap().push(secret.clone());
                 if accepted.lock().unwrap().contains(&secret) {
                     let n = issued.fetch_add(1, Ordering::SeqCst) + 1;
-                    json(
+                    json_response(
                         StatusCode::OK,
                         format!(
                             r#"{{"token_type":"Bearer","expires_in":3599,"access_token":"bc-tok-{n}"}}"#
                         ),
                     )
                 } else {
-                    json(StatusCode::UNAUTHORIZED, support::invalid_client_body())
+                    json_response(StatusCode::UNAUTHORIZED, support::invalid_client_body())
                 }
             }
         })

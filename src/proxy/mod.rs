@@ -25,6 +25,7 @@
 pub(crate) mod access_log;
 pub(crate) mod batch;
 pub(crate) mod body;
+mod by_route;
 mod checks;
 mod error;
 pub(crate) mod headers;

@@ -31,13 +31,13 @@
 //! by the other replicas, so the fleet may exceed `max_concurrent` by them until they
 //! end. A lease taken is renewed until the request ends, whatever Redis does meanwhile.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::by_route::ByRoute;
 use crate::cluster::Cluster;
 use crate::cluster::semaphore::{Attempt, FleetSlots, Lease};
 use tokio::time::{Instant, timeout_at};
@@ -76,7 +76,7 @@ impl QueueLimits {
 /// pipeline or a request (waiting, or holding a slot) uses it; the registry only finds it.
 #[derive(Debug, Default)]
 pub(crate) struct Queues {
-    by_prefix: Mutex<HashMap<String, Weak<RouteQueue>>>,
+    queues: ByRoute<RouteQueue>,
     /// Fleet mode: every route's `max_concurrent` holds across the replicas.
     cluster: Option<Cluster>,
 }
@@ -85,31 +85,25 @@ impl Queues {
     /// Queues whose limits hold for the fleet when `cluster` is given.
     pub(crate) fn new(cluster: Option<Cluster>) -> Self {
         Self {
-            by_prefix: Mutex::default(),
+            queues: ByRoute::default(),
             cluster,
         }
     }
 
     /// The queue of the route `prefix`: the running one resized to `limits`, or a new one.
     pub(crate) fn route(&self, prefix: &str, limits: QueueLimits) -> Arc<RouteQueue> {
-        let mut by_prefix = self
-            .by_prefix
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        // Queues of routes that no pipeline uses any more are gone: forget their names.
-        by_prefix.retain(|_, queue| queue.strong_count() > 0);
-        if let Some(queue) = by_prefix.get(prefix).and_then(Weak::upgrade) {
-            queue.resize(limits);
-            return queue;
-        }
-        let mut queue = RouteQueue::new(limits);
-        queue.fleet = self
-            .cluster
-            .as_ref()
-            .map(|cluster| FleetSlots::new(cluster, prefix));
-        let queue = Arc::new(queue);
-        by_prefix.insert(prefix.to_owned(), Arc::downgrade(&queue));
-        queue
+        self.queues.get_or_create(
+            prefix,
+            |running| running.resize(limits),
+            || {
+                let mut queue = RouteQueue::new(limits);
+                queue.fleet = self
+                    .cluster
+                    .as_ref()
+                    .map(|cluster| FleetSlots::new(cluster, prefix));
+                queue
+            },
+        )
     }
 }
 
@@ -479,6 +473,6 @@ mod tests {
         drop((back, held));
         let fresh = queues.route("/old/", limits(1, 0, 60));
         let _slot = fresh.acquire(far()).await.unwrap();
-        assert_eq!(queues.by_prefix.lock().unwrap().len(), 1);
+        assert_eq!(queues.queues.len(), 1);
     }
 }

@@ -30,13 +30,14 @@
 //! own window (which records every send of the replica, so it is current when needed):
 //! N per P per replica until Redis is back.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::time::{Instant, sleep_until, timeout_at};
 
+use super::by_route::ByRoute;
 use crate::cluster::Cluster;
 use crate::cluster::rates::{SendLog, Turn};
 use crate::config::{RateLimit, Route};
@@ -80,7 +81,7 @@ impl RateLimits {
 /// as a pipeline or a request uses it; the registry only finds it.
 #[derive(Debug, Default)]
 pub(crate) struct UpstreamRates {
-    by_prefix: Mutex<HashMap<String, Weak<UpstreamRate>>>,
+    windows: ByRoute<UpstreamRate>,
     /// Fleet mode: the windows are the fleet's.
     cluster: Option<Cluster>,
 }
@@ -88,27 +89,22 @@ pub(crate) struct UpstreamRates {
 impl UpstreamRates {
     pub(crate) fn new(cluster: Option<Cluster>) -> Self {
         Self {
-            by_prefix: Mutex::default(),
+            windows: ByRoute::default(),
             cluster,
         }
     }
 
     /// The window of the route `prefix`: the running one with `limits`, or a new one.
     pub(crate) fn route(&self, prefix: &str, limits: RateLimits) -> Arc<UpstreamRate> {
-        let mut by_prefix = self
-            .by_prefix
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        by_prefix.retain(|_, rate| rate.strong_count() > 0);
-        if let Some(rate) = by_prefix.get(prefix).and_then(Weak::upgrade) {
-            rate.reconfigure(limits);
-            return rate;
-        }
-        let mut rate = UpstreamRate::new(limits);
-        rate.fleet = self.cluster.as_ref().map(|c| SendLog::new(c, prefix));
-        let rate = Arc::new(rate);
-        by_prefix.insert(prefix.to_owned(), Arc::downgrade(&rate));
-        rate
+        self.windows.get_or_create(
+            prefix,
+            |running| running.reconfigure(limits),
+            || {
+                let mut rate = UpstreamRate::new(limits);
+                rate.fleet = self.cluster.as_ref().map(|c| SendLog::new(c, prefix));
+                rate
+            },
+        )
     }
 }
 
@@ -479,7 +475,7 @@ mod tests {
         drop((rate, again, lower, longer));
         let fresh = rates.route("/bc/", limits(1, 30, 100, 600));
         assert_eq!(fresh.admit(Instant::now(), far()).await, Ok(Duration::ZERO));
-        assert_eq!(rates.by_prefix.lock().unwrap().len(), 1);
+        assert_eq!(rates.windows.len(), 1);
     }
 
     /// Handles on one fleet's Redis, as replicas have (real time: Redis keeps its own).

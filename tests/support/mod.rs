@@ -33,7 +33,7 @@ pub const API_KEY: &str = "ak_CANARY_0c2e";
 pub const TENANT: &str = "00000000-0000-0000-0000-0000000000t1";
 
 /// Serves `handler` on 127.0.0.1:0 (HTTP/1.1 and h2c) until the runtime ends.
-async fn serve<F, Fut>(handler: F) -> SocketAddr
+pub async fn serve<F, Fut>(handler: F) -> SocketAddr
 where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
@@ -60,7 +60,8 @@ where
     addr
 }
 
-fn json_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+/// A response with a JSON body.
+pub fn json_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     Response::builder()
         .status(status)
         .header("content-type", "application/json")
