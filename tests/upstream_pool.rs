@@ -27,7 +27,6 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::TlsAcceptor;
 
 /// A proxy with one route `/bc/` to `upstream` (the path after the prefix goes as is).
 fn yaml(idp: &FakeIdp, upstream: &str, extra_server: &str) -> String {
@@ -433,16 +432,7 @@ impl H2Upstream {
         certificate: CertificateDer<'static>,
         key: PrivateKeyDer<'static>,
     ) -> (Self, SocketAddr) {
-        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![certificate], key)
-        .unwrap();
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        let acceptor = TlsAcceptor::from(Arc::new(config));
+        let acceptor = support::tls_acceptor(certificate, key);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let upstream = Self {

@@ -20,7 +20,6 @@ use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use support::*;
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 
 struct Pki {
     ca_pem: String,
@@ -74,16 +73,7 @@ impl TlsUpstream {
         certificate: CertificateDer<'static>,
         key: PrivateKeyDer<'static>,
     ) -> (Self, SocketAddr) {
-        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![certificate], key)
-        .unwrap();
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        let acceptor = TlsAcceptor::from(Arc::new(config));
+        let acceptor = support::tls_acceptor(certificate, key);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let upstream = Self::default();

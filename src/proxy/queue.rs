@@ -247,7 +247,9 @@ impl RouteQueue {
     }
 }
 
-struct Waiting<'a>(&'a AtomicUsize);
+/// One caller counted as waiting in a route's queue or rate window, counted out again
+/// however the wait ends, the caller hanging up included.
+pub(super) struct Waiting<'a>(pub(super) &'a AtomicUsize);
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {

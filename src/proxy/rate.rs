@@ -38,6 +38,7 @@ use std::time::Duration;
 use tokio::time::{Instant, sleep_until, timeout_at};
 
 use super::by_route::ByRoute;
+use super::queue::Waiting;
 use crate::cluster::Cluster;
 use crate::cluster::rates::{SendLog, Turn};
 use crate::config::{RateLimit, Route};
@@ -266,15 +267,6 @@ impl UpstreamRate {
             })
             .map_err(RateError::Full)?;
         Ok(Waiting(&self.queued))
-    }
-}
-
-/// Counted out again however the wait ends, the caller hanging up included.
-struct Waiting<'a>(&'a AtomicUsize);
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

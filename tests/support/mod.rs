@@ -32,6 +32,24 @@ pub const PASSWORD: &str = "pw_CANARY_55c1";
 pub const API_KEY: &str = "ak_CANARY_0c2e";
 pub const TENANT: &str = "00000000-0000-0000-0000-0000000000t1";
 
+/// A TLS acceptor for a test upstream with this certificate, offering HTTP/2 and
+/// HTTP/1.1 by ALPN (rustls with the ring provider, as the proxy uses).
+pub fn tls_acceptor(
+    certificate: rustls::pki_types::CertificateDer<'static>,
+    key: rustls::pki_types::PrivateKeyDer<'static>,
+) -> tokio_rustls::TlsAcceptor {
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![certificate], key)
+    .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
 /// Serves `handler` on 127.0.0.1:0 (HTTP/1.1 and h2c) until the runtime ends.
 pub async fn serve<F, Fut>(handler: F) -> SocketAddr
 where
