@@ -355,9 +355,11 @@ fn chunk_start(size: u64) -> State {
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-/// The first read of a connection, kept for hyper: room for a typical request head, so
-/// hyper gets the whole head in its first read.
-const FIRST_READ: usize = 4096;
+/// The first read of a connection, kept for hyper: just enough to tell the HTTP/2
+/// preface from anything else. A connection that sends nothing holds this buffer while it
+/// waits (10,000 silent connections: 4 KiB each was 40 MiB); hyper reads the rest of the
+/// first head itself, one more read on a new HTTP/1 connection.
+const FIRST_READ: usize = H2_PREFACE.len();
 
 /// The protocol of a connection, told from its first bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
