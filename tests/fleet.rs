@@ -13,50 +13,30 @@ mod support;
 #[allow(dead_code)]
 mod cli;
 
+#[path = "support/replica.rs"]
+mod replica;
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use cli::{Running, TempDir, command, free_port, run_to_end};
+use cli::{TempDir, command, run_to_end};
+use replica::{LIMIT, Replica, Setup, start_fleet, wait_ready};
 use support::dynamics::yaml_with;
 use support::{
     FakeIdp, GatedUpstream, RedisServer, erp, eventually, get, metric, send, standard_vars,
 };
 
-/// How long a process may take to notice what a test did (busy machine, real sockets).
-const LIMIT: Duration = Duration::from_secs(30);
 const MAX_CONCURRENT: usize = 2;
 const REPLICAS: usize = 3;
 const QUEUED: &str = r#"s2s_proxy_queued{route="/bc/"}"#;
 
-/// One `s2s-proxy run` process.
-struct Replica {
-    process: Running,
-    addr: SocketAddr,
-    admin: SocketAddr,
-}
-
-/// The route's limits, and `cluster` when given (the budget is generous: the machine is
-/// shared and a late answer would make the replica fall back).
-fn replica_yaml(
-    idp: &FakeIdp,
-    upstream: &str,
-    redis: Option<&str>,
-) -> (String, SocketAddr, SocketAddr) {
-    let (addr, admin) = (free_port(), free_port());
-    let cluster = redis.map_or_else(String::new, |url| {
-        format!("cluster:\n  redis: {url}\n  key_prefix: fleet-test\n  timeout: 1s\n")
-    });
-    let route = format!(
+/// The route's limits on `/bc/`, and `cluster` when `redis` is given.
+fn route() -> String {
+    format!(
         "    max_concurrent: {MAX_CONCURRENT}\n    max_queue: 100\n    timeout: 5m\n    queue_timeout: 5m\n"
-    );
-    let yaml = format!(
-        "admin:\n  listen: {admin}\n{cluster}{}",
-        yaml_with(idp, upstream, "", &route)
     )
-    .replace("listen: 127.0.0.1:0", &format!("listen: {addr}"));
-    (yaml, addr, admin)
 }
 
 async fn start_replica(
@@ -67,37 +47,19 @@ async fn start_replica(
     redis: Option<&str>,
     env: &[(&str, &str)],
 ) -> Replica {
-    let (yaml, addr, admin) = replica_yaml(idp, upstream, redis);
-    let path = dir.write(&format!("{name}.yaml"), &yaml);
-    let mut cmd = command(["run", "--config"]);
-    cmd.arg(path)
-        .envs(standard_vars())
-        .envs(env.iter().copied());
-    let mut process = Running::spawn(cmd);
-    process.wait_until_accepting(addr).await;
-    process.wait_until_accepting(admin).await;
-    Replica {
-        process,
-        addr,
-        admin,
-    }
+    let route = route();
+    let setup = Setup {
+        redis,
+        key_prefix: "fleet-test",
+        client: "",
+        route: &route,
+    };
+    replica::start_replica(dir, name, idp, upstream, &setup, env).await
 }
 
 async fn readyz(replica: &Replica) -> (u16, Value) {
     let answer = get(replica.admin, "/readyz").await;
     (answer.status, answer.json())
-}
-
-/// Waits until the replica is ready and, with `cluster`, reaches Redis and its release
-/// notifications.
-async fn wait_ready(replica: &Replica, clustered: bool) {
-    eventually(LIMIT, "the replica is ready (and connected)", || async {
-        let (status, body) = readyz(replica).await;
-        let connected = !clustered
-            || (body["cluster"]["available"] == true && body["cluster"]["subscribed"] == true);
-        (status == 200 && connected).then_some(())
-    })
-    .await;
 }
 
 async fn fleet(
@@ -106,15 +68,14 @@ async fn fleet(
     upstream: &GatedUpstream,
     redis: Option<&str>,
 ) -> Vec<Replica> {
-    let mut replicas = Vec::new();
-    for n in 0..REPLICAS {
-        replicas
-            .push(start_replica(dir, &format!("r{n}"), idp, &upstream.base(), redis, &[]).await);
-    }
-    for replica in &replicas {
-        wait_ready(replica, redis.is_some()).await;
-    }
-    replicas
+    let route = route();
+    let setup = Setup {
+        redis,
+        key_prefix: "fleet-test",
+        client: "",
+        route: &route,
+    };
+    start_fleet(REPLICAS, dir, idp, &upstream.base(), &setup).await
 }
 
 /// A GET from `erp` on its own connection, in the background; its status, or `None`

@@ -13,50 +13,19 @@ mod support;
 #[allow(dead_code)]
 mod cli;
 
-use std::net::SocketAddr;
+#[path = "support/replica.rs"]
+mod replica;
+
 use std::time::{Duration, Instant};
 
-use cli::{Running, TempDir, command, free_port};
-use support::dynamics::yaml_with;
+use cli::TempDir;
+use replica::{LIMIT, Replica, Setup, start_fleet};
 use support::windowed::{TRANSIT_JITTER, WindowedUpstream};
-use support::{FakeIdp, RedisServer, erp, eventually, get, metric, send, standard_vars};
+use support::{FakeIdp, RedisServer, erp, eventually, get, metric, send};
 
-/// How long a process may take to notice what a test did (busy machine, real sockets).
-const LIMIT: Duration = Duration::from_secs(30);
 const REPLICAS: usize = 3;
 const N: usize = 4;
 const PER: Duration = Duration::from_secs(2);
-
-/// One `s2s-proxy run` process.
-struct Replica {
-    _process: Running,
-    addr: SocketAddr,
-    admin: SocketAddr,
-}
-
-/// A replica's configuration: `client` lines under client `erp`, `route` lines on `/bc/`,
-/// and `cluster` when given (with a generous budget: the machine is shared, and a late
-/// answer would make the replica fall back to its local limits).
-fn replica_yaml(
-    idp: &FakeIdp,
-    upstream: &str,
-    redis: Option<&str>,
-    client: &str,
-    route: &str,
-) -> (String, SocketAddr, SocketAddr) {
-    let (addr, admin) = (free_port(), free_port());
-    let cluster = redis.map_or_else(String::new, |url| {
-        format!("cluster:\n  redis: {url}\n  key_prefix: rates-test\n  timeout: 1s\n")
-    });
-    let erp = "    basic: { username: erp, password: \"${ERP_PASSWORD}\" }\n";
-    let yaml = format!(
-        "admin:\n  listen: {admin}\n{cluster}{}",
-        yaml_with(idp, upstream, "", route)
-    )
-    .replace("listen: 127.0.0.1:0", &format!("listen: {addr}"))
-    .replace(erp, &format!("{erp}{client}"));
-    (yaml, addr, admin)
-}
 
 /// Three replicas, ready, and with `cluster` connected to Redis.
 async fn fleet(
@@ -67,31 +36,13 @@ async fn fleet(
     client: &str,
     route: &str,
 ) -> Vec<Replica> {
-    let mut replicas = Vec::new();
-    for n in 0..REPLICAS {
-        let (yaml, addr, admin) = replica_yaml(idp, upstream, redis, client, route);
-        let path = dir.write(&format!("r{n}.yaml"), &yaml);
-        let mut cmd = command(["run", "--config"]);
-        cmd.arg(path).envs(standard_vars());
-        let mut process = Running::spawn(cmd);
-        process.wait_until_accepting(addr).await;
-        process.wait_until_accepting(admin).await;
-        replicas.push(Replica {
-            _process: process,
-            addr,
-            admin,
-        });
-    }
-    for replica in &replicas {
-        eventually(LIMIT, "the replica is ready (and connected)", || async {
-            let answer = get(replica.admin, "/readyz").await;
-            let body = answer.json();
-            let connected = redis.is_none() || body["cluster"]["available"] == true;
-            (answer.status == 200 && connected).then_some(())
-        })
-        .await;
-    }
-    replicas
+    let setup = Setup {
+        redis,
+        key_prefix: "rates-test",
+        client,
+        route,
+    };
+    start_fleet(REPLICAS, dir, idp, upstream, &setup).await
 }
 
 /// `count` GETs from `erp`, spread over the replicas in turn, all at once; their statuses.

@@ -55,6 +55,15 @@ fn get_request(path: &str) -> Vec<u8> {
         .into_bytes()
 }
 
+/// A GET of `path` on a new connection, answered in the background.
+fn spawn_get(addr: SocketAddr, path: String) -> tokio::task::JoinHandle<Option<(u16, Vec<u8>)>> {
+    tokio::spawn(async move {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(&get_request(&path)).await.unwrap();
+        read_response(&mut stream).await
+    })
+}
+
 /// One HTTP/1 response off a kept-alive connection: status and body (`Content-Length`
 /// or chunked). `None` when the connection ends first.
 async fn read_response(stream: &mut TcpStream) -> Option<(u16, Vec<u8>)> {
@@ -293,24 +302,13 @@ async fn max_connections_holds_across_workers() {
 
         let mut busy = Vec::new();
         for n in 0..6 {
-            busy.push(tokio::spawn(async move {
-                let mut stream = TcpStream::connect(addr).await.unwrap();
-                stream
-                    .write_all(&get_request(&format!("/g/{n}")))
-                    .await
-                    .unwrap();
-                read_response(&mut stream).await
-            }));
+            busy.push(spawn_get(addr, format!("/g/{n}")));
         }
         eventually(LIMIT, "six requests at the upstream", || async {
             (gated.in_flight() == 6).then_some(())
         })
         .await;
-        let seventh = tokio::spawn(async move {
-            let mut stream = TcpStream::connect(addr).await.unwrap();
-            stream.write_all(&get_request("/g/7")).await.unwrap();
-            read_response(&mut stream).await
-        });
+        let seventh = spawn_get(addr, "/g/7".to_owned());
         // Absence can only be observed for a while: the seventh must not get through.
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(gated.max_in_flight(), 6, "workers {workers:?}");
@@ -380,14 +378,7 @@ async fn sigterm_drains_every_worker() {
 
         let mut in_flight = Vec::new();
         for n in 0..12 {
-            in_flight.push(tokio::spawn(async move {
-                let mut stream = TcpStream::connect(addr).await.unwrap();
-                stream
-                    .write_all(&get_request(&format!("/g/{n}")))
-                    .await
-                    .unwrap();
-                read_response(&mut stream).await
-            }));
+            in_flight.push(spawn_get(addr, format!("/g/{n}")));
         }
         eventually(LIMIT, "twelve requests at the upstream", || async {
             (gated.in_flight() == 12).then_some(())
