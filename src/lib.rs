@@ -63,6 +63,7 @@ mod server;
 mod test_support;
 pub mod token;
 mod upstream;
+mod waiting;
 
 use std::future::Future;
 use std::net::SocketAddr;

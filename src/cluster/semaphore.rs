@@ -35,6 +35,7 @@ use redis::Script;
 use tokio::sync::Notify;
 
 use super::{Cluster, UNSUBSCRIBED_RECHECK};
+use crate::waiting::Waiting;
 
 /// How long a lease lives without renewal.
 pub(crate) const LEASE_TTL: Duration = Duration::from_secs(15);
@@ -176,8 +177,7 @@ impl FleetSlots {
     /// Waits, first in line locally, for a lease under the current `limit()`. `None` when
     /// Redis is unavailable: the caller goes on with its local slot.
     pub(crate) async fn acquire(&self, limit: impl Fn() -> usize) -> Option<Lease> {
-        self.waiting.fetch_add(1, Ordering::AcqRel);
-        let _waiting = Waiting(&self.waiting);
+        let _waiting = Waiting::count(&self.waiting);
         let _head = self.head.lock().await;
         loop {
             let released = self.released.notified();
@@ -217,15 +217,6 @@ impl FleetSlots {
             id,
             renewal,
         }
-    }
-}
-
-/// Counts a waiter out however its wait ends (the caller may hang up).
-struct Waiting<'a>(&'a AtomicUsize);
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

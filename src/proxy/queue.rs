@@ -40,6 +40,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use super::by_route::ByRoute;
 use crate::cluster::Cluster;
 use crate::cluster::semaphore::{Attempt, FleetSlots, Lease};
+use crate::waiting::Waiting;
 use tokio::time::{Instant, timeout_at};
 
 /// Why a request did not get a slot.
@@ -216,16 +217,7 @@ impl RouteQueue {
         let QueueLimits {
             max_queue, timeout, ..
         } = *self.limits.lock().unwrap_or_else(PoisonError::into_inner);
-        let admitted = self
-            .queued
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max_queue).then_some(n + 1)
-            });
-        if let Err(waiting) = admitted {
-            return Err(QueueError::Full(waiting));
-        }
-        // Counted out again however the wait ends, the caller hanging up included.
-        let _waiting = Waiting(&self.queued);
+        let _waiting = Waiting::enter(&self.queued, max_queue).map_err(QueueError::Full)?;
         let started = Instant::now();
         let until = deadline.min(started + timeout);
         let wait = async {
@@ -244,16 +236,6 @@ impl RouteQueue {
             // The semaphore is never closed.
             Ok(None) | Err(_) => Err(QueueError::TimedOut(started.elapsed())),
         }
-    }
-}
-
-/// One caller counted as waiting in a route's queue or rate window, counted out again
-/// however the wait ends, the caller hanging up included.
-pub(super) struct Waiting<'a>(pub(super) &'a AtomicUsize);
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

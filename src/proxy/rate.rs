@@ -38,10 +38,10 @@ use std::time::Duration;
 use tokio::time::{Instant, sleep_until, timeout_at};
 
 use super::by_route::ByRoute;
-use super::queue::Waiting;
 use crate::cluster::Cluster;
 use crate::cluster::rates::{SendLog, Turn};
 use crate::config::{RateLimit, Route};
+use crate::waiting::Waiting;
 
 /// Why a request was not sent upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -200,7 +200,7 @@ impl UpstreamRate {
         let _line = match self.line.try_lock() {
             Ok(line) => line,
             Err(_) => {
-                waiting = Some(self.enter(max_queue)?);
+                waiting = Some(Waiting::enter(&self.queued, max_queue).map_err(RateError::Full)?);
                 match timeout_at(until, self.line.lock()).await {
                     Ok(line) => line,
                     Err(_) => {
@@ -229,7 +229,7 @@ impl UpstreamRate {
                 });
             }
             if waiting.is_none() {
-                waiting = Some(self.enter(max_queue)?);
+                waiting = Some(Waiting::enter(&self.queued, max_queue).map_err(RateError::Full)?);
             }
             sleep_until(at).await;
         }
@@ -257,16 +257,6 @@ impl UpstreamRate {
             window.record(now);
         }
         next
-    }
-
-    /// Counts the request as waiting, unless `max_queue` already are.
-    fn enter(&self, max_queue: usize) -> Result<Waiting<'_>, RateError> {
-        self.queued
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max_queue).then_some(n + 1)
-            })
-            .map_err(RateError::Full)?;
-        Ok(Waiting(&self.queued))
     }
 }
 
