@@ -2,6 +2,9 @@
 //! store's credential takes none of its own secrets from a store. The references
 //! themselves (`${secret:STORE/NAME}`) are recorded by the secret fields (`fields`).
 
+use http::uri::Scheme;
+
+use super::parse::UrlUse;
 use super::{Names, Validator};
 use crate::config::raw::RawSecretStore;
 use crate::config::{
@@ -96,32 +99,29 @@ impl Validator<'_> {
         }
     }
 
-    /// https, or http on a loopback host (tests); no path, query or fragment.
+    /// https, or http on a loopback host (tests); no path, query or fragment, and the
+    /// checks every configured URL gets (`check_url`: no user info, a usable port, no
+    /// link-local host): the proxy sends a token there.
     fn vault_url(&mut self, path: &str, text: &str) -> Option<String> {
         let value = self.non_empty(path, text)?;
         let trimmed = value.trim().trim_end_matches('/');
-        let uri: Option<http::Uri> = trimmed.parse().ok();
-        let problem = match &uri {
-            None => Some("is not a valid URL; write e.g. https://contoso-kv.vault.azure.net"),
-            Some(uri) => match (uri.scheme_str(), uri.host()) {
-                (_, None) => {
-                    Some("is not a valid URL; write e.g. https://contoso-kv.vault.azure.net")
-                }
-                (Some("https"), Some(_)) => None,
-                (Some("http"), Some(host)) if is_loopback_host(host) => None,
-                (Some("http"), Some(_)) => Some(
-                    "must be https:// (plain http only on loopback hosts): the proxy sends a \
-                     token to the vault",
-                ),
-                _ => Some("must be an https:// URL"),
+        // Plain http is refused below, with the vault's own reason.
+        let url = self.checked_url(
+            path,
+            trimmed,
+            UrlUse::Upstream {
+                allow_plain_http: true,
             },
-        };
-        if let Some(message) = problem {
-            self.problem(path, message);
+        )?;
+        if url.scheme != Scheme::HTTPS && !is_loopback_host(&url.host) {
+            self.problem(
+                path,
+                "must be https:// (plain http only on loopback hosts): the proxy sends a \
+                 token to the vault",
+            );
             return None;
         }
-        let uri = uri?;
-        if uri.query().is_some() || !matches!(uri.path(), "" | "/") {
+        if !matches!(url.uri.path(), "" | "/") {
             self.problem(
                 path,
                 "must be the vault's base URL without a path or query, e.g. \
