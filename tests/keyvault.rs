@@ -863,9 +863,15 @@ async fn configuration_mistakes_are_problems_with_their_paths() {
 
     // The checks every configured URL gets: the vault receives a token.
     for (url, expected) in [
-        ("https://user:pw@contoso-kv.vault.azure.net", "must not contain user info"),
+        (
+            "https://user:pw@contoso-kv.vault.azure.net",
+            "must not contain user info",
+        ),
         ("https://169.254.169.254", "is link-local"),
-        ("https://contoso-kv.vault.azure.net/secrets", "without a path or query"),
+        (
+            "https://contoso-kv.vault.azure.net/secrets",
+            "without a path or query",
+        ),
     ] {
         let found = problems(&good.replace(&setup.vault.url(), url));
         assert_eq!(found.len(), 1, "{url}: {found:?}");

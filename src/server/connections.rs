@@ -175,12 +175,12 @@ pub(crate) struct Conn {
     /// A request started and the connection's driver must look at its timers sooner
     /// than it planned to.
     started: Notify,
-    /// When the driver next looks at its timers (ms since `opened`; `u64::MAX`: not
-    /// known yet), and how soon it must look once a request is in flight. A request
-    /// that starts within that tick of the planned look wakes nobody: on a busy
-    /// keep-alive connection, the driver is woken about once a tick, not once a request.
-    check_at_ms: AtomicU64,
-    in_flight_tick_ms: AtomicU64,
+    /// A request that starts before this (ms since `opened`; `u64::MAX` until the driver
+    /// planned anything) wakes the driver: its next planned look at its timers, less the
+    /// tick it looks every while a request is in flight. A request that starts within
+    /// that tick of the planned look wakes nobody: on a busy keep-alive connection, the
+    /// driver is woken about once a tick, not once a request.
+    wake_if_started_before_ms: AtomicU64,
 }
 
 impl Conn {
@@ -200,8 +200,7 @@ impl Conn {
             close_now: Notify::new(),
             shutdown: Notify::new(),
             started: Notify::new(),
-            check_at_ms: AtomicU64::new(u64::MAX),
-            in_flight_tick_ms: AtomicU64::new(0),
+            wake_if_started_before_ms: AtomicU64::new(u64::MAX),
         }
     }
 
@@ -224,8 +223,7 @@ impl Conn {
         self.requested.store(true, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.totals.in_flight.fetch_add(1, Ordering::AcqRel);
-        let tick = self.in_flight_tick_ms.load(Ordering::Relaxed);
-        if self.check_at_ms.load(Ordering::Relaxed) > now.saturating_add(tick) {
+        if now < self.wake_if_started_before_ms.load(Ordering::Relaxed) {
             self.started.notify_one();
         }
         InFlight(self.clone())
@@ -240,11 +238,11 @@ impl Conn {
     /// The driver's plan: it looks at its timers at `at`, and every `tick` while a
     /// request is in flight.
     pub(crate) fn plan_check(&self, at: Instant, tick: Duration) {
-        let at = at.saturating_duration_since(self.opened).as_millis();
-        self.check_at_ms
-            .store(u64::try_from(at).unwrap_or(u64::MAX), Ordering::Relaxed);
-        self.in_flight_tick_ms
-            .store(tick.as_millis() as u64, Ordering::Relaxed);
+        let latest_start = at.saturating_duration_since(self.opened + tick).as_millis();
+        self.wake_if_started_before_ms.store(
+            u64::try_from(latest_start).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
     }
 
     pub(crate) fn has_requested(&self) -> bool {

@@ -421,6 +421,7 @@ impl Served {
         let mut drop_at: Option<Instant> = None;
         let mut drain = *stopping.borrow_and_update();
         let mut drain_open = true;
+        let tick = in_flight_tick(limits);
         loop {
             if !shut_down && wants_shutdown(drain, protocol, &conn) {
                 connection.as_mut().graceful_shutdown();
@@ -434,7 +435,7 @@ impl Served {
                 shut_down,
                 drop_at,
             );
-            conn.plan_check(wake, in_flight_tick(limits));
+            conn.plan_check(wake, tick);
             tokio::select! {
                 // The connection first: bytes already read (the replayed first ones) start
                 // their request before a drain that arrived at the same time is seen.
