@@ -31,7 +31,7 @@ use crate::pem::{CertificateFileError, read_certificates};
 
 mod pool;
 
-pub(crate) use self::pool::{PoolSettings, ResponseBody, UpstreamClient};
+pub(crate) use self::pool::{ResponseBody, UpstreamClient};
 
 /// How long establishing a TCP connection to an upstream may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -158,24 +158,17 @@ where
     }
 }
 
-/// How long idle pooled connections are kept, and how many per upstream (no cap: as many
-/// as were busy at once).
-pub(crate) const POOL: PoolSettings = PoolSettings {
-    idle_timeout: POOL_IDLE_TIMEOUT,
-    max_idle_per_upstream: usize::MAX,
-};
-
 /// The pooled upstream client.
 pub(crate) fn client<B>(tls: rustls::ClientConfig) -> UpstreamClient<B>
 where
     B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    client_with(tls, POOL)
+    client_with(tls, POOL_IDLE_TIMEOUT)
 }
 
-/// The pooled upstream client with `settings`.
-pub(crate) fn client_with<B>(tls: rustls::ClientConfig, settings: PoolSettings) -> UpstreamClient<B>
+/// The pooled upstream client, its idle connections kept `idle_timeout`.
+pub(crate) fn client_with<B>(tls: rustls::ClientConfig, idle_timeout: Duration) -> UpstreamClient<B>
 where
     B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -192,7 +185,7 @@ where
         .https_or_http()
         .enable_all_versions()
         .wrap_connector(http);
-    UpstreamClient::new(connector, settings)
+    UpstreamClient::new(connector, idle_timeout)
 }
 
 #[cfg(test)]

@@ -49,13 +49,6 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// `https://` upstreams.
 pub(crate) type Connector = HttpsConnector<HttpConnector<GuardedResolver<GaiResolver>>>;
 
-/// How long and how many idle HTTP/1.1 connections are kept per upstream.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct PoolSettings {
-    pub(crate) idle_timeout: Duration,
-    pub(crate) max_idle_per_upstream: usize,
-}
-
 /// Why an upstream exchange failed (before its response head).
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum UpstreamError {
@@ -88,7 +81,7 @@ impl<B> fmt::Debug for UpstreamClient<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let endpoints = lock(&self.shared.endpoints);
         f.debug_struct("UpstreamClient")
-            .field("settings", &self.shared.settings)
+            .field("idle_timeout", &self.shared.idle_timeout)
             .field("upstreams", &endpoints.len())
             .finish_non_exhaustive()
     }
@@ -98,7 +91,9 @@ struct Shared<B> {
     connector: Connector,
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
-    settings: PoolSettings,
+    /// How long an idle HTTP/1.1 connection is kept (no cap on how many: as many as were
+    /// busy at once).
+    idle_timeout: Duration,
     /// One per upstream ever used: a handful, so a scan beats hashing.
     endpoints: Mutex<Vec<Arc<Endpoint<B>>>>,
 }
@@ -109,7 +104,8 @@ struct Endpoint<B> {
     host: Option<HeaderValue>,
     scheme: Scheme,
     authority: Authority,
-    settings: PoolSettings,
+    /// The pool's, for the idle reaper.
+    idle_timeout: Duration,
     state: Mutex<State<B>>,
 }
 
@@ -149,7 +145,7 @@ where
     B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
-    pub(crate) fn new(connector: Connector, settings: PoolSettings) -> Self {
+    pub(crate) fn new(connector: Connector, idle_timeout: Duration) -> Self {
         let http1 = http1::Builder::new();
         let mut http2 = http2::Builder::new(TokioExecutor::new());
         http2
@@ -161,7 +157,7 @@ where
                 connector,
                 http1,
                 http2,
-                settings,
+                idle_timeout,
                 endpoints: Mutex::new(Vec::new()),
             }),
         }
@@ -231,7 +227,7 @@ where
             host: host_header(scheme, authority),
             scheme: scheme.clone(),
             authority: authority.clone(),
-            settings: self.shared.settings,
+            idle_timeout: self.shared.idle_timeout,
             state: Mutex::new(State {
                 idle: Vec::new(),
                 h2: None,
@@ -349,7 +345,6 @@ impl<B: Send + 'static> Endpoint<B> {
     /// A pooled connection: the shared HTTP/2 one, else the most recently idle HTTP/1.1
     /// one that is still open and not past the idle timeout.
     fn checkout(&self) -> Option<Conn<B>> {
-        let now = Instant::now();
         let mut state = lock(&self.state);
         if let Some(h2) = &state.h2 {
             if !h2.is_closed() {
@@ -360,8 +355,9 @@ impl<B: Send + 'static> Endpoint<B> {
             }
             state.h2 = None;
         }
+        let now = Instant::now();
         while let Some(idle) = state.idle.pop() {
-            if now.saturating_duration_since(idle.since) >= self.settings.idle_timeout {
+            if now.saturating_duration_since(idle.since) >= self.idle_timeout {
                 // The newest is too old: so are the rest.
                 state.idle.clear();
                 break;
@@ -379,12 +375,6 @@ impl<B: Send + 'static> Endpoint<B> {
     /// Pools an HTTP/1.1 connection that finished its exchange.
     fn put(self: &Arc<Self>, sender: http1::SendRequest<B>) {
         let mut state = lock(&self.state);
-        if state.idle.len() >= self.settings.max_idle_per_upstream {
-            if self.settings.max_idle_per_upstream == 0 {
-                return;
-            }
-            state.idle.remove(0);
-        }
         state.idle.push(Idle {
             sender,
             since: Instant::now(),
@@ -436,7 +426,7 @@ async fn reap<B>(endpoint: Weak<Endpoint<B>>) {
         let Some(endpoint) = running.endpoint.upgrade() else {
             return;
         };
-        let timeout = endpoint.settings.idle_timeout;
+        let timeout = endpoint.idle_timeout;
         let now = Instant::now();
         let (expired, next) = {
             let mut state = lock(&endpoint.state);

@@ -13,17 +13,11 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Full};
 
-use super::{PoolSettings, UpstreamClient, UpstreamError};
+use super::{UpstreamClient, UpstreamError};
 
 fn client(idle_timeout: Duration) -> UpstreamClient<Full<Bytes>> {
     let tls = crate::upstream::client_tls_config(None).unwrap();
-    crate::upstream::client_with(
-        tls,
-        PoolSettings {
-            idle_timeout,
-            max_idle_per_upstream: usize::MAX,
-        },
-    )
+    crate::upstream::client_with(tls, idle_timeout)
 }
 
 /// An HTTP/1.1 upstream on threads and blocking sockets, so that it closes a connection
@@ -202,13 +196,9 @@ async fn a_connection_whose_response_ended_before_the_request_body_is_pooled_onc
     use http_body::Frame;
 
     let (upstream, addr) = Upstream::start();
-    let settings = PoolSettings {
-        idle_timeout: Duration::from_secs(60),
-        max_idle_per_upstream: usize::MAX,
-    };
     let tls = crate::upstream::client_tls_config(None).unwrap();
     let client: UpstreamClient<http_body_util::combinators::UnsyncBoxBody<Bytes, UpstreamError>> =
-        crate::upstream::client_with(tls, settings);
+        crate::upstream::client_with(tls, Duration::from_secs(60));
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
     let body = futures_util::stream::unfold(rx, |mut rx| async move {
         let data = rx.recv().await?;
