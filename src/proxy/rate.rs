@@ -460,38 +460,10 @@ mod tests {
         assert_eq!(rates.windows.len(), 1);
     }
 
-    /// Handles on one fleet's Redis, as replicas have (real time: Redis keeps its own).
-    fn fleet(url: &str, replicas: usize) -> Vec<Cluster> {
-        use crate::config::{Cluster as ClusterConfig, RedisUrl};
-        let key_prefix = format!("test{:x}", fastrand::u32(..));
-        (0..replicas)
-            .map(|_| {
-                let config = ClusterConfig {
-                    redis: RedisUrl::new(crate::secret::Secret::new(url), url.to_owned()),
-                    key_prefix: key_prefix.clone(),
-                    timeout: Duration::from_secs(2),
-                };
-                let cluster = Cluster::new(&config, crate::metrics::ClusterSeries::default());
-                cluster.start();
-                cluster
-            })
-            .collect()
-    }
-
-    async fn available(clusters: &[Cluster]) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !clusters.iter().all(Cluster::is_available) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "Redis is not available"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_fleets_window_decides_and_the_replicas_own_while_redis_is_gone() {
-        let Some(mut redis) = crate::test_support::RedisServer::start() else {
+        use crate::test_support::{RedisServer, available, fleet};
+        let Some(mut redis) = RedisServer::start() else {
             return;
         };
         let clusters = fleet(&redis.url(), 2);

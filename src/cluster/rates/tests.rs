@@ -5,35 +5,7 @@
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::config::{Cluster as ClusterConfig, RedisUrl};
-use crate::metrics::ClusterSeries;
-use crate::secret::Secret;
-use crate::test_support::RedisServer;
-
-/// Handles on one fleet: the same Redis and key prefix, as replicas have.
-fn fleet(url: &str, replicas: usize) -> Vec<Cluster> {
-    let key_prefix = format!("test{:x}", fastrand::u32(..));
-    (0..replicas)
-        .map(|_| {
-            let config = ClusterConfig {
-                redis: RedisUrl::new(Secret::new(url), url.to_owned()),
-                key_prefix: key_prefix.clone(),
-                timeout: Duration::from_secs(2),
-            };
-            let cluster = Cluster::new(&config, ClusterSeries::default());
-            cluster.start();
-            cluster
-        })
-        .collect()
-}
-
-async fn available(clusters: &[Cluster]) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !clusters.iter().all(Cluster::is_available) {
-        assert!(Instant::now() < deadline, "Redis did not become available");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
+use crate::test_support::{RedisServer, available, fleet};
 
 fn rate(requests: u32, per_ms: u64) -> RateLimit {
     RateLimit {

@@ -4,29 +4,11 @@
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::config::{Cluster as ClusterConfig, RedisUrl};
 use crate::metrics::ClusterSeries;
-use crate::secret::Secret;
-use crate::test_support::RedisServer;
+use crate::test_support::{RedisServer, cluster_handle, fresh_key_prefix, until};
 
 fn cluster(url: &str) -> (Cluster, ClusterSeries) {
-    let series = ClusterSeries::default();
-    let config = ClusterConfig {
-        redis: RedisUrl::new(Secret::new(url), url.to_owned()),
-        key_prefix: format!("test{:x}", fastrand::u32(..)),
-        timeout: Duration::from_secs(1),
-    };
-    let cluster = Cluster::new(&config, series.clone());
-    cluster.start();
-    (cluster, series)
-}
-
-async fn until(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !condition() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    cluster_handle(url, &fresh_key_prefix(), Duration::from_secs(1))
 }
 
 async fn connected(url: &str) -> (Cluster, ClusterSeries) {
