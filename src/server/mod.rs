@@ -103,7 +103,8 @@ enum Drain {
 pub(crate) struct Serving {
     builders: Arc<Builders>,
     acceptor: Option<TlsAcceptor>,
-    limits: Limits,
+    /// Every connection's timeouts and head limit.
+    connection_limits: ConnectionLimits,
     /// Every connection holds a permit; draining is done when all are back.
     permits: Arc<Semaphore>,
     max_connections: u32,
@@ -122,7 +123,7 @@ impl Serving {
             // Shared: every connection's task would otherwise carry its own copy.
             builders: Arc::new(Builders::new(limits)),
             acceptor: tls.map(TlsAcceptor::from),
-            limits: limits.clone(),
+            connection_limits: ConnectionLimits::new(limits),
             permits: Arc::new(Semaphore::new(max_connections as usize)),
             max_connections,
             registry: Arc::new(Registry::default()),
@@ -176,7 +177,7 @@ impl Serving {
             let connection = Connection {
                 builders: self.builders.clone(),
                 pipelines: pipelines.clone(),
-                limits: ConnectionLimits::new(&self.limits),
+                limits: self.connection_limits,
                 stopping: self.drain.subscribe(),
                 conn: registered.conn().clone(),
                 peer,
