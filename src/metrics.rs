@@ -53,7 +53,30 @@ const TOKEN_OUTCOMES: [&str; 7] = [
 /// Every `outcome` of `s2s_proxy_config_reloads_total`.
 const RELOAD_OUTCOMES: [&str; 2] = ["ok", "error"];
 /// Every `outcome` of `s2s_proxy_secret_refreshes_total`, per store.
-pub(crate) const SECRET_REFRESH_OUTCOMES: [&str; 3] = ["unchanged", "updated", "failed"];
+/// What one refresh of a secret store found: the `outcome` label of
+/// `s2s_proxy_secret_refreshes_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SecretRefresh {
+    /// Every secret read, none changed.
+    Unchanged,
+    /// A secret has a new version (the configuration is rebuilt with it).
+    Updated,
+    /// A secret could not be read; the last values stay.
+    Failed,
+}
+
+impl SecretRefresh {
+    const ALL: [Self; 3] = [Self::Unchanged, Self::Updated, Self::Failed];
+
+    /// The `outcome` label.
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Unchanged => "unchanged",
+            Self::Updated => "updated",
+            Self::Failed => "failed",
+        }
+    }
+}
 
 /// Seconds; from a quick metadata read to Business Central's 10-minute ceiling.
 const DURATION_BUCKETS: [f64; 16] = [
@@ -278,10 +301,10 @@ impl Metrics {
             let _ = self.inner.reloads.get_or_create(&OutcomeLabels { outcome });
         }
         for store in &config.secret_stores.stores {
-            for outcome in SECRET_REFRESH_OUTCOMES {
+            for outcome in SecretRefresh::ALL {
                 let _ = self.inner.secret_refreshes.get_or_create(&StoreLabels {
                     store: store.name.clone(),
-                    outcome,
+                    outcome: outcome.as_str(),
                 });
             }
         }
@@ -353,12 +376,12 @@ impl Metrics {
     }
 
     /// Counts one background read of a secret store (`unchanged`, `updated`, `failed`).
-    pub(crate) fn record_secret_refresh(&self, store: &str, outcome: &'static str) {
+    pub(crate) fn record_secret_refresh(&self, store: &str, outcome: SecretRefresh) {
         self.inner
             .secret_refreshes
             .get_or_create(&StoreLabels {
                 store: store.to_owned(),
-                outcome,
+                outcome: outcome.as_str(),
             })
             .inc();
     }

@@ -18,6 +18,7 @@ use tracing::{info, warn};
 
 use super::{Generation, Runtime};
 use crate::config::{Config, Credential, SecretStore, SecretValues};
+use crate::metrics::SecretRefresh;
 use crate::secret_store::Vault;
 
 /// How often a configuration without secret stores is looked at again (a reload may add
@@ -75,7 +76,7 @@ pub(crate) async fn refresh(runtime: Arc<Runtime>) {
                 }
             };
             let outcome = refresh_store(config, &vault, &mut values, &mut failing).await;
-            updated |= outcome == "updated";
+            updated |= outcome == SecretRefresh::Updated;
             runtime.metrics.record_secret_refresh(&store.name, outcome);
         }
         if updated {
@@ -93,13 +94,13 @@ fn vault_key(config: &Config, store: &str) -> Option<VaultKey> {
     Some((store.clone(), credential.clone()))
 }
 
-/// Reads one store's secrets into `values`; the metric outcome.
+/// Reads one store's secrets into `values`; the outcome for the metric.
 async fn refresh_store(
     config: &Config,
     vault: &Vault,
     values: &mut SecretValues,
     failing: &mut HashSet<String>,
-) -> &'static str {
+) -> SecretRefresh {
     let store = &vault.store().name;
     let mut changed = false;
     let mut failure = None;
@@ -137,9 +138,9 @@ async fn refresh_store(
         }
     }
     match (changed, failing.contains(store)) {
-        (true, _) => "updated",
-        (false, true) => "failed",
-        (false, false) => "unchanged",
+        (true, _) => SecretRefresh::Updated,
+        (false, true) => SecretRefresh::Failed,
+        (false, false) => SecretRefresh::Unchanged,
     }
 }
 
