@@ -40,15 +40,19 @@ impl Validator<'_> {
     }
 
     pub(super) fn expand(&mut self, path: &str, text: &str) -> Option<Expanded> {
-        match expand::expand(text, &self.source.variables, &self.source.base_dir) {
-            Ok(expanded) => Some(expanded),
-            Err(messages) => {
+        let result = expand::expand(text, &self.source.variables, &self.source.base_dir);
+        self.expanded(path, result)
+    }
+
+    /// The expansion, or its messages as problems at `path`.
+    fn expanded(&mut self, path: &str, result: Result<Expanded, Vec<String>>) -> Option<Expanded> {
+        result
+            .map_err(|messages| {
                 for message in messages {
                     self.problem(path, message);
                 }
-                None
-            }
-        }
+            })
+            .ok()
     }
 
     /// Expansion in a secret field: `${secret:STORE/NAME}` is allowed and recorded.
@@ -85,15 +89,7 @@ impl Validator<'_> {
                 name,
             });
         }
-        match result {
-            Ok(expanded) => Some(expanded),
-            Err(messages) => {
-                for message in messages {
-                    self.problem(path, message);
-                }
-                None
-            }
-        }
+        self.expanded(path, result)
     }
 
     pub(super) fn string(&mut self, path: &str, text: &str) -> Option<String> {
