@@ -46,6 +46,13 @@ pub(crate) fn parse_date(value: &str) -> Option<SystemTime> {
     Some(SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(days).ok()? * 86_400))
 }
 
+/// `time` as `YYYY-MM-DDTHH:MM:SSZ` (RFC 3339, UTC); times before 1970 as the epoch.
+pub(crate) fn utc_at(time: SystemTime) -> String {
+    utc(time
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs()))
+}
+
 /// Epoch seconds as `YYYY-MM-DDTHH:MM:SSZ` (RFC 3339, UTC).
 pub(crate) fn utc(epoch: u64) -> String {
     let days = (epoch / 86_400) as i64;

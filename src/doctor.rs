@@ -153,12 +153,7 @@ pub async fn run(config: &Config) -> (String, bool) {
     for ((store, name), stored) in &config.secret_stores.values.0 {
         let expires = stored.expires.map_or_else(
             || "no expiry date".to_owned(),
-            |at| {
-                let epoch = at
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs());
-                format!("expires {}", crate::civil_date::utc(epoch))
-            },
+            |at| format!("expires {}", crate::civil_date::utc_at(at)),
         );
         let _ = writeln!(
             out,
@@ -167,10 +162,6 @@ pub async fn run(config: &Config) -> (String, bool) {
         );
     }
     for expiry in token::credential_expiries(config) {
-        let epoch = expiry
-            .expires
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
         let note = if expiry.expires <= now {
             "EXPIRED"
         } else if expiry.expires <= now + token::EXPIRY_WARNING {
@@ -183,7 +174,7 @@ pub async fn run(config: &Config) -> (String, bool) {
             "credential {} {}: {note} {}",
             expiry.credential,
             expiry.entry,
-            crate::civil_date::utc(epoch)
+            crate::civil_date::utc_at(expiry.expires)
         );
     }
     (out, all_ok)

@@ -74,11 +74,6 @@ fn token_state(slot: &SlotStatus) -> &'static str {
     }
 }
 
-fn epoch(time: SystemTime) -> u64 {
-    time.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 /// The data of the status page.
 pub(super) fn status(runtime: &Runtime) -> Value {
     let generation = runtime.current();
@@ -142,7 +137,7 @@ pub(super) fn status(runtime: &Runtime) -> Value {
             json!({
                 "credential": expiry.credential,
                 "entry": expiry.entry,
-                "expires": crate::civil_date::utc(epoch(expiry.expires)),
+                "expires": crate::civil_date::utc_at(expiry.expires),
                 "expires_in_days": expiry.expires.duration_since(now).map_or(0, |d| d.as_secs() / 86_400),
                 "warning": warning,
             })
@@ -159,7 +154,7 @@ pub(super) fn status(runtime: &Runtime) -> Value {
                 "store": store,
                 "secret": name,
                 "version": stored.version,
-                "expires": stored.expires.map(|at| crate::civil_date::utc(epoch(at))),
+                "expires": stored.expires.map(crate::civil_date::utc_at),
             })
         })
         .collect();
@@ -170,7 +165,7 @@ pub(super) fn status(runtime: &Runtime) -> Value {
         .rev()
         .map(|e| {
             json!({
-                "time": crate::civil_date::utc(epoch(e.at)),
+                "time": crate::civil_date::utc_at(e.at),
                 "route": e.route,
                 "status": e.status,
                 "error": e.error,
@@ -178,9 +173,10 @@ pub(super) fn status(runtime: &Runtime) -> Value {
             })
         })
         .collect();
-    let last_reload = runtime.metrics.last_reload().map(
-        |(at, outcome)| json!({ "time": crate::civil_date::utc(epoch(at)), "outcome": outcome }),
-    );
+    let last_reload = runtime
+        .metrics
+        .last_reload()
+        .map(|(at, outcome)| json!({ "time": crate::civil_date::utc_at(at), "outcome": outcome }));
     json!({
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": runtime.metrics.uptime().as_secs(),

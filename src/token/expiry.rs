@@ -82,11 +82,7 @@ pub fn warn_expiring(expiries: &[CredentialExpiry], now: SystemTime) -> Vec<Cred
         .cloned()
         .collect();
     for expiry in &due {
-        let epoch = expiry
-            .expires
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let expires = crate::civil_date::utc(epoch);
+        let expires = crate::civil_date::utc_at(expiry.expires);
         match expiry.expires.duration_since(now) {
             Ok(left) => tracing::warn!(
                 credential = %expiry.credential,
