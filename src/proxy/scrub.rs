@@ -130,11 +130,16 @@ impl Tokens {
 
     /// `data` with every token replaced, or `None` when it holds none.
     fn replace_all(&self, data: &[u8]) -> Option<Vec<u8>> {
-        // The common case, no token at all, allocates nothing.
-        if !self.needles.iter().any(|n| n.finder().find(data).is_some()) {
-            return None;
-        }
+        // The common case, no token at all, allocates nothing; what the scan found is
+        // where `find` starts.
+        let (first, at) = self
+            .needles
+            .iter()
+            .enumerate()
+            .find_map(|(i, n)| n.finder().find(data).map(|at| (i, at)))?;
         let mut next = vec![None; self.needles.len()];
+        next[..first].fill(Some(None));
+        next[first] = Some(Some(at));
         let (mut start, mut len) = self.find(data, 0, &mut next)?;
         let mut out = Vec::with_capacity(data.len());
         let mut copied = 0;
