@@ -157,9 +157,8 @@ impl FleetBucket {
     /// One round trip: takes one request from the client's allowance across the fleet,
     /// `None` when Redis cannot say.
     pub(crate) async fn try_admit(&self, limit: RateLimit) -> Option<Turn> {
-        let per = micros(limit.per);
-        let interval = (per / u64::from(limit.requests.max(1))).max(1);
-        let burst = per.saturating_sub(interval);
+        let (interval, burst) = limit.gcra();
+        let (interval, burst) = (micros(interval).max(1), micros(burst));
         self.cluster
             .call(|mut redis| async move {
                 scripts()

@@ -509,6 +509,16 @@ pub struct RateLimit {
     pub per: Duration,
 }
 
+impl RateLimit {
+    /// The limit as GCRA sees it: the time between two requests at the sustained rate,
+    /// and how far ahead of now the theoretical arrival time may run (the burst, so that
+    /// `requests` may come at once).
+    pub(crate) fn gcra(self) -> (Duration, Duration) {
+        let interval = self.per / self.requests.max(1);
+        (interval, self.per.saturating_sub(interval))
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CertificateMatch {
     SubjectCn(String),

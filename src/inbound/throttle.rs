@@ -288,11 +288,11 @@ struct Gcra {
 
 impl Gcra {
     fn new(limit: RateLimit, tat: Option<Instant>) -> Self {
-        let interval = limit.per / limit.requests.max(1);
+        let (interval, burst) = limit.gcra();
         Self {
             limit,
             interval,
-            burst: limit.per.saturating_sub(interval),
+            burst,
             tat,
         }
     }
