@@ -26,6 +26,7 @@
 //! hold anything that counts. A Redis that restarts empty forgets the fleet's log and
 //! buckets: the next window starts afresh.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use redis::Script;
@@ -75,10 +76,8 @@ redis.call('SET', KEYS[1], string.format('%.0f', next_tat), 'PX', math.ceil((nex
 return 0
 ";
 
-fn scripts() -> &'static (Script, Script) {
-    static SCRIPTS: std::sync::OnceLock<(Script, Script)> = std::sync::OnceLock::new();
-    SCRIPTS.get_or_init(|| (Script::new(SEND), Script::new(ADMIT)))
-}
+static SEND_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(SEND));
+static ADMIT_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(ADMIT));
 
 fn micros(duration: Duration) -> u64 {
     u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
@@ -125,8 +124,7 @@ impl SendLog {
         let window = micros(limit.per);
         self.cluster
             .call(|mut redis| async move {
-                scripts()
-                    .0
+                SEND_SCRIPT
                     .key(&self.key)
                     .arg(limit.requests)
                     .arg(window)
@@ -161,8 +159,7 @@ impl FleetBucket {
         let (interval, burst) = (micros(interval).max(1), micros(burst));
         self.cluster
             .call(|mut redis| async move {
-                scripts()
-                    .1
+                ADMIT_SCRIPT
                     .key(&self.key)
                     .arg(interval)
                     .arg(burst)

@@ -27,8 +27,8 @@
 //! call timed out, or the caller hung up mid-call) is nobody's: it expires within the
 //! TTL, keeping one slot of the fleet busy until then.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use redis::Script;
@@ -81,16 +81,9 @@ end
 return removed
 ";
 
-fn scripts() -> &'static (Script, Script, Script) {
-    static SCRIPTS: std::sync::OnceLock<(Script, Script, Script)> = std::sync::OnceLock::new();
-    SCRIPTS.get_or_init(|| {
-        (
-            Script::new(ACQUIRE),
-            Script::new(RENEW),
-            Script::new(RELEASE),
-        )
-    })
-}
+static ACQUIRE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(ACQUIRE));
+static RENEW_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RENEW));
+static RELEASE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RELEASE));
 
 /// One route's fleet-wide slots.
 #[derive(Debug)]
@@ -144,8 +137,7 @@ impl FleetSlots {
         let answer = self
             .cluster
             .call(|mut redis| async move {
-                scripts()
-                    .0
+                ACQUIRE_SCRIPT
                     .key(&*self.key)
                     .key(&*self.waiting_key)
                     .arg(&id)
@@ -235,8 +227,7 @@ async fn renew(cluster: Cluster, key: Arc<str>, id: String, ttl: Duration) {
             .call_in_background(|mut redis| {
                 let (key, id) = (&key, &id);
                 async move {
-                    scripts()
-                        .1
+                    RENEW_SCRIPT
                         .key(&**key)
                         .arg(id)
                         .arg(millis(ttl))
@@ -277,8 +268,7 @@ impl Drop for Lease {
             runtime.spawn(async move {
                 cluster
                     .call_in_background(|mut redis| async move {
-                        scripts()
-                            .2
+                        RELEASE_SCRIPT
                             .key(&*key)
                             .key(&*waiting_key)
                             .arg(&id)

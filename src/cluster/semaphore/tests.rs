@@ -82,8 +82,7 @@ async fn an_unrenewed_lease_expires_and_the_waiter_takes_it_at_that_time() {
         .get_multiplexed_async_connection()
         .await
         .unwrap();
-    let (granted_flag, _): (u8, u64) = scripts()
-        .0
+    let (granted_flag, _): (u8, u64) = ACQUIRE_SCRIPT
         .key(&key)
         .key(cluster.key(&["waiting", "/bc/"]))
         .arg("crashed:0")
