@@ -478,9 +478,8 @@ impl H2Upstream {
     }
 }
 
-#[tokio::test]
-async fn an_h2_upstream_gets_concurrent_requests_multiplexed_on_one_connection() {
-    const WAVE: usize = 8;
+/// An HTTP/2 upstream over TLS (certificate for `localhost`) and a proxy trusting it.
+async fn h2_upstream_and_proxy() -> (H2Upstream, FakeIdp, ProxyHandle) {
     let (pki, certificate, key) = pki_for_localhost();
     let (upstream, addr) = H2Upstream::start(certificate, key).await;
     let ca = std::env::temp_dir().join(format!(
@@ -494,6 +493,13 @@ async fn an_h2_upstream_gets_concurrent_requests_multiplexed_on_one_connection()
     let yaml = yaml(&idp, &format!("https://localhost:{}", addr.port()), &extra);
     let proxy = spawn_proxy(config(&yaml, standard_vars())).await;
     std::fs::remove_file(&ca).unwrap();
+    (upstream, idp, proxy)
+}
+
+#[tokio::test]
+async fn an_h2_upstream_gets_concurrent_requests_multiplexed_on_one_connection() {
+    const WAVE: usize = 8;
+    let (upstream, _idp, proxy) = h2_upstream_and_proxy().await;
 
     // The first request finds out that the upstream speaks HTTP/2.
     let first = get(&proxy, "/bc/first").await;
@@ -522,6 +528,31 @@ async fn an_h2_upstream_gets_concurrent_requests_multiplexed_on_one_connection()
     })
     .await;
     assert_eq!(after.json()["conn"], 2);
+    proxy.shutdown().await;
+}
+
+/// Requests that find no connection to an upstream that may speak HTTP/2 wait for the
+/// one being made instead of each opening their own (which would serve one request and
+/// then be dropped): a cold burst opens one connection.
+#[tokio::test]
+async fn a_cold_burst_to_an_h2_upstream_opens_one_connection() {
+    const WAVE: usize = 8;
+    let (upstream, _idp, proxy) = h2_upstream_and_proxy().await;
+    // The upstream answers only once all are in flight: they are all cold.
+    *upstream.wave.lock().unwrap() = Some(Arc::new(tokio::sync::Barrier::new(WAVE)));
+    let answers = wave(&proxy, WAVE).await;
+    assert!(answers.iter().all(|a| a.status == 200));
+    assert_eq!(upstream.connections.load(Ordering::SeqCst), 1);
+    assert!(
+        upstream
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|&(conn, _)| conn == 1),
+        "{:?}",
+        upstream.seen.lock().unwrap()
+    );
     proxy.shutdown().await;
 }
 

@@ -24,6 +24,7 @@
 
 use std::fmt;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -106,6 +107,12 @@ struct Endpoint<B> {
     authority: Authority,
     /// The pool's, for the idle reaper.
     idle_timeout: Duration,
+    /// Whether ALPN has chosen HTTP/1.1 here (so its connections are not shared).
+    speaks_http1: AtomicBool,
+    /// Held while connecting to an upstream that may speak HTTP/2 (`https`, and ALPN has
+    /// not chosen HTTP/1.1): the requests that find no connection wait for the one being
+    /// made and share it, rather than each opening its own, as hyper-util's client does.
+    connecting: tokio::sync::Mutex<()>,
     state: Mutex<State<B>>,
 }
 
@@ -228,6 +235,8 @@ where
             scheme: scheme.clone(),
             authority: authority.clone(),
             idle_timeout: self.shared.idle_timeout,
+            speaks_http1: AtomicBool::new(*scheme != Scheme::HTTPS),
+            connecting: tokio::sync::Mutex::new(()),
             state: Mutex::new(State {
                 idle: Vec::new(),
                 h2: None,
@@ -241,6 +250,17 @@ where
     /// A new connection to `endpoint`: HTTP/2 when ALPN chose `h2`, else HTTP/1.1. Its
     /// driver runs as a task on the current runtime.
     async fn connect(&self, endpoint: &Endpoint<B>) -> Result<Conn<B>, UpstreamError> {
+        let _one_at_a_time = if endpoint.speaks_http1.load(Ordering::Relaxed) {
+            None
+        } else {
+            let turn = endpoint.connecting.lock().await;
+            // Made while this request waited: the HTTP/2 connection (or, when ALPN chose
+            // HTTP/1.1 after all, an idle one).
+            if let Some(conn) = endpoint.checkout() {
+                return Ok(conn);
+            }
+            (!endpoint.speaks_http1.load(Ordering::Relaxed)).then_some(turn)
+        };
         let mut connector = self.shared.connector.clone();
         let destination = Uri::builder()
             .scheme(endpoint.scheme.clone())
@@ -274,6 +294,7 @@ where
                 reused: false,
             })
         } else {
+            endpoint.speaks_http1.store(true, Ordering::Relaxed);
             let (sender, connection) = self
                 .shared
                 .http1
